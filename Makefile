@@ -1,0 +1,40 @@
+# Two commands a newcomer needs: `make demo` and `make test`. Both set everything up on a fresh
+# Debian machine (apt packages when missing and we are root, a virtualenv, the project itself).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+APT_PACKAGES := qemu-utils libvhdi-utils fuse3 libnbd-bin python3-libnbd nbdkit libiscsi-bin hdparm \
+                e2fsprogs fdisk gdisk xz-utils bzip2 tar
+# Binaries that prove each package is present (checked before calling apt).
+APT_PROBES := qemu-img vhdiinfo fusermount3 nbdinfo iscsi-test-cu hdparm debugfs sfdisk sgdisk xz bzip2 nbdkit
+
+.PHONY: demo test bench deps venv clean
+
+deps:
+	@missing=0; for b in $(APT_PROBES); do command -v $$b >/dev/null 2>&1 || missing=1; done; \
+	[ -e /usr/lib/python3/dist-packages/nbd.py ] || missing=1; \
+	if [ $$missing = 1 ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing apt packages: $(APT_PACKAGES)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+	  else echo "note: some test tools are missing; run as root or: sudo apt-get install $(APT_PACKAGES)"; fi; \
+	fi
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+venv: $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip >/dev/null 2>&1 || true
+	$(BIN)/pip install -q -e '.[test,mount]'
+
+test: deps venv
+	$(BIN)/pytest -q
+
+demo: deps venv
+	@bash bench/demo.sh
+
+bench: deps venv
+	$(BIN)/python bench/bench_core.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

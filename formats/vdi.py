@@ -1,0 +1,319 @@
+"""VirtualBox VDI: fixed, dynamic and differencing images (spec digest VDI.md)."""
+from __future__ import annotations
+
+import threading
+from typing import Optional, Sequence
+import uuid as uuidlib
+
+import numpy as np
+
+from vdisk.errors import FormatError, UnsupportedError
+from vdisk.io import ImageFile
+from .base import ABSENT, SECTOR, ZERO, Layer, new_uuid
+from .vdi_structs import (BLOCK_FREE, BLOCK_ZERO, HEADER_V0_END, HEADER_V1, HEADER_V1_PLUS, PRE_HEADER_SIZE,
+                          SIGNATURE, SUBTYPE_NAMES, TEXT, TYPE_DIFF, TYPE_FIXED, TYPE_NORMAL, V1_FIELD_OFFSETS,
+                          VERSION_0, VERSION_1_1, HeaderV0, HeaderV1, PreHeader)
+
+DEFAULT_BLOCK_SIZE = 1 << 20
+ALIGN = 1 << 20                     # VirtualBox's VDI_DATA_ALIGN
+MIN_BLOCK, MAX_BLOCK = 1 << 12, 256 << 20
+MAX_BLOCKS = 0xFFFFFFFE - 1
+NULL_UUID = bytes(16)
+
+
+def is_vdi(head: bytes) -> bool:
+    return len(head) >= PRE_HEADER_SIZE and int.from_bytes(head[0x40:0x44], "little") == SIGNATURE
+
+
+def _align(value: int, to: int) -> int:
+    return -(-value // to) * to
+
+
+class VdiLayer(Layer):
+    def __init__(self, header: dict, header_raw_len: int, version: int, **kw):
+        super().__init__(**kw)
+        self.header = header                         # mutable dict of header fields (v1)
+        self.header_len = header_raw_len
+        self.version = version
+        self.offset_blocks = header["offset_blocks"]
+        self.offset_data = header["offset_data"]
+        self.block_extra = header.get("block_extra", 0)
+        self.slot_size = self.block_extra + self.block_size
+        self.allocated = header["blocks_allocated"]
+        self._dirty_entries: set[int] = set()
+        self._header_dirty = False
+        self._modified = False
+        self._lock = threading.RLock()
+
+    @property
+    def linkage(self) -> bytes:
+        return self.header["uuid_linkage"]
+
+    def can_mark_zero(self) -> bool:
+        return True
+
+    def _slot_offset(self, slot: int) -> int:
+        return self.offset_data + slot * self.slot_size + self.block_extra
+
+    def _touch(self) -> None:
+        if not self._modified:
+            # VirtualBox gives an image a new modification UUID on its first change after opening.
+            self._modified = True
+            self.header["uuid_modify"] = new_uuid().bytes_le
+            self._header_dirty = True
+
+    def allocate(self, block: int, pieces: Sequence[tuple[int, bytes]],
+                 present: Optional[tuple[int, int]] = None) -> int:
+        with self._lock:
+            self._touch()
+            slot = self.allocated
+            start = self.offset_data + slot * self.slot_size
+            # Anything past the last counted slot is a leftover of an interrupted allocation:
+            # cut it so the parts of the new block we do not write read as zeros.
+            if self.file.size() > start:
+                self.file.truncate(start)
+            data_at = start + self.block_extra
+            for off, data in pieces:
+                self.file.pwrite(data, data_at + off)
+            end = start + self.slot_size
+            if self.file.size() < end:
+                self.file.truncate(end)
+            self.allocated = slot + 1
+            self.header["blocks_allocated"] = self.allocated
+            self._header_dirty = True
+            self.block_map[block] = data_at
+            self._dirty_entries.add(block)
+            return data_at
+
+    def mark_zero(self, block: int) -> None:
+        with self._lock:
+            self._touch()
+            self.block_map[block] = ZERO
+            self._dirty_entries.add(block)
+
+    def deallocate(self, block: int) -> bool:
+        """Free a block only when it occupies the last slot (so slots stay dense); else False."""
+        with self._lock:
+            e = int(self.block_map[block])
+            if e < 0 or (e - self.block_extra - self.offset_data) // self.slot_size != self.allocated - 1:
+                return False
+            self._touch()
+            self.block_map[block] = ZERO if self.is_differencing else ABSENT
+            self._dirty_entries.add(block)
+            self.allocated -= 1
+            self.header["blocks_allocated"] = self.allocated
+            self._header_dirty = True
+            self._truncate_pending = self.offset_data + self.allocated * self.slot_size
+            return True
+
+    def map_entries(self) -> np.ndarray:
+        bm = self.block_map
+        out = np.full(len(bm), BLOCK_FREE, dtype="<u4")
+        alloc = bm >= 0
+        out[alloc] = (bm[alloc] - self.block_extra - self.offset_data) // self.slot_size
+        out[bm == ZERO] = BLOCK_ZERO
+        return out
+
+    def header_bytes(self) -> bytes:
+        h = dict(self.header)
+        raw = HeaderV1.build(h)
+        return raw[: self.header_len]
+
+    def flush(self) -> None:
+        with self._lock:
+            if not (self._dirty_entries or self._header_dirty):
+                self.file.sync()
+                return
+            self.file.sync()                                      # data before the metadata
+            if self._header_dirty:
+                self.file.pwrite(self.header_bytes(), PRE_HEADER_SIZE)
+                self._header_dirty = False
+            if self._dirty_entries:
+                table = self.map_entries().tobytes()
+                sectors = sorted({b * 4 // SECTOR for b in self._dirty_entries})
+                start = prev = sectors[0]
+                for s in sectors[1:] + [None]:
+                    if s is None or s != prev + 1:
+                        lo, hi = start * SECTOR, min((prev + 1) * SECTOR, len(table))
+                        self.file.pwrite(table[lo:hi], self.offset_blocks + lo)
+                        if s is not None:
+                            start = s
+                    if s is not None:
+                        prev = s
+                self._dirty_entries.clear()
+            pending = getattr(self, "_truncate_pending", None)
+            if pending is not None:
+                self.file.sync()
+                self.file.truncate(pending)
+                self._truncate_pending = None
+            self.file.sync()
+
+    def info(self) -> dict:
+        h = self.header
+        d = {
+            "header_version": f"{self.version >> 16}.{self.version & 0xFFFF}",
+            "header_size": self.header_len,
+            "comment": h["comment"].split(b"\0", 1)[0].decode("utf-8", "replace"),
+            "offset_blocks": self.offset_blocks, "offset_data": self.offset_data,
+            "blocks": len(self.block_map), "blocks_allocated": self.allocated,
+            "zero_blocks": int((self.block_map == ZERO).sum()),
+            "uuid_modify": str(uuidlib.UUID(bytes_le=h["uuid_modify"])),
+        }
+        if self.is_differencing:
+            d["uuid_linkage"] = str(uuidlib.UUID(bytes_le=h["uuid_linkage"]))
+            d["uuid_parent_modify"] = str(uuidlib.UUID(bytes_le=h.get("uuid_parent_modify", NULL_UUID)))
+        return d
+
+
+def open_vdi(file: ImageFile, strict: bool = False) -> VdiLayer:
+    path = file.path
+    file_size = file.size()
+    if file_size < PRE_HEADER_SIZE + HEADER_V1:
+        raise FormatError(path, "header", None, 0, f"file is {file_size} bytes, too small for a VDI header")
+    pre = PreHeader.parse(file.pread(PRE_HEADER_SIZE, 0))
+    if pre.signature != SIGNATURE:
+        raise FormatError(path, "pre-header", "signature", 0x40, f"expected {SIGNATURE:#x}, found {pre.signature:#x}")
+
+    def bad(field: str, problem: str):
+        return FormatError(path, "header", field, V1_FIELD_OFFSETS.get(field), problem)
+
+    if pre.version == VERSION_0:
+        v0 = HeaderV0.parse(file.pread(HEADER_V0_END - PRE_HEADER_SIZE, PRE_HEADER_SIZE))
+        header = dict(v0)
+        header.update(header_size=0, offset_blocks=HEADER_V0_END,
+                      offset_data=HEADER_V0_END + 4 * v0.blocks_in_image, block_extra=0,
+                      uuid_parent_modify=NULL_UUID, lchs_geometry=[0, 0, 0, 0])
+        header_len = HEADER_V0_END - PRE_HEADER_SIZE
+    elif pre.version >> 16 == 1:
+        raw = file.pread(HEADER_V1_PLUS, PRE_HEADER_SIZE)
+        hdr_size = int.from_bytes(raw[:4], "little")
+        if hdr_size < HEADER_V1:
+            raise bad("header_size", f"header size {hdr_size:#x} is smaller than {HEADER_V1:#x}")
+        if hdr_size > 4096:
+            raise bad("header_size", f"absurd header size {hdr_size:#x}")
+        if hdr_size < HEADER_V1_PLUS:
+            raw = raw[:HEADER_V1] + bytes(HEADER_V1_PLUS - HEADER_V1)
+        header = {k: v for k, v in HeaderV1.parse(raw).items() if not k.startswith("_")}
+        header["legacy_geometry"] = list(header["legacy_geometry"])
+        header["lchs_geometry"] = list(header["lchs_geometry"])
+        header_len = min(hdr_size, HEADER_V1_PLUS)
+    else:
+        raise FormatError(path, "pre-header", "version", 0x44, f"unsupported VDI version {pre.version:#010x}")
+    itype = header["image_type"]
+    if itype not in SUBTYPE_NAMES:
+        raise bad("image_type", f"unknown image type {itype}")
+    if header["image_flags"] & ~1 and pre.version != VERSION_0:
+        raise bad("image_flags", f"unknown flags {header['image_flags']:#x}")
+    size, bs, n = header["disk_size"], header["block_size"], header["blocks_in_image"]
+    extra = header.get("block_extra", 0)
+    if size == 0:
+        raise bad("disk_size", "virtual size is 0")
+    if bs < MIN_BLOCK or bs > MAX_BLOCK or bs & (bs - 1):
+        raise bad("block_size", f"block size {bs} is not a power of two between {MIN_BLOCK} and {MAX_BLOCK}")
+    if extra and (extra & (extra - 1) or extra > MAX_BLOCK):
+        raise bad("block_extra", f"block prefix {extra} is not 0 or a power of two")
+    if n == 0 or n > MAX_BLOCKS:
+        raise bad("blocks_in_image", f"absurd block count {n}")
+    if n * bs < size:
+        raise bad("blocks_in_image", f"{n} blocks of {bs} bytes cannot hold {size} bytes")
+    if n > -(-size // bs) + 1 and n * 4 > file_size:
+        raise bad("blocks_in_image", f"absurd block count {n} for a {size}-byte disk")
+    if header["blocks_allocated"] > n:
+        raise bad("blocks_allocated", f"{header['blocks_allocated']} allocated blocks exceed the {n} blocks")
+    ob, od = header["offset_blocks"], header["offset_data"]
+    if pre.version != VERSION_0:
+        if ob < PRE_HEADER_SIZE + HEADER_V1:
+            raise bad("offset_blocks", f"block map at {ob:#x} overlaps the header")
+        if od < ob + 4 * n:
+            raise bad("offset_data", f"data at {od:#x} overlaps the block map ({n} entries at {ob:#x})")
+    if ob + 4 * n > file_size:
+        raise bad("offset_blocks", f"block map ({n} entries at {ob:#x}) lies past the end of the file")
+    if header["uuid_create"] == NULL_UUID:
+        raise bad("uuid_create", "image UUID is null")
+    if header["uuid_modify"] == NULL_UUID and pre.version != VERSION_0:
+        raise bad("uuid_modify", "modification UUID is null")
+    if size % SECTOR:
+        size -= size % SECTOR            # VirtualBox rounds down (quirk V2)
+    entries = np.frombuffer(file.pread(4 * n, ob), dtype="<u4").astype(np.int64)
+    alloc = entries < BLOCK_ZERO
+    slots = entries[alloc]
+    slot_size = extra + bs
+    if len(slots):
+        worst = int(np.argmax(slots))
+        if slots[worst] >= n:
+            idx = int(np.flatnonzero(alloc)[worst])
+            raise FormatError(path, "block map", f"entry[{idx}]", ob + 4 * idx,
+                              f"slot {int(slots[worst])} is beyond the {n} blocks of the image")
+        end_needed = od + (int(slots[worst]) + 1) * slot_size
+        if end_needed > file_size and itype != TYPE_FIXED:
+            idx = int(np.flatnonzero(alloc)[worst])
+            raise FormatError(path, "block map", f"entry[{idx}]", ob + 4 * idx,
+                              f"slot {int(slots[worst])} lies past the end of the file (truncated?)")
+        uniq, counts = np.unique(slots, return_counts=True)
+        if (counts > 1).any():
+            dup = int(uniq[np.argmax(counts > 1)])
+            idxs = np.flatnonzero(entries == dup)[:2]
+            raise FormatError(path, "block map", f"entry[{int(idxs[1])}]", ob + 4 * int(idxs[1]),
+                              f"shares slot {dup} with entry[{int(idxs[0])}]")
+        if int(slots.max()) >= header["blocks_allocated"]:
+            raise FormatError(path, "header", "blocks_allocated", V1_FIELD_OFFSETS["blocks_allocated"],
+                              f"{header['blocks_allocated']} allocated blocks, but the map uses slot {int(slots.max())}")
+    warnings = []
+    if len(slots) != header["blocks_allocated"]:
+        warnings.append(f"{path}: header counts {header['blocks_allocated']} allocated blocks, the map references {len(slots)}")
+    block_map = np.where(alloc, od + entries * slot_size + extra,
+                         np.where(entries == BLOCK_ZERO, ZERO, ABSENT)).astype(np.int64)
+    lchs = header.get("lchs_geometry") or [0, 0, 0, 0]
+    geometry = tuple(lchs[:3]) if header_len >= HEADER_V1_PLUS and all(lchs[:3]) else None
+    subtype = SUBTYPE_NAMES[itype]
+    layer = VdiLayer(header, header_len, pre.version, file=file, format="vdi", subtype=subtype, size=size,
+                     block_size=bs, block_map=block_map, uuid=uuidlib.UUID(bytes_le=header["uuid_create"]),
+                     parent_id=header["uuid_linkage"] if subtype == "differencing" else None,
+                     geometry=geometry, creator=pre.text.split(b"\0", 1)[0].decode("latin-1").strip(),
+                     warnings=[])
+    for w in warnings:
+        layer.warn(w)
+    if file.writable and pre.version == VERSION_0:
+        raise UnsupportedError(f"{path}: legacy v0 VDI images can be opened read-only only")
+    return layer
+
+
+def create_vdi(file: ImageFile, size: int, subtype: str, *, block_size: Optional[int] = None,
+               parent: Optional[VdiLayer] = None) -> VdiLayer:
+    if parent is not None:
+        if parent.format != "vdi":
+            raise UnsupportedError(f"{file.path}: a VDI differencing image needs a VDI parent, not {parent.format}")
+        size, bs, subtype = parent.header["disk_size"], parent.block_size, "differencing"
+    else:
+        bs = block_size or DEFAULT_BLOCK_SIZE
+        if size <= 0 or size % SECTOR:
+            raise ValueError(f"VDI size {size} must be a positive multiple of 512 bytes")
+    if bs < MIN_BLOCK or bs > MAX_BLOCK or bs & (bs - 1):
+        raise ValueError(f"block size {bs} must be a power of two between {MIN_BLOCK} and {MAX_BLOCK}")
+    n = -(-size // bs)
+    if n > MAX_BLOCKS:
+        raise UnsupportedError(f"{file.path}: {size} bytes need more blocks than a VDI can address")
+    itype = {"dynamic": TYPE_NORMAL, "fixed": TYPE_FIXED, "differencing": TYPE_DIFF}.get(subtype)
+    if itype is None:
+        raise ValueError(f"unknown VDI subtype {subtype!r}")
+    ob = ALIGN
+    od = _align(ob + 4 * n, ALIGN)
+    header = dict(header_size=HEADER_V1_PLUS, image_type=itype, image_flags=0, comment=bytes(256),
+                  offset_blocks=ob, offset_data=od, legacy_geometry=[0, 0, 0, SECTOR], unused1=0,
+                  disk_size=size, block_size=bs, block_extra=0, blocks_in_image=n,
+                  blocks_allocated=n if itype == TYPE_FIXED else 0,
+                  uuid_create=new_uuid().bytes_le, uuid_modify=new_uuid().bytes_le,
+                  uuid_linkage=parent.header["uuid_create"] if parent else NULL_UUID,
+                  uuid_parent_modify=parent.header["uuid_modify"] if parent else NULL_UUID,
+                  lchs_geometry=[0, 0, 0, SECTOR])
+    pre = PreHeader.build(dict(text=TEXT.ljust(64, b"\0"), signature=SIGNATURE, version=VERSION_1_1))
+    if itype == TYPE_FIXED:
+        table = np.arange(n, dtype="<u4").tobytes()
+        file.truncate(od + n * bs)
+    else:
+        table = np.full(n, BLOCK_FREE, dtype="<u4").tobytes()
+        file.truncate(od)
+    file.pwrite(pre + HeaderV1.build(header), 0)
+    file.pwrite(table, ob)
+    file.sync()
+    return open_vdi(file)

@@ -1,0 +1,167 @@
+"""Finding and verifying the parents of differencing images (VHD by locator, VDI by UUID)."""
+from __future__ import annotations
+
+import glob
+import os
+import uuid as uuidlib
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+from .errors import FormatError, ParentError, VDiskError
+from .probe import open_layer
+from vdisk.formats.base import Layer
+from vdisk.formats.vhd import parent_id_bytes
+
+MAX_DEPTH = 256
+
+
+@dataclass
+class LayerInfo:
+    """What `Disk.chain` reports about one image of a chain (top first)."""
+    path: str
+    format: str
+    subtype: str
+    uuid: Optional[uuidlib.UUID]
+    parent_uuid: Optional[uuidlib.UUID]
+    found_by: str
+    size: int
+    block_size: int
+
+
+def _describe_id(layer: Layer) -> Optional[uuidlib.UUID]:
+    if layer.parent_id is None:
+        return None
+    if layer.format == "vdi":
+        return uuidlib.UUID(bytes_le=layer.parent_id)
+    return uuidlib.UUID(bytes=layer.parent_id)
+
+
+def layer_info(layer: Layer, found_by: str) -> LayerInfo:
+    return LayerInfo(layer.path, layer.format, layer.subtype, layer.uuid, _describe_id(layer), found_by,
+                     layer.size, layer.block_size)
+
+
+def _identity(layer: Layer) -> bytes:
+    if layer.format == "vdi":
+        return layer.header["uuid_create"]
+    return parent_id_bytes(layer)
+
+
+def _vhd_candidates(child: Layer, search: Sequence[str]) -> Iterable[tuple[str, str]]:
+    here = os.path.dirname(os.path.abspath(child.path))
+    names = []
+    for hint in child.parent_hints:
+        if hint.kind == "relative":
+            yield os.path.normpath(os.path.join(here, hint.path)), f"relative locator '{hint.path}'"
+        elif hint.kind == "absolute":
+            yield hint.path, f"absolute locator '{hint.path}'"
+        names.append(os.path.basename(hint.path))
+    for hint in child.parent_hints:
+        if hint.kind == "name":
+            yield os.path.join(here, hint.path), "parent name beside the child"
+    for d in search:
+        for name in dict.fromkeys(names):
+            yield os.path.join(d, name), f"search folder {d}"
+
+
+def _vdi_registry_locations(registry: str) -> Iterable[tuple[str, str]]:
+    try:
+        tree = ET.parse(registry)
+    except (OSError, ET.ParseError) as exc:
+        raise VDiskError(f"{registry}: cannot read VirtualBox media registry: {exc}") from None
+    base = os.path.dirname(os.path.abspath(registry))
+    for el in tree.iter():
+        if el.tag.rsplit("}", 1)[-1] == "HardDisk" and el.get("location"):
+            uid = (el.get("uuid") or "").strip("{}")
+            yield uid, os.path.normpath(os.path.join(base, el.get("location")))
+
+
+def _vdi_candidates(child: Layer, search: Sequence[str], registries: Sequence[str]) -> Iterable[tuple[str, str]]:
+    want = str(uuidlib.UUID(bytes_le=child.parent_id))
+    for reg in registries:
+        for uid, loc in _vdi_registry_locations(reg):
+            if uid.lower() == want:
+                yield loc, f"registry {reg}"
+    here = os.path.dirname(os.path.abspath(child.path))
+    for d in [here, *search]:
+        for path in sorted(glob.glob(os.path.join(glob.escape(d), "*.vdi"))):
+            if os.path.abspath(path) != os.path.abspath(child.path):
+                yield path, f"UUID scan of {d}"
+
+
+def find_parent(child: Layer, *, parent_search: Sequence[str] = (), vbox_registry=None,
+                size_policy: str = "current", explicit: Optional[str] = None,
+                allow_parent_modified: bool = False) -> tuple[Layer, str]:
+    """Open and verify the parent of *child*; ParentError lists every place tried."""
+    tried: list[str] = []
+    registries = [vbox_registry] if isinstance(vbox_registry, (str, os.PathLike)) else list(vbox_registry or ())
+    if explicit is not None:
+        candidates: Iterable[tuple[str, str]] = [(explicit, "given explicitly")]
+    elif child.format == "vhd":
+        candidates = _vhd_candidates(child, parent_search)
+    else:
+        candidates = _vdi_candidates(child, parent_search, registries)
+    seen = set()
+    for path, how in candidates:
+        real = os.path.realpath(path)
+        if real in seen:
+            continue
+        seen.add(real)
+        if not os.path.isfile(real):
+            tried.append(f"{path} ({how}): not found")
+            continue
+        try:
+            parent = open_layer(path, size_policy=size_policy, fmt=None if explicit is None else None)
+        except VDiskError as exc:
+            tried.append(f"{path} ({how}): {exc}")
+            continue
+        if parent.format != child.format:
+            tried.append(f"{path} ({how}): is {parent.format}, not {child.format}")
+            parent.close()
+            continue
+        if _identity(parent) != child.parent_id:
+            tried.append(f"{path} ({how}): identity {parent.uuid} does not match {_describe_id(child)}")
+            parent.close()
+            continue
+        if child.format == "vdi":
+            want_mod = child.header.get("uuid_parent_modify", bytes(16))
+            if want_mod != bytes(16) and want_mod != parent.header["uuid_modify"] and not allow_parent_modified:
+                parent.close()
+                raise ParentError(f"{child.path}: parent {path} was modified after this differencing image "
+                                  f"was made (modification UUID {uuidlib.UUID(bytes_le=parent.header['uuid_modify'])}, "
+                                  f"expected {uuidlib.UUID(bytes_le=want_mod)})")
+        return parent, how
+    name = next((h.path for h in child.parent_hints if h.kind == "name"), None)
+    what = f"'{name}' " if name else ""
+    places = "; ".join(tried) if tried else "no candidate locations"
+    raise ParentError(f"{child.path}: parent {what}{{{_describe_id(child)}}} not found; tried: {places}")
+
+
+def open_chain(path: str, *, writable: bool, fmt: Optional[str] = None, parent_search: Sequence[str] = (),
+               vbox_registry=None, size_policy: str = "current", allow_parent_modified: bool = False,
+               explicit_parent: Optional[str] = None) -> tuple[list[Layer], list[LayerInfo]]:
+    top = open_layer(path, writable=writable, fmt=fmt, size_policy=size_policy)
+    layers, infos = [top], [layer_info(top, "opened")]
+    real_paths = {os.path.realpath(path)}
+    try:
+        current = top
+        while current.is_differencing:
+            if len(layers) > MAX_DEPTH:
+                raise ParentError(f"{path}: differencing chain is deeper than {MAX_DEPTH} images")
+            parent, how = find_parent(current, parent_search=parent_search, vbox_registry=vbox_registry,
+                                      size_policy=size_policy, allow_parent_modified=allow_parent_modified,
+                                      explicit=explicit_parent if current is top else None)
+            real = os.path.realpath(parent.path)
+            if real in real_paths:
+                parent.close()
+                raise ParentError(f"{current.path}: parent chain forms a cycle through {parent.path}")
+            real_paths.add(real)
+            layers.append(parent)
+            infos.append(layer_info(parent, how))
+            current = parent
+    except BaseException:
+        for layer in layers:
+            layer.close()
+        raise
+    return layers, infos

@@ -1,0 +1,163 @@
+"""Positional file I/O: the single seam between vdisk and the operating system.
+
+All reads and writes of image files go through :class:`ImageFile`. Tests replace
+:data:`fault_hook` to cut the I/O at a given write (crash simulation), make writes short, or raise
+EIO, which is how crash safety is proven by fault injection rather than argument.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import threading
+from typing import Callable, Optional, Sequence
+
+from .errors import LockError, VDiskError
+
+# Called before every mutating operation as fault_hook(kind, file, offset, length) where kind is
+# "write", "truncate" or "sync". It may raise (to simulate a crash or an I/O error).
+fault_hook: Optional[Callable[[str, "ImageFile", int, int], None]] = None
+
+IOV_MAX = 1024
+
+
+class ImageFile:
+    """An open image file with positional, batched I/O and advisory locking."""
+
+    def __init__(self, path: str, writable: bool = False, create: bool = False, lock: bool = True):
+        self.path = os.fspath(path)
+        self.writable = writable or create
+        flags = os.O_RDWR if self.writable else os.O_RDONLY
+        if create:
+            flags |= os.O_CREAT | os.O_EXCL
+        flags |= getattr(os, "O_CLOEXEC", 0)
+        try:
+            self.fd = os.open(self.path, flags, 0o644)
+        except FileNotFoundError:
+            raise VDiskError(f"{self.path}: no such file") from None
+        except IsADirectoryError:
+            raise VDiskError(f"{self.path}: is a directory") from None
+        except FileExistsError:
+            raise VDiskError(f"{self.path}: already exists") from None
+        except PermissionError:
+            raise VDiskError(f"{self.path}: permission denied") from None
+        except OSError as exc:
+            raise VDiskError(f"{self.path}: {exc.strerror}") from None
+        self._closed = False
+        self._size_lock = threading.Lock()
+        if lock:
+            try:
+                fcntl.flock(self.fd, (fcntl.LOCK_EX if self.writable else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self.fd)
+                self._closed = True
+                mode = "read-write" if self.writable else "read-only"
+                raise LockError(f"{self.path}: image is in use by another process; cannot open {mode}") from None
+
+    # -- reading -------------------------------------------------------------------------------
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def pread(self, length: int, offset: int) -> bytes:
+        """Read exactly what exists; short only at end of file."""
+        chunks = []
+        while length > 0:
+            data = os.pread(self.fd, length, offset)
+            if not data:
+                break
+            chunks.append(data)
+            length -= len(data)
+            offset += len(data)
+        return b"".join(chunks) if len(chunks) != 1 else chunks[0]
+
+    def preadv(self, buffers: Sequence, offset: int) -> int:
+        """Fill memoryviews in order from offset; bytes past EOF are left untouched."""
+        total = 0
+        bufs = [memoryview(b).cast("B") for b in buffers]
+        while bufs:
+            batch = bufs[:IOV_MAX]
+            n = os.preadv(self.fd, batch, offset)
+            if n == 0:
+                break
+            total += n
+            offset += n
+            # drop consumed buffers, slice a partial one
+            while n and bufs:
+                if n >= len(bufs[0]):
+                    n -= len(bufs[0])
+                    bufs.pop(0)
+                else:
+                    bufs[0] = bufs[0][n:]
+                    n = 0
+        return total
+
+    def readinto(self, buffer, offset: int) -> int:
+        return self.preadv([buffer], offset)
+
+    # -- writing -------------------------------------------------------------------------------
+    def _check(self, kind: str, offset: int, length: int) -> None:
+        if not self.writable:
+            raise VDiskError(f"{self.path}: internal error: write to a read-only file")
+        if fault_hook is not None:
+            fault_hook(kind, self, offset, length)
+
+    def pwrite(self, data, offset: int) -> None:
+        view = memoryview(data).cast("B")
+        self._check("write", offset, len(view))
+        while len(view):
+            try:
+                n = os.pwrite(self.fd, view, offset)
+            except OSError as exc:
+                raise _io_error(self.path, exc) from None
+            view = view[n:]
+            offset += n
+
+    def pwritev(self, buffers: Sequence, offset: int) -> None:
+        bufs = [memoryview(b).cast("B") for b in buffers]
+        total = sum(len(b) for b in bufs)
+        self._check("write", offset, total)
+        while bufs:
+            try:
+                n = os.pwritev(self.fd, bufs[:IOV_MAX], offset)
+            except OSError as exc:
+                raise _io_error(self.path, exc) from None
+            offset += n
+            while n and bufs:
+                if n >= len(bufs[0]):
+                    n -= len(bufs[0])
+                    bufs.pop(0)
+                else:
+                    bufs[0] = bufs[0][n:]
+                    n = 0
+
+    def truncate(self, size: int) -> None:
+        self._check("truncate", size, 0)
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as exc:
+            raise _io_error(self.path, exc) from None
+
+    def sync(self) -> None:
+        """Barrier: everything written so far reaches stable storage before what follows."""
+        if not self.writable:
+            return
+        self._check("sync", 0, 0)
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            raise _io_error(self.path, exc) from None
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self.fd)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+
+def _io_error(path: str, exc: OSError) -> VDiskError:
+    if exc.errno == errno.ENOSPC:
+        return VDiskError(f"{path}: no space left on device")
+    return VDiskError(f"{path}: I/O error: {exc.strerror}")
