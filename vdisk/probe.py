@@ -43,6 +43,10 @@ def open_layer(path: str, *, writable: bool = False, fmt: Optional[str] = None,
         raise VDiskError(f"{path}: is a directory")
     file = ImageFile(path, writable=writable, lock=lock)
     try:
+        # An interrupted in-place operation: a writable open completes or rolls it back first,
+        # a read-only open refuses (JournalPendingError).
+        from . import journal
+        journal.check_on_open(file)
         kind = fmt or probe_file(file)
         if kind == "vdi":
             return open_vdi(file, strict=writable)

@@ -1,0 +1,75 @@
+"""Crash simulation at the I/O seam (vdisk.io.fault_hook) for the maintenance tests.
+
+``CrashSim(cut_at=n)`` lets n-1 mutating calls (writes and truncations, in the image and in its
+journal) through and "kills the process" at the n-th: that call and every later one raise
+:class:`Crash`. With ``drop_unsynced=True`` a random subset of the writes not yet followed by a
+barrier (fdatasync) on their file is undone at the crash, as a power cut may lose them.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+
+import vdisk.io
+
+
+class Crash(Exception):
+    """The simulated process died here."""
+
+
+class CrashSim:
+    def __init__(self, cut_at: int | None = None, drop_unsynced: bool = False, seed: int = 0):
+        self.cut_at = cut_at
+        self.drop_unsynced = drop_unsynced
+        self.rng = random.Random(seed)
+        self.count = 0
+        self.dead = False
+        self.pending: dict[int, list] = {}     # fd -> [(offset, old bytes, old size)]
+
+    def __call__(self, kind, file, offset, length):
+        if self.dead:
+            raise Crash("process is dead")
+        if kind == "sync":
+            self.pending.pop(file.fd, None)
+            return
+        self.count += 1
+        if self.cut_at is not None and self.count >= self.cut_at:
+            self.dead = True
+            if self.drop_unsynced:
+                self._drop()
+            raise Crash(f"crash at mutation {self.count} ({kind} {file.path}@{offset}+{length})")
+        if self.drop_unsynced and kind == "write":
+            size = file.size()
+            old = os.pread(file.fd, min(length, max(0, size - offset)), offset)
+            self.pending.setdefault(file.fd, []).append((offset, length, old, size))
+
+    def _drop(self) -> None:
+        for fd, writes in self.pending.items():
+            for offset, length, old, size in reversed(writes):
+                if self.rng.random() < 0.5:
+                    continue
+                # The write never reached the disk: old bytes, and zeros where the file had grown.
+                try:
+                    os.pwrite(fd, old + bytes(length - len(old)), offset)
+                except OSError:
+                    pass
+
+
+@contextlib.contextmanager
+def crashing(sim: CrashSim):
+    """Install *sim* as the fault hook for the duration of the block."""
+    old = vdisk.io.fault_hook
+    vdisk.io.fault_hook = sim
+    try:
+        yield sim
+    finally:
+        vdisk.io.fault_hook = old
+
+
+def count_mutations(fn) -> int:
+    """How many writes/truncations *fn()* performs (through the seam)."""
+    sim = CrashSim()
+    with crashing(sim):
+        fn()
+    return sim.count
