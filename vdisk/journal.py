@@ -226,20 +226,26 @@ class Transaction:
             self._jpos += len(blob)
             self._journal.sync()
 
-    def write_many(self, writes: Iterable[tuple[int, bytes]], *, old_zero: bool = False,
+    def write_many(self, writes: Iterable[tuple], *, old_zero: bool = False,
                    unreferenced: bool = False) -> None:
         """Journal the old contents of every target range (one barrier), then write them all.
 
         *old_zero*: the caller knows the ranges hold zeros now (logged without payload).
         *unreferenced*: nothing in the image refers to the ranges now, so no undo data is kept.
+        An item may be ``(offset, data, mode)`` with mode "read", "zero" or "unreferenced" to
+        choose per write.
         """
         writes = list(writes)
         recs: list[bytes] = []
-        for offset, data in writes:
-            recs += self._undo_records(offset, len(data), old_zero, unreferenced, None)
+        for item in writes:
+            offset, data = item[0], item[1]
+            zero, unref = old_zero, unreferenced
+            if len(item) > 2:                  # per-write mode: "read", "zero" or "unreferenced"
+                zero, unref = item[2] == "zero", item[2] == "unreferenced"
+            recs += self._undo_records(offset, len(data), zero, unref, None)
         self._append(recs)
-        for offset, data in writes:
-            self.file.pwrite(data, offset)
+        for item in writes:
+            self.file.pwrite(item[1], item[0])
 
     def write(self, offset: int, data: bytes, *, old_zero: bool = False, unreferenced: bool = False) -> None:
         """Journal then write one range (see :meth:`write_many`)."""

@@ -1,0 +1,481 @@
+"""Consistency check and repair of VHD and VDI images (``vdisk check [--repair]``).
+
+The core's open refuses many corruptions, so this module parses the files itself, leniently,
+with the structure declarations of ``formats/vhd_structs.py`` and ``formats/vdi_structs.py``, and
+reports every problem it finds. Exit codes follow qemu-img: 0 clean, 1 the check could not run,
+2 corruption found, 3 only leaks found. ``repair=True`` fixes what is safely fixable inside one
+journaled transaction and reports what it did; the exit code then describes the repaired image.
+"""
+from __future__ import annotations
+
+import os
+import uuid as uuidlib
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+
+from . import journal
+from .errors import VDiskError
+from .io import ImageFile
+from vdisk.formats.vhd_structs import (BAT_UNUSED, DISK_DIFFERENCING, DISK_FIXED, FOOTER_CHECKSUM_OFFSET,
+                                       FOOTER_COOKIE, FOOTER_SIZE, HEADER_CHECKSUM_OFFSET, HEADER_COOKIE,
+                                       HEADER_SIZE, SUBTYPE_NAMES as VHD_SUBTYPES, DynamicHeader, Footer,
+                                       vhd_checksum, with_checksum)
+from vdisk.formats.vdi_structs import (BLOCK_ZERO, HEADER_V0_END, HEADER_V1, HEADER_V1_PLUS, PRE_HEADER_SIZE,
+                                       SIGNATURE, SUBTYPE_NAMES as VDI_SUBTYPES, VERSION_0, HeaderV1, PreHeader)
+
+SECTOR = 512
+EXIT_CLEAN, EXIT_FAILED, EXIT_CORRUPT, EXIT_LEAKS = 0, 1, 2, 3
+
+
+@dataclass
+class Finding:
+    """One problem: *kind* is a stable identifier, *severity* 'corruption' or 'leak'."""
+    kind: str
+    severity: str
+    message: str
+    fixable: bool = False
+
+
+@dataclass
+class CheckReport:
+    path: str
+    format: Optional[str] = None
+    subtype: Optional[str] = None
+    findings: list = field(default_factory=list)
+    repairs: list = field(default_factory=list)     # what --repair did, one sentence each
+    error: Optional[str] = None                     # why the check could not run
+    leaked_bytes: int = 0
+    allocated_blocks: int = 0
+
+    @property
+    def corruptions(self) -> list:
+        return [f for f in self.findings if f.severity == "corruption"]
+
+    @property
+    def leaks(self) -> list:
+        return [f for f in self.findings if f.severity == "leak"]
+
+    @property
+    def clean(self) -> bool:
+        return self.error is None and not self.findings
+
+    @property
+    def exit_code(self) -> int:
+        if self.error is not None:
+            return EXIT_FAILED
+        if self.corruptions:
+            return EXIT_CORRUPT
+        if self.leaks:
+            return EXIT_LEAKS
+        return EXIT_CLEAN
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["exit_code"] = self.exit_code
+        d["clean"] = self.clean
+        return d
+
+    def summary(self) -> str:
+        lines = [f"{f.severity}: {f.message}" for f in self.findings]
+        lines += [f"repaired: {r}" for r in self.repairs]
+        if self.error:
+            lines.append(f"check failed: {self.error}")
+        elif not self.findings:
+            lines.append(f"{self.path}: no errors found ({self.format} {self.subtype}, "
+                         f"{self.allocated_blocks} allocated blocks)")
+        else:
+            lines.append(f"{self.path}: {len(self.corruptions)} corruption(s), {len(self.leaks)} leak(s)"
+                         + (f", {self.leaked_bytes} bytes leaked" if self.leaked_bytes else ""))
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# VHD
+# ---------------------------------------------------------------------------------------------
+def _bitmap_bytes(block_size: int) -> int:
+    return -(-(block_size // SECTOR // 8) // SECTOR) * SECTOR
+
+
+def _footer_sane(f) -> bool:
+    return (f.cookie == FOOTER_COOKIE and f.format_version >> 16 == 1 and f.disk_type in VHD_SUBTYPES
+            and 0 < f.current_size <= (1 << 48))
+
+
+class _VhdPlan:
+    """What was found in a VHD and the writes that would repair it."""
+
+    def __init__(self):
+        self.writes: list[tuple[int, bytes]] = []
+        self.final_size: Optional[int] = None
+        self.footer: Optional[bytes] = None
+
+
+def _check_vhd(file: ImageFile, report: CheckReport, plan: _VhdPlan) -> None:
+    path, size = file.path, file.size()
+    add = report.findings.append
+    if size < FOOTER_SIZE:
+        report.error = f"{path}: file is {size} bytes, too small for a VHD"
+        return
+    tail = file.pread(FOOTER_SIZE, size - FOOTER_SIZE)
+    head = file.pread(FOOTER_SIZE, 0)
+    eof = Footer.parse(tail) if tail[:8] == FOOTER_COOKIE else None
+    copy = Footer.parse(head) if head[:8] == FOOTER_COOKIE else None
+    eof_ok = eof is not None and vhd_checksum(tail, FOOTER_CHECKSUM_OFFSET) == eof.checksum
+    copy_ok = copy is not None and vhd_checksum(head, FOOTER_CHECKSUM_OFFSET) == copy.checksum
+    # Choose the footer to trust: EOF (primary) when valid, else the copy, else a sane-looking one.
+    if eof_ok:
+        footer_raw, f = tail, eof
+    elif copy_ok and copy.disk_type != DISK_FIXED:
+        footer_raw, f = head, copy
+    elif eof is not None and _footer_sane(eof):
+        footer_raw, f = with_checksum(tail, FOOTER_CHECKSUM_OFFSET), eof
+    elif copy is not None and _footer_sane(copy) and copy.disk_type != DISK_FIXED:
+        footer_raw, f = with_checksum(head, FOOTER_CHECKSUM_OFFSET), copy
+    else:
+        report.error = f"{path}: no usable VHD footer at the end of the file or at offset 0"
+        return
+    if not _footer_sane(f):
+        report.error = f"{path}: footer describes an unsupported image (type {f.disk_type}, version {f.format_version:#x})"
+        return
+    report.subtype = VHD_SUBTYPES[f.disk_type]
+    plan.footer = footer_raw
+    sparse = f.disk_type != DISK_FIXED
+    if eof is None:
+        add(Finding("footer-missing", "corruption", "footer at the end of the file is missing"
+                    + ("; the copy at offset 0 is intact" if copy_ok else ""), fixable=sparse))
+    elif not eof_ok:
+        add(Finding("footer-checksum", "corruption",
+                    f"footer checksum mismatch (stored {eof.checksum:#010x}, computed "
+                    f"{vhd_checksum(tail, FOOTER_CHECKSUM_OFFSET):#010x})", fixable=True))
+    if not sparse:
+        data_len = size - FOOTER_SIZE
+        if data_len < f.current_size:
+            add(Finding("size-mismatch", "corruption",
+                        f"fixed image holds {data_len} data bytes but its footer claims {f.current_size}"))
+        if eof is not None and not eof_ok:
+            plan.writes.append((size - FOOTER_SIZE, footer_raw))
+        report.allocated_blocks = -(-f.current_size // (2 << 20))
+        return
+    if copy is None:
+        add(Finding("footer-copy-missing", "corruption", "footer copy at offset 0 is missing", fixable=True))
+    elif not copy_ok:
+        add(Finding("footer-copy-checksum", "corruption", "footer copy at offset 0 has a bad checksum", fixable=True))
+    elif eof_ok and head != tail:
+        add(Finding("footer-mismatch", "corruption", "footer copy at offset 0 differs from the footer at the end",
+                    fixable=True))
+    if head != footer_raw:
+        plan.writes.append((0, footer_raw))
+    # Dynamic header.
+    hoff = f.data_offset
+    if hoff % SECTOR or hoff < FOOTER_SIZE or hoff + HEADER_SIZE > size:
+        report.error = f"{path}: dynamic header offset {hoff:#x} lies outside the file"
+        return
+    hraw = file.pread(HEADER_SIZE, hoff)
+    h = DynamicHeader.parse(hraw)
+    bs, n, toff = h.block_size, h.max_table_entries, h.table_offset
+    header_sane = (h.cookie == HEADER_COOKIE and h.header_version >> 16 == 1 and SECTOR <= bs <= (256 << 20)
+                   and not bs & (bs - 1) and toff % SECTOR == 0 and toff + 4 * n <= size and n > 0)
+    if not header_sane:
+        report.error = (f"{path}: dynamic header at {hoff:#x} is damaged (cookie {h.cookie!r}, block size {bs}, "
+                        f"table {n} entries at {toff:#x})")
+        return
+    if vhd_checksum(hraw, HEADER_CHECKSUM_OFFSET) != h.checksum:
+        add(Finding("header-checksum", "corruption", "dynamic header checksum mismatch", fixable=True))
+        plan.writes.append((hoff, with_checksum(hraw, HEADER_CHECKSUM_OFFSET)))
+    if n * bs < f.current_size:
+        add(Finding("size-mismatch", "corruption",
+                    f"the table's {n} blocks of {bs} bytes cannot hold the virtual size {f.current_size}"))
+    bat = np.frombuffer(file.pread(4 * n, toff), dtype=">u4").astype(np.int64)
+    bat_len = -(-4 * n // SECTOR) * SECTOR
+    meta = [(0, FOOTER_SIZE), (hoff, hoff + HEADER_SIZE), (toff, toff + bat_len)]
+    if f.disk_type == DISK_DIFFERENCING:
+        for i, loc in enumerate(h.parent_locators):
+            if loc.platform_code == 0 or loc.platform_data_length == 0:
+                continue
+            space = loc.platform_data_space
+            space = space * SECTOR if space < SECTOR else space
+            lo, hi = loc.platform_data_offset, loc.platform_data_offset + max(space, loc.platform_data_length)
+            if loc.platform_data_offset + loc.platform_data_length > size:
+                add(Finding("locator-range", "corruption", f"parent locator {i} points outside the file"))
+            else:
+                meta.append((lo, hi))
+    meta_end = max(hi for _, hi in meta)
+    end_of_data = size - FOOTER_SIZE if eof is not None else size
+    unit = _bitmap_bytes(bs) + bs
+    alloc = np.flatnonzero(bat != BAT_UNUSED)
+    starts = bat[alloc] * SECTOR
+    ends = starts + unit
+    drop: set[int] = set()
+    for k in range(len(alloc)):
+        blk, s, e = int(alloc[k]), int(starts[k]), int(ends[k])
+        if e > end_of_data or s < FOOTER_SIZE:
+            add(Finding("bat-range", "corruption",
+                        f"BAT entry {blk} points to {s:#x}..{e:#x}, outside the data area (ends at {end_of_data:#x})",
+                        fixable=True))
+            drop.add(blk)
+            continue
+        for lo, hi in meta:
+            if s < hi and e > lo:
+                add(Finding("bat-overlap", "corruption", f"block {blk} at {s:#x} overlaps metadata at {lo:#x}..{hi:#x}",
+                            fixable=True))
+                drop.add(blk)
+                break
+    keep = [k for k in range(len(alloc)) if int(alloc[k]) not in drop]
+    order = sorted(keep, key=lambda k: (int(starts[k]), int(alloc[k])))
+    last_end = 0
+    last_blk = -1
+    for k in order:
+        s, e, blk = int(starts[k]), int(ends[k]), int(alloc[k])
+        if s < last_end:
+            add(Finding("bat-overlap", "corruption", f"block {blk} at {s:#x} overlaps block {last_blk}", fixable=True))
+            drop.add(blk)
+            continue
+        last_end, last_blk = e, blk
+    live = [(int(starts[k]), int(ends[k])) for k in order if int(alloc[k]) not in drop]
+    report.allocated_blocks = len(live)
+    if drop:
+        newbat = bat.copy()
+        newbat[sorted(drop)] = BAT_UNUSED
+        plan.writes.append((toff, newbat.astype(">u4").tobytes()))
+    # Leaks: data-area bytes nothing references.
+    # Gaps smaller than a block are alignment padding (Windows aligns data to 4 KiB), not leaks.
+    used_end = max([meta_end] + [e for _, e in live])
+    gaps, pos = 0, meta_end
+    for s, e in live:
+        if s - pos >= unit:
+            gaps += s - pos
+        pos = max(pos, e)
+    tail_leak = end_of_data - used_end
+    tail_leak = tail_leak if tail_leak >= unit else 0
+    if gaps:
+        add(Finding("leak", "leak", f"{gaps} bytes between blocks are referenced by nothing (vdisk compact reclaims them)"))
+    if tail_leak:
+        add(Finding("leak-tail", "leak", f"{tail_leak} bytes at the end of the data area are referenced by nothing",
+                    fixable=True))
+    report.leaked_bytes = gaps + tail_leak
+    new_end = -(-used_end // SECTOR) * SECTOR
+    if tail_leak or eof is None or (eof is not None and not eof_ok):
+        plan.final_size = new_end + FOOTER_SIZE
+        plan.footer_at = new_end
+    _check_vhd_parent(file, f, h, report)
+
+
+def _check_vhd_parent(file: ImageFile, f, h, report: CheckReport) -> None:
+    if f.disk_type != DISK_DIFFERENCING:
+        return
+    _check_parent_identity(file.path, report)
+
+
+def _check_parent_identity(path: str, report: CheckReport) -> None:
+    """Find the parent the way the core does (locators / UUID scan) and verify its identity."""
+    from .chain import find_parent
+    from .probe import open_layer
+    try:
+        layer = open_layer(path, lock=False)
+    except VDiskError:
+        return                                   # the structural findings already explain why
+    try:
+        parent, _ = find_parent(layer, parent_search=report._search, vbox_registry=report._registry)
+        parent.close()
+    except VDiskError as exc:
+        report.findings.append(Finding("parent", "corruption", f"parent: {exc}"))
+    finally:
+        layer.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# VDI
+# ---------------------------------------------------------------------------------------------
+def _check_vdi(file: ImageFile, report: CheckReport, plan: _VhdPlan) -> None:
+    path, size = file.path, file.size()
+    add = report.findings.append
+    if size < PRE_HEADER_SIZE + HEADER_V1:
+        report.error = f"{path}: file is {size} bytes, too small for a VDI"
+        return
+    pre = PreHeader.parse(file.pread(PRE_HEADER_SIZE, 0))
+    if pre.signature != SIGNATURE:
+        report.error = f"{path}: no VDI signature"
+        return
+    if pre.version == VERSION_0 or pre.version >> 16 != 1:
+        report.error = f"{path}: VDI version {pre.version:#010x} cannot be checked (v1.1 only)"
+        return
+    raw = file.pread(HEADER_V1_PLUS, PRE_HEADER_SIZE)
+    hsize = int.from_bytes(raw[:4], "little")
+    if hsize < HEADER_V1:
+        report.error = f"{path}: VDI header size {hsize:#x} is too small"
+        return
+    if hsize < HEADER_V1_PLUS:
+        raw = raw[:HEADER_V1] + bytes(HEADER_V1_PLUS - HEADER_V1)
+    hdr = {k: v for k, v in HeaderV1.parse(raw).items() if not k.startswith("_")}
+    itype, bs, extra = hdr["image_type"], hdr["block_size"], hdr["block_extra"]
+    n, ob, od, counted = hdr["blocks_in_image"], hdr["offset_blocks"], hdr["offset_data"], hdr["blocks_allocated"]
+    if itype not in VDI_SUBTYPES:
+        report.error = f"{path}: unknown VDI image type {itype}"
+        return
+    report.subtype = VDI_SUBTYPES[itype]
+    if bs < 512 or bs & (bs - 1) or n == 0 or ob + 4 * n > size or od < ob + 4 * n:
+        report.error = f"{path}: VDI header is damaged (block size {bs}, {n} blocks, map at {ob:#x}, data at {od:#x})"
+        return
+    if n * bs < hdr["disk_size"]:
+        add(Finding("size-mismatch", "corruption",
+                    f"{n} blocks of {bs} bytes cannot hold the virtual size {hdr['disk_size']}"))
+    if hdr["uuid_create"] == bytes(16) or hdr["uuid_modify"] == bytes(16):
+        add(Finding("uuid-null", "corruption", "image or modification UUID is null"))
+    slot = extra + bs
+    entries = np.frombuffer(file.pread(4 * n, ob), dtype="<u4").astype(np.int64)
+    alloc = np.flatnonzero(entries < BLOCK_ZERO)
+    fixed = itype == 2
+    file_slots = max(0, (size - od) // slot) if not fixed else n
+    bad: set[int] = set()
+    owner: dict[int, int] = {}
+    for blk in alloc.tolist():
+        s = int(entries[blk])
+        if s >= n or (s >= file_slots and not fixed):
+            add(Finding("map-range", "corruption",
+                        f"block map entry {blk} points to slot {s}, beyond the image ({n} blocks, {file_slots} slots in the file)",
+                        fixable=True))
+            bad.add(blk)
+        elif s in owner:
+            add(Finding("map-overlap", "corruption", f"block map entry {blk} shares slot {s} with entry {owner[s]}",
+                        fixable=True))
+            bad.add(blk)
+        else:
+            owner[s] = blk
+    used = len(owner)
+    report.allocated_blocks = used
+    top = max(owner) + 1 if owner else 0
+    new_count = counted
+    if counted < top:
+        add(Finding("allocated-count", "corruption",
+                    f"header counts {counted} allocated blocks but the map uses slot {top - 1} "
+                    f"(the next allocation would overwrite it)", fixable=True))
+        new_count = top
+    elif counted > top and not fixed:
+        add(Finding("allocated-count", "corruption",
+                    f"header counts {counted} allocated blocks, the map references {used}", fixable=True))
+        new_count = top
+    if not fixed:
+        holes = top - used
+        tail = size - (od + top * slot)
+        if holes:
+            add(Finding("leak", "leak", f"{holes} slot(s) below the last used one are referenced by nothing "
+                        f"(qemu-img check calls this an allocated-blocks mismatch; vdisk compact reclaims them)"))
+        if tail > 0:
+            add(Finding("leak-tail", "leak", f"{tail} bytes after the last used slot are referenced by nothing",
+                        fixable=True))
+            plan.final_size = od + top * slot
+        report.leaked_bytes = holes * slot + max(0, tail)
+    if bad:
+        newmap = entries.copy()
+        newmap[sorted(bad)] = 0xFFFFFFFF
+        plan.writes.append((ob, newmap.astype("<u4").tobytes()))
+    if new_count != counted:
+        hdr["blocks_allocated"] = new_count
+        plan.writes.append((PRE_HEADER_SIZE, HeaderV1.build(hdr)[:min(hsize, HEADER_V1_PLUS)]))
+    if itype in (3, 4):
+        _check_parent_identity(path, report)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+def _analyse(path: str, report: CheckReport, plan: _VhdPlan) -> None:
+    from .probe import probe_file
+    try:
+        file = ImageFile(path, lock=False)
+    except VDiskError as exc:
+        report.error = str(exc)
+        return
+    try:
+        kind = probe_file(file)
+        report.format = kind
+        if kind == "vhd":
+            _check_vhd(file, report, plan)
+        elif kind == "vdi":
+            _check_vdi(file, report, plan)
+        else:
+            report.subtype = "raw"
+    finally:
+        file.close()
+
+
+def check(path: str, repair: bool = False, *, parent_search: Sequence[str] = (),
+          vbox_registry=None) -> CheckReport:
+    """Check one image file (and its link to its parent); with *repair*, fix what is safely fixable."""
+    path = os.fspath(path)
+    report = _new_report(path, parent_search, vbox_registry)
+    if not os.path.exists(path):
+        report.error = f"{path}: no such file"
+        return report
+    if os.path.isdir(path):
+        report.error = f"{path}: is a directory"
+        return report
+    if journal.pending(path):
+        if not repair:
+            report.findings.append(Finding("journal-pending", "corruption",
+                                           f"an interrupted in-place operation is pending; run 'vdisk recover {path}'",
+                                           fixable=True))
+            return report
+        try:
+            report.repairs.append(str(journal.recover(path)))
+        except VDiskError as exc:
+            report.error = str(exc)
+            return report
+    plan = _VhdPlan()
+    _analyse(path, report, plan)
+    if not repair or report.error is not None or not any(f.fixable for f in report.findings):
+        return report
+    before = report
+    try:
+        done = _repair(path, before, plan)
+    except VDiskError as exc:
+        before.error = f"repair failed: {exc}"
+        return before
+    after = _new_report(path, parent_search, vbox_registry)
+    after.repairs = before.repairs + done
+    _analyse(path, after, _VhdPlan())
+    return after
+
+
+def _new_report(path, parent_search, vbox_registry) -> CheckReport:
+    report = CheckReport(path)
+    report._search = tuple(parent_search)
+    report._registry = vbox_registry
+    return report
+
+
+def _repair(path: str, report: CheckReport, plan: _VhdPlan) -> list[str]:
+    done = []
+    file = ImageFile(path, writable=True)
+    try:
+        with journal.Transaction(file, "repair") as tx:
+            if plan.writes:
+                tx.write_many(plan.writes)
+            redo = []
+            final = plan.final_size
+            if report.format == "vhd" and plan.footer is not None and final is not None:
+                redo.append((getattr(plan, "footer_at", final - FOOTER_SIZE), plan.footer))
+            tx.commit(final_size=final, redo=redo)
+    finally:
+        file.close()
+    kinds = {f.kind for f in report.findings if f.fixable}
+    messages = {
+        "footer-missing": "wrote the footer at the end of the file from the copy at offset 0",
+        "footer-checksum": "rewrote the footer at the end of the file",
+        "footer-copy-missing": "rewrote the footer copy at offset 0",
+        "footer-copy-checksum": "rewrote the footer copy at offset 0",
+        "footer-mismatch": "rewrote the footer copy at offset 0 from the footer at the end",
+        "header-checksum": "recomputed the dynamic header checksum",
+        "bat-range": "dropped BAT entries that pointed outside the data area",
+        "bat-overlap": "dropped BAT entries whose blocks overlapped other blocks or metadata",
+        "map-range": "dropped block map entries that pointed beyond the image",
+        "map-overlap": "dropped block map entries that shared a slot",
+        "allocated-count": "corrected the header's allocated-block counter",
+        "leak-tail": "truncated the unreferenced bytes at the end of the file",
+    }
+    for kind in sorted(kinds):
+        if kind in messages:
+            done.append(messages[kind])
+    return done

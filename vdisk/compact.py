@@ -1,0 +1,345 @@
+"""Compaction of dynamic and differencing VHD/VDI images (``vdisk compact``).
+
+In place (journaled): every allocated block of the top image is read once, in physical order;
+a block that reads as zeros is unallocated — in a differencing image only where that does not
+change what the guest reads (its parent reads zeros there too); otherwise a VDI block becomes a
+ZERO entry, a VHD block stays. Then the physically last blocks are moved into the holes, the
+block table is rewritten and the file is truncated (VHD: footer moved to the new end).
+
+By copy (``to=NEW``): a fresh image of the same kind receives only the data that matters.
+"""
+from __future__ import annotations
+
+import bisect
+import os
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from . import journal
+from .engine import Engine, ExtentKind
+from .errors import UnsupportedError, VDiskError
+from .layout import SparseFile, content_digest, plan_moves
+from vdisk.formats.base import ABSENT, SECTOR, ZERO
+
+READ_BATCH = 32 << 20          # bytes read per preadv while scanning
+MOVE_BATCH = 64 << 20          # bytes moved per journal barrier
+
+Progress = Optional[Callable[[int, int], None]]
+
+
+@dataclass
+class CompactReport:
+    path: str
+    format: str
+    subtype: str
+    allocated_before: int = 0
+    unallocated: int = 0            # zero blocks given up entirely
+    zero_marked: int = 0            # VDI differencing blocks turned into ZERO entries
+    moved: int = 0
+    size_before: int = 0
+    size_after: int = 0
+    dry_run: bool = False
+    target: Optional[str] = None
+    verified: Optional[bool] = None
+
+    @property
+    def reclaimed(self) -> int:
+        return self.size_before - self.size_after
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["reclaimed"] = self.reclaimed
+        return d
+
+    def summary(self) -> str:
+        verb = "would reclaim" if self.dry_run else "reclaimed"
+        where = f" into {self.target}" if self.target else ""
+        return (f"{self.path}: {self.allocated_before} allocated blocks, {self.unallocated} unallocated, "
+                f"{self.zero_marked} made zero blocks, {self.moved} moved{where}; {verb} {self.reclaimed} bytes "
+                f"({self.size_before} -> {self.size_after})")
+
+
+def _data_intervals(fd: int, start: int, end: int) -> tuple[list[int], list[int]]:
+    """Starts and ends of the file's data (not hole) runs in [start, end)."""
+    starts, ends = [], []
+    pos = start
+    try:
+        while pos < end:
+            s = os.lseek(fd, pos, os.SEEK_DATA)
+            if s >= end:
+                break
+            e = min(os.lseek(fd, s, os.SEEK_HOLE), end)
+            starts.append(s)
+            ends.append(e)
+            pos = e
+    except OSError:
+        if not starts and pos == start:
+            try:
+                os.lseek(fd, start, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno != 6:                     # no SEEK_DATA support: all data
+                    return [start], [end]
+    return starts, ends
+
+
+def _has_data(starts: list[int], ends: list[int], lo: int, hi: int) -> bool:
+    i = bisect.bisect_right(ends, lo)
+    return i < len(starts) and starts[i] < hi
+
+
+@dataclass
+class _Scan:
+    new_map: np.ndarray
+    dropped: dict          # unit start -> full_zero (for the journal: what the hole held)
+
+
+def _scan(sf: SparseFile, below: Optional[Engine], size: int, progress: Progress) -> _Scan:
+    layer = sf.layer
+    bs, unit, skip = layer.block_size, sf.unit, sf.skip
+    starts = sf.unit_starts()
+    blocks = np.flatnonzero(starts >= 0)
+    blocks = blocks[np.argsort(starts[blocks], kind="stable")]
+    new_map = layer.block_map.copy()
+    dropped: dict[int, bool] = {}
+    fd = layer.file.fd
+    dstarts, dends = _data_intervals(fd, sf.meta_end, layer.file.size())
+    granular = layer.sector_granular
+    spb = bs // SECTOR
+    diff = layer.is_differencing
+    per_batch = max(1, READ_BATCH // unit)
+    buf = np.empty(per_batch * unit, dtype=np.uint8)
+    i, total = 0, len(blocks)
+
+    def below_zero(b: int) -> bool:
+        if below is None:
+            return True
+        lo = b * bs
+        n = min(bs, size - lo)
+        return n <= 0 or all(r[2] != ExtentKind.DATA for r in below.resolve(lo, n))
+
+    def decide(b: int, start: int, row: Optional[np.ndarray]) -> None:
+        if row is None:                               # a hole in the file: all zeros
+            full_zero, present_zero, no_bits = True, True, False
+        else:
+            data = row[skip:]
+            full_zero = not data.any()
+            if granular:
+                bits = np.unpackbits(row[: spb // 8])
+                no_bits = not bits.any()
+                nz = data.reshape(spb, SECTOR).any(axis=1)
+                present_zero = not (nz & bits.astype(bool)).any()
+            else:
+                no_bits, present_zero = False, full_zero
+        if granular:                                  # differencing VHD: per-sector presence
+            if no_bits or (present_zero and below_zero(b)):
+                new_map[b] = ABSENT
+                dropped[start] = full_zero
+            return
+        if not full_zero:
+            return
+        if not diff or below_zero(b):
+            new_map[b] = ABSENT
+        elif sf.format == "vdi":
+            new_map[b] = ZERO                         # hides non-zero parent data without storage
+        else:
+            return
+        dropped[start] = True
+
+    while i < total:
+        # A run of physically consecutive units, read with one preadv.
+        j = i + 1
+        while j < total and j - i < per_batch and starts[blocks[j]] == starts[blocks[j - 1]] + unit:
+            j += 1
+        lo = int(starts[blocks[i]])
+        hi = lo + (j - i) * unit
+        if not _has_data(dstarts, dends, lo, hi):
+            for k in range(i, j):
+                decide(int(blocks[k]), int(starts[blocks[k]]), None)
+        else:
+            view = memoryview(buf)[: hi - lo]
+            got = os.preadv(fd, [view], lo)
+            if got < len(view):
+                view[got:] = bytes(len(view) - got)
+            rows = buf[: hi - lo].reshape(j - i, unit)
+            for k in range(i, j):
+                decide(int(blocks[k]), int(starts[blocks[k]]), rows[k - i])
+        i = j
+        if progress:
+            progress(i, total)
+    return _Scan(new_map, dropped)
+
+
+def _dst_pieces(dst: int, unit: int, skip: int, dropped: dict, dropped_sorted: list[int]) -> list[tuple[int, int, str]]:
+    """Split a hole [dst, dst+unit) by what it held: a dropped block (its metadata prefix must be
+    journaled, its data is known zero or must be read) or nothing (unreferenced)."""
+    pieces = []
+    pos, end = dst, dst + unit
+    i = max(0, bisect.bisect_right(dropped_sorted, dst) - 1)
+    while pos < end:
+        while i < len(dropped_sorted) and dropped_sorted[i] + unit <= pos:
+            i += 1
+        if i >= len(dropped_sorted) or dropped_sorted[i] >= end:
+            pieces.append((pos, end, "unreferenced"))
+            break
+        s = dropped_sorted[i]
+        if s > pos:
+            pieces.append((pos, s, "unreferenced"))
+            pos = s
+        meta_end = s + skip
+        if pos < meta_end:
+            pieces.append((pos, min(meta_end, end), "read"))
+            pos = min(meta_end, end)
+        if pos < end:
+            stop = min(s + unit, end)
+            pieces.append((pos, stop, "zero" if dropped[s] else "read"))
+            pos = stop
+        i += 1
+    return pieces
+
+
+def compact(path: str, *, dry_run: bool = False, to: Optional[str] = None, verify: bool = False,
+            parent_search: Sequence[str] = (), vbox_registry=None, progress: Progress = None) -> CompactReport:
+    """Compact the dynamic/differencing VHD or VDI at *path* in place (or into a new image *to*)."""
+    import vdisk
+    path = os.fspath(path)
+    if to is not None:
+        return compact_copy(path, to, verify=verify, parent_search=parent_search,
+                            vbox_registry=vbox_registry, progress=progress)
+    mode = "r" if dry_run else "r+"
+    disk = vdisk.open(path, mode, parent_search=parent_search, vbox_registry=vbox_registry)
+    try:
+        before = content_digest(disk) if verify else None
+        layer = disk.layers[0]
+        sf = SparseFile(layer)
+        size_before = layer.file.size()
+        report = CompactReport(path, layer.format, layer.subtype, dry_run=dry_run, size_before=size_before,
+                               allocated_before=int((layer.block_map >= 0).sum()))
+        below = Engine(disk.layers[1:]) if len(disk.layers) > 1 else None
+        scan = _scan(sf, below, disk.size, progress)
+        new_map = scan.new_map
+        report.unallocated = int(((layer.block_map >= 0) & (new_map == ABSENT)).sum())
+        report.zero_marked = int(((layer.block_map >= 0) & (new_map == ZERO)).sum())
+        starts = sf.unit_starts(new_map)
+        live = [(int(b), int(starts[b])) for b in np.flatnonzero(starts >= 0)]
+        moves, new_end = plan_moves(live, sf.unit, sf.meta_end, sf.grid)
+        report.moved = len(moves)
+        final_size = new_end + (512 if sf.format == "vhd" else 0)
+        changed = bool(moves) or not np.array_equal(new_map, layer.block_map) or final_size < size_before
+        report.size_after = min(final_size, size_before) if changed else size_before
+        if dry_run or not changed:
+            return report
+        for blk, src, dst in moves:
+            new_map[blk] = dst + sf.skip
+        _apply(sf, layer, new_map, moves, scan.dropped, live, final_size, new_end)
+        report.size_after = layer.file.size()
+    finally:
+        disk.close()
+    if verify:
+        report.verified = _verify(path, before, parent_search, vbox_registry)
+    return report
+
+
+def _apply(sf: SparseFile, layer, new_map: np.ndarray, moves, dropped: dict, live, final_size: int,
+           new_end: int) -> None:
+    file = layer.file
+    dropped_sorted = sorted(dropped)
+    with journal.Transaction(file, "compact") as tx:
+        batch: list[tuple] = []
+        pending = 0
+        for blk, src, dst in moves:
+            data = file.pread(sf.unit, src)
+            data += bytes(sf.unit - len(data))
+            for lo, hi, mode in _dst_pieces(dst, sf.unit, sf.skip, dropped, dropped_sorted):
+                batch.append((lo, data[lo - dst:hi - dst], mode))
+            pending += sf.unit
+            if pending >= MOVE_BATCH:
+                tx.write_many(batch)
+                batch, pending = [], 0
+        if batch:
+            tx.write_many(batch)
+        meta = sf.table_writes(layer.block_map, new_map)
+        if sf.format == "vdi":
+            used = int((new_map >= 0).sum())
+            meta.append(sf.vdi_header(blocks_allocated=used))
+        tx.write_many(meta)
+        redo = [(new_end, layer.footer_raw)] if sf.format == "vhd" else []
+        tx.commit(final_size=final_size, redo=redo)
+    layer.block_map[:] = new_map
+
+
+def _verify(path: str, before: str, parent_search, vbox_registry) -> bool:
+    import vdisk
+    with vdisk.open(path, parent_search=parent_search, vbox_registry=vbox_registry) as d:
+        after = content_digest(d)
+    if after != before:
+        raise VDiskError(f"{path}: VERIFY FAILED: virtual content changed (sha256 {before} -> {after})")
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Compaction by copy
+# ---------------------------------------------------------------------------------------------
+def compact_copy(path: str, target: str, *, verify: bool = False, parent_search: Sequence[str] = (),
+                 vbox_registry=None, progress: Progress = None) -> CompactReport:
+    """Write a compacted copy of *path* to the new file *target* (same format, same parent)."""
+    import vdisk
+    target = os.fspath(target)
+    if os.path.exists(target):
+        raise VDiskError(f"{target}: already exists")
+    src = vdisk.open(path, parent_search=parent_search, vbox_registry=vbox_registry)
+    try:
+        top = src.layers[0]
+        if top.format == "raw":
+            raise UnsupportedError(f"{path}: raw images cannot be compacted")
+        report = CompactReport(path, top.format, top.subtype, target=target, size_before=top.file.size(),
+                               allocated_before=int((top.block_map >= 0).sum()))
+        before = content_digest(src) if verify else None
+        parent = src.chain[1].path if len(src.chain) > 1 else None
+        if parent is not None:
+            dst = vdisk.create(target, format=top.format, parent=parent)
+        else:
+            dst = vdisk.create(target, src.size, format=top.format, subtype="dynamic", block_size=top.block_size)
+        try:
+            _copy_top(src, dst, progress)
+            dst.flush()
+            kept = int((dst.layers[0].block_map >= 0).sum())
+        finally:
+            dst.close()
+        report.unallocated = max(0, report.allocated_before - kept)
+        report.size_after = os.path.getsize(target)
+    except BaseException:
+        src.close()
+        if os.path.exists(target):
+            os.unlink(target)
+        raise
+    src.close()
+    if verify:
+        report.verified = _verify(target, before, parent_search, vbox_registry)
+    return report
+
+
+def _copy_top(src, dst, progress: Progress) -> None:
+    """Copy what the top layer of *src* stores, skipping zeros the parent also reads as zeros."""
+    bs = dst.block_size
+    below = Engine(src.layers[1:]) if len(src.layers) > 1 else None
+    runs = [e for e in src.extents() if e.layer == 0]
+    total = sum(e.length for e in runs) or 1
+    done = 0
+    for ext in runs:
+        pos, end = ext.offset, ext.offset + ext.length
+        while pos < end:
+            n = min(end - pos, bs - pos % bs)
+            if ext.kind == ExtentKind.DATA:
+                data = src.pread(n, pos)
+                if np.frombuffer(data, dtype=np.uint8).any():
+                    dst.pwrite(data, pos)
+                elif below is not None:
+                    dst.write_zeroes(pos, n)             # no-op where the parent reads zeros
+            elif below is not None:                      # an explicit zero block over the parent
+                dst.write_zeroes(pos, n)
+            pos += n
+            done += n
+            if progress:
+                progress(done, total)
