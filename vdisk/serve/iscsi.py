@@ -1,0 +1,247 @@
+"""A small asyncio iSCSI target exposing one image as LUN 0 (``vdisk serve iscsi``).
+
+    from vdisk.serve.iscsi import serve_iscsi
+    serve_iscsi("disk.vhd", host="127.0.0.1", port=3260, rw=False)     # blocks until Ctrl-C
+
+    with start_iscsi_server("disk.vhd") as srv:                         # tests: background thread
+        print(srv.url)                                                  # iscsi://127.0.0.1:PORT/IQN/0
+
+Protocol work is in :mod:`vdisk.serve.iscsi_pdu` and device work in :mod:`vdisk.devices.scsi`;
+this module only moves bytes between sockets and those two. Commands run one at a time on a
+single worker thread, so the device sees them in arrival order and the event loop stays free.
+Read-only unless ``rw=True``; binds to loopback unless told otherwise.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import itertools
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+from typing import Callable, Optional, Union
+
+from ..devices.scsi import ScsiDisk
+from .iscsi_pdu import (BHS_LEN, MAX_ACCEPTED_DSL, Pdu, ProtocolError, PduReader, ScsiTask,
+                        TargetConnection, pad4)
+
+__all__ = ["IscsiServer", "BackgroundIscsiServer", "serve_iscsi", "run_iscsi_server",
+           "start_iscsi_server", "default_iqn"]
+
+DEFAULT_PORT = 3260
+IQN_PREFIX = "iqn.2026-01.org.vdisk"
+
+
+def default_iqn(path: str) -> str:
+    """``iqn.2026-01.org.vdisk:<image name>`` with the name reduced to IQN-legal characters."""
+    stem = os.path.basename(os.fspath(path)) or "disk"
+    name = re.sub(r"[^a-z0-9.-]+", "-", stem.lower()).strip("-.") or "disk"
+    return f"{IQN_PREFIX}:{name}"
+
+
+class IscsiServer:
+    """Serves one :class:`ScsiDisk` as LUN 0 of target ``iqn`` on ``host:port``."""
+
+    def __init__(self, lu: ScsiDisk, *, iqn: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT):
+        self.lu = lu
+        self.iqn = iqn
+        self.host = host
+        self.port = port
+        self._server: Optional[asyncio.base_events.Server] = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                               thread_name_prefix="vdisk-iscsi")
+        self._tsih = itertools.count(1)
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"iscsi://{host}:{self.port}/{self.iqn}/0"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port,
+                                                  reuse_address=True)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def serve_forever(self) -> None:
+        if self._server is None:
+            await self.start()
+        async with self._server:
+            await self._server.serve_forever()
+
+    async def aclose(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for writer in list(self._writers):
+                writer.close()
+            await self._server.wait_closed()
+        self._executor.shutdown(wait=True)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # one PDU = one round trip
+        portal = f"{self.host}:{self.port}" if ":" not in self.host else f"[{self.host}]:{self.port}"
+        tsih = next(self._tsih) % 0xFFFF or next(self._tsih)
+        conn = TargetConnection(self.iqn, portal, data_out_length=self.lu.data_out_length,
+                                on_reset=self.lu.reset, tsih=tsih)
+        nexus = object()                          # this session's I_T nexus, for unit attentions
+        loop = asyncio.get_running_loop()
+        try:
+            while not conn.closed:
+                bhs = await reader.readexactly(BHS_LEN)
+                ahs_len, dsl = PduReader.lengths(bhs)
+                if dsl > MAX_ACCEPTED_DSL:
+                    break
+                rest = await reader.readexactly(ahs_len + dsl + pad4(dsl)) if ahs_len or dsl else b""
+                pdu = Pdu(bhs, rest[:ahs_len], rest[ahs_len:ahs_len + dsl])
+                for action in conn.receive(pdu):
+                    if isinstance(action, ScsiTask):
+                        res = await loop.run_in_executor(
+                            self._executor, functools.partial(self.lu.execute_lun, action.lun,
+                                                              action.cdb, action.data_out, nexus=nexus))
+                        writer.writelines(conn.complete(action, res.status, res.data_in, res.sense))
+                    else:
+                        writer.write(action)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, ProtocolError):
+            pass                                  # initiator went away or broke the protocol
+        finally:
+            self.lu.forget_nexus(nexus)
+            self._writers.discard(writer)
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except (ConnectionError, OSError):
+                pass
+
+
+def _open_lu(image: Union[str, os.PathLike, object], rw: bool) -> tuple[ScsiDisk, Callable[[], None], str]:
+    """(logical unit, closer, name for the default IQN) for a path or an open Disk."""
+    if isinstance(image, (str, os.PathLike)):
+        import vdisk
+        disk = vdisk.open(os.fspath(image), "r+" if rw else "r")
+        return ScsiDisk(disk, read_only=not rw), disk.close, os.fspath(image)
+    disk = image
+    read_only = bool(getattr(disk, "read_only", False)) or not rw
+    return ScsiDisk(disk, read_only=read_only), (lambda: None), str(getattr(disk, "path", "disk"))
+
+
+async def run_iscsi_server(image, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
+                           iqn: Optional[str] = None, rw: bool = False,
+                           on_ready: Optional[Callable[[IscsiServer], None]] = None) -> None:
+    """Serve ``image`` (a path or an open Disk) until cancelled; flushes and closes at the end."""
+    lu, closer, name = _open_lu(image, rw)
+    server = IscsiServer(lu, iqn=iqn or default_iqn(name), host=host, port=port)
+    try:
+        await server.start()
+        if on_ready is not None:
+            on_ready(server)
+        await server.serve_forever()
+    finally:
+        await server.aclose()
+        try:
+            if not lu.read_only:
+                lu.disk.flush()
+        finally:
+            closer()
+
+
+def serve_iscsi(image_path_or_disk, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
+                iqn: Optional[str] = None, rw: bool = False) -> None:
+    """Blocking entry point for ``vdisk serve iscsi``: prints the URL, stops on SIGINT/SIGTERM."""
+
+    def ready(server: IscsiServer) -> None:
+        mode = "read-write" if rw else "read-only"
+        print(f"serving {server.url} ({mode}); Ctrl-C stops", file=sys.stderr, flush=True)
+
+    async def main() -> None:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, task.cancel)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass
+        try:
+            await run_iscsi_server(image_path_or_disk, host=host, port=port, iqn=iqn, rw=rw,
+                                   on_ready=ready)
+        except asyncio.CancelledError:
+            pass
+
+    asyncio.run(main())
+
+
+class BackgroundIscsiServer:
+    """An iSCSI target on its own event-loop thread; ``stop()`` (or ``with``) ends it."""
+
+    def __init__(self, image, *, host: str = "127.0.0.1", port: int = 0,
+                 iqn: Optional[str] = None, rw: bool = False):
+        self._args = dict(host=host, port=port, iqn=iqn, rw=rw)
+        self._image = image
+        self._ready = threading.Event()
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._task: Optional[asyncio.Task] = None
+        self._error: Optional[BaseException] = None
+        self.server: Optional[IscsiServer] = None
+        self._thread = threading.Thread(target=self._run, name="vdisk-iscsi-server", daemon=True)
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+
+        def ready(server: IscsiServer) -> None:
+            self.server = server
+            self._ready.set()
+
+        try:
+            self._task = loop.create_task(run_iscsi_server(self._image, on_ready=ready, **self._args))
+            loop.run_until_complete(self._task)
+        except asyncio.CancelledError:
+            pass
+        except BaseException as exc:              # reported to the thread that called start()
+            self._error = exc
+        finally:
+            loop.close()
+            self._ready.set()
+
+    def start(self) -> "BackgroundIscsiServer":
+        self._thread.start()
+        self._ready.wait()
+        if self.server is None:
+            raise self._error or RuntimeError("iSCSI server did not start")
+        return self
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def iqn(self) -> str:
+        return self.server.iqn
+
+    def stop(self) -> None:
+        if self._loop is not None and self._task is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._task.cancel)
+        self._thread.join()
+
+    def __enter__(self) -> "BackgroundIscsiServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_iscsi_server(image, *, host: str = "127.0.0.1", port: int = 0, iqn: Optional[str] = None,
+                       rw: bool = False) -> BackgroundIscsiServer:
+    """Start a target for ``image`` on a background thread (port 0 = a free port) and return it."""
+    return BackgroundIscsiServer(image, host=host, port=port, iqn=iqn, rw=rw).start()
