@@ -1,0 +1,155 @@
+"""CLI commands that expose an image to the rest of the system: mount, umount, serve nbd/iscsi.
+
+Registered into `vdisk` by :func:`register` (see vdisk.cli). The work is done by the libraries
+(:mod:`vdisk.mount`, :mod:`vdisk.serve.nbd`, :mod:`vdisk.serve.iscsi`), imported only when a
+command runs, so a missing optional dependency (FUSE bindings) only affects the command that
+needs it, with a one-line error.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import VDiskError
+
+
+def _library(module: str, *names: str):
+    """Import *names* from *module*, or raise a one-line VDiskError saying what is missing."""
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as exc:
+        raise VDiskError(f"this command is not available: cannot import {module} ({exc})") from None
+    missing = [n for n in names if not hasattr(mod, n)]
+    if missing:
+        raise VDiskError(f"this command is not available: {module} has no {', '.join(missing)}")
+    return [getattr(mod, n) for n in names]
+
+
+# -- mount / umount -----------------------------------------------------------------------------
+def cmd_mount(args) -> int:
+    (mount_image,) = _library("vdisk.mount", "mount_image")
+    pid = mount_image(args.image, args.mountpoint, rw=args.rw, foreground=args.foreground,
+                      allow_other=args.allow_other, parent_search=tuple(args.parent_search))
+    if pid is not None:
+        mode = "read-write" if args.rw else "read-only"
+        print(f"mounted {args.image} on {args.mountpoint} ({mode}, process {pid}); "
+              f"'vdisk umount {args.mountpoint}' detaches it", file=sys.stderr)
+    return 0
+
+
+def cmd_umount(args) -> int:
+    (unmount,) = _library("vdisk.mount", "unmount")
+    unmount(args.mountpoint)
+    return 0
+
+
+# -- serve --------------------------------------------------------------------------------------
+def _open_all(args, paths, rw: bool):
+    """Open the images ourselves when open options were given (forced format, parent search)."""
+    from .cli import open_image
+    disks = []
+    try:
+        for p in paths:
+            disks.append(open_image(args, p, "r+" if rw else "r"))
+    except BaseException:
+        for d in disks:
+            d.close()
+        raise
+    return disks
+
+
+def _needs_own_open(args) -> bool:
+    return bool(args.format or args.parent_search or args.size_policy != "current")
+
+
+def cmd_serve_nbd(args) -> int:
+    (serve_nbd,) = _library("vdisk.serve.nbd", "serve_nbd")
+    names = args.name
+    if names is not None and len(names) != len(args.images):
+        raise VDiskError(f"{len(names)} --name for {len(args.images)} image(s): give one --name per image")
+
+    def ready(server) -> None:
+        uris = getattr(server, "uris", None) or []
+        mode = "read-write" if args.rw else "read-only"
+        for uri in uris:
+            print(f"serving {uri} ({mode})", file=sys.stderr, flush=True)
+        print("Ctrl-C stops", file=sys.stderr, flush=True)
+
+    if _needs_own_open(args):
+        disks = _open_all(args, args.images, args.rw)
+        try:
+            serve_nbd(disks, host=args.bind, port=args.port, names=names, rw=args.rw,
+                      shared=args.shared, ready=ready)
+        finally:
+            for d in disks:
+                d.close()
+    else:
+        serve_nbd(list(args.images), host=args.bind, port=args.port, names=names, rw=args.rw,
+                  shared=args.shared, ready=ready)
+    return 0
+
+
+def cmd_serve_iscsi(args) -> int:
+    (serve_iscsi,) = _library("vdisk.serve.iscsi", "serve_iscsi")
+    if _needs_own_open(args):
+        (disk,) = _open_all(args, [args.image], args.rw)
+        try:
+            serve_iscsi(disk, host=args.bind, port=args.port, iqn=args.iqn, rw=args.rw)
+        finally:
+            disk.close()
+    else:
+        serve_iscsi(args.image, host=args.bind, port=args.port, iqn=args.iqn, rw=args.rw)
+    return 0
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is outside 0-65535")
+    return port
+
+
+def register(subparsers) -> None:
+    """Add mount, umount and serve to the `vdisk` command line."""
+    from .cli import add_open_options
+
+    p = subparsers.add_parser("mount", help="mount an image and its partitions as files (FUSE)")
+    p.add_argument("image")
+    p.add_argument("mountpoint")
+    p.add_argument("--rw", action="store_true", help="read-write (default read-only)")
+    p.add_argument("--foreground", action="store_true", help="serve in this process until unmounted")
+    p.add_argument("--allow-other", action="store_true", help="let other users see the mount")
+    p.add_argument("--parent-search", metavar="DIR", action="append", default=[],
+                   help="also look for parent images in DIR (repeatable)")
+    p.set_defaults(func=cmd_mount)
+
+    p = subparsers.add_parser("umount", help="unmount a vdisk mount and wait until the image is closed")
+    p.add_argument("mountpoint")
+    p.set_defaults(func=cmd_umount)
+
+    serve = subparsers.add_parser("serve", help="export images over the network (nbd, iscsi)")
+    kinds = serve.add_subparsers(dest="protocol", metavar="PROTOCOL", parser_class=type(serve))
+    kinds.required = True
+
+    p = kinds.add_parser("nbd", help="NBD server (read-only unless --rw)")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=_port, default=10809)
+    p.add_argument("--name", action="append", help="export name (one per image; default: file name)")
+    p.add_argument("--rw", action="store_true", help="writable exports")
+    p.add_argument("--shared", type=int, default=8, metavar="N", help="clients at once (0: no limit)")
+    add_open_options(p)
+    p.set_defaults(func=cmd_serve_nbd)
+
+    p = kinds.add_parser("iscsi", help="iSCSI target with the image as LUN 0 (read-only unless --rw)")
+    p.add_argument("image")
+    p.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=_port, default=3260)
+    p.add_argument("--iqn", help="target name (default iqn.2026-01.org.vdisk:<image name>)")
+    p.add_argument("--rw", action="store_true", help="writable LUN")
+    add_open_options(p)
+    p.set_defaults(func=cmd_serve_iscsi)

@@ -1,0 +1,401 @@
+"""Convert any image (or differencing chain) into a new image of any format and subtype.
+
+    with vdisk.open("chain-top.vhd") as src:
+        convert(src, "flat.vdi", format="vdi", subtype="dynamic")
+
+Only the source's DATA runs are read (holes, zero blocks and unallocated ranges cost nothing).
+They are read in big chunks, zero blocks are found with numpy over a whole chunk at the
+destination's allocation granularity, and only non-zero blocks are written, so the output is
+sparse. The output is built in a temporary file beside the destination and renamed into place
+only once it is complete and flushed: an interrupted convert never leaves a partial image under
+the destination's name.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import ctypes
+import ctypes.util
+import errno
+import os
+import secrets
+import threading
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+
+from . import disk as _disk
+from .disk import Disk
+from .engine import ExtentKind
+from .errors import VDiskError
+
+#: Bytes read per request; big enough to amortise syscalls, small enough for bounded memory.
+CHUNK = 8 << 20
+#: Zero-detection granularity for raw and fixed outputs (a filesystem block: holes are that fine).
+FLAT_GRANULE = 4096
+SECTOR = 512
+MiB = 1 << 20
+#: Chunks in flight at once (each has its own CHUNK buffer).
+WORKERS = 4
+#: Start writing dirty pages back after this many bytes, so the final flush has little left to do.
+WRITEBACK_EVERY = 64 << 20
+
+FORMATS = ("raw", "vhd", "vdi")
+SUBTYPES = ("fixed", "dynamic")
+TARGETS = {
+    # What each platform imports natively (see docs/cli.md).
+    "azure": ("vhd", "fixed"),          # fixed VHD, whole MiB, exact size
+    "hyper-v": ("vhd", "dynamic"),      # dynamic VHD, exact size (creator 'win ')
+    "virtualbox": ("vdi", "dynamic"),
+}
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class ConvertResult:
+    """What a conversion produced."""
+    path: str
+    format: str
+    subtype: str
+    size: int
+    bytes_read: int           # source bytes read (DATA runs only)
+    bytes_written: int        # non-zero bytes written to the destination
+
+
+def format_from_name(path: str) -> str:
+    """Output format implied by a file name: .vhd -> vhd, .vdi -> vdi, anything else raw."""
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    return {".vhd": "vhd", ".vpc": "vhd", ".vdi": "vdi"}.get(ext, "raw")
+
+
+def plan_output(src_size: int, format: Optional[str], subtype: Optional[str], target: Optional[str],
+                dst_path: str) -> tuple[str, str, int]:
+    """(format, subtype, virtual size) of the output; raises ValueError on contradictions."""
+    if target is not None:
+        if target not in TARGETS:
+            raise ValueError(f"unknown target {target!r} (choose from {', '.join(TARGETS)})")
+        tfmt, tsub = TARGETS[target]
+        if format not in (None, tfmt) or subtype not in (None, tsub):
+            raise ValueError(f"--target {target} means a {tsub} {tfmt} image; it conflicts with "
+                             f"{format or tfmt}/{subtype or tsub}")
+        format, subtype = tfmt, tsub
+    format = format or format_from_name(dst_path)
+    if format not in FORMATS:
+        raise ValueError(f"unknown output format {format!r} (choose from {', '.join(FORMATS)})")
+    if format == "raw":
+        if subtype not in (None, "fixed", "dynamic", "raw"):
+            raise ValueError(f"unknown subtype {subtype!r}")
+        return "raw", "raw", src_size
+    subtype = subtype or "dynamic"
+    if subtype not in SUBTYPES:
+        raise ValueError(f"subtype must be 'fixed' or 'dynamic', not {subtype!r}")
+    size = -(-src_size // SECTOR) * SECTOR        # VHD and VDI sizes are whole sectors
+    if target == "azure":
+        size = -(-size // MiB) * MiB
+    return format, subtype, size
+
+
+def _temp_path(dst: str) -> str:
+    folder, name = os.path.split(os.path.abspath(dst))
+    return os.path.join(folder, f".{name}.{secrets.token_hex(4)}.vdisk-tmp")
+
+
+def work_ranges(src: Disk, granule: int, zero_detect: bool = True) -> list[tuple[int, int]]:
+    """Merged [start, end) ranges that hold source DATA, widened to whole granules.
+
+    Only these are read; everything else reads as zeros in the source and stays a hole (or an
+    unallocated block) in the output.
+    """
+    size = src.size
+    out: list[list[int]] = []
+    for voff, length, kind, _level, _foff in src.map_runs(0, size) if size else ():
+        if kind != ExtentKind.DATA:
+            continue
+        s = voff // granule * granule
+        e = min(size, -(-(voff + length) // granule) * granule)
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return [(s, e) for s, e in out]
+
+
+def nonzero_runs(buf, n: int, granule: int) -> list[tuple[int, int]]:
+    """[start, end) byte runs of the first *n* bytes of *buf* made of granules that are not all zero.
+
+    *buf* must hold a whole number of granules past *n* (the caller pads it with zeros).
+    """
+    if n <= 0:
+        return []
+    g = -(-n // granule)
+    words = np.frombuffer(buf, dtype=np.uint64, count=g * granule // 8).reshape(g, granule // 8)
+    # Random data almost always has a non-zero first word: only the rest needs a full scan.
+    nz = words[:, 0] != 0
+    cand = np.flatnonzero(~nz)
+    if len(cand) * 4 > g:                 # mostly zero candidates: one pass over everything
+        nz = words.max(axis=1) != 0
+    elif len(cand):
+        nz[cand] = words[cand].max(axis=1) != 0
+    if nz.all():
+        return [(0, n)]
+    if not nz.any():
+        return []
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], nz, [False])).astype(np.int8)))
+    return [(int(a) * granule, min(n, int(b) * granule)) for a, b in zip(edges[0::2], edges[1::2])]
+
+
+_libc = None
+
+
+def _start_writeback(fd: int) -> None:
+    """Ask the kernel to start writing a file's dirty pages now (sync_file_range, no waiting)."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.sync_file_range(fd, 0, 0, 2)     # SYNC_FILE_RANGE_WRITE: start, do not wait
+
+
+class _Sink:
+    """Where converted data goes; starts write-back as data accumulates so the final flush is short."""
+
+    fd = -1
+
+    def __init__(self):
+        self._unsynced = 0
+        self._lock = threading.Lock()
+
+    def written(self, n: int) -> None:
+        with self._lock:
+            self._unsynced += n
+            if self._unsynced < WRITEBACK_EVERY:
+                return
+            self._unsynced = 0
+        if self.fd >= 0:
+            _start_writeback(self.fd)
+
+
+class _RawSink(_Sink):
+    """A raw output written with os.pwrite; its untouched ranges stay holes."""
+
+    def __init__(self, path: str, size: int, name: str):
+        super().__init__()
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self.name = name                  # the destination name, for error messages
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as exc:
+            self.close()
+            raise VDiskError(f"{name}: cannot size the output: {exc.strerror}") from None
+
+    def pwrite(self, view, offset: int) -> None:
+        view = memoryview(view)
+        try:
+            while len(view):
+                n = os.pwrite(self.fd, view, offset)
+                view, offset = view[n:], offset + n
+        except OSError as exc:
+            raise VDiskError(f"{self.name}: write failed: {exc.strerror}") from None
+
+    def finish(self) -> None:
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise VDiskError(f"{self.name}: flush failed: {exc.strerror}") from None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+
+class _DiskSink(_Sink):
+    """A VHD or VDI output written through Disk.pwrite (allocating only what is written)."""
+
+    def __init__(self, disk: Disk):
+        super().__init__()
+        self.disk = disk
+        self.fd = disk.layers[0].file.fd
+
+    def pwrite(self, view, offset: int) -> None:
+        self.disk.pwrite(view, offset)
+
+    def finish(self) -> None:
+        self.disk.flush()
+
+    def close(self) -> None:
+        self.fd = -1
+        self.disk.close()
+
+
+def _granule(fmt: str, subtype: str, disk: Optional[Disk]) -> int:
+    if fmt == "raw" or subtype == "fixed" or disk is None:
+        return FLAT_GRANULE
+    return min(disk.block_size, CHUNK)
+
+
+def _probe_creatable(tmp: str, dst: str) -> None:
+    """Fail early, naming the destination (not the temporary file), when it cannot be created."""
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise VDiskError(f"{dst}: cannot create: {exc.strerror}") from None
+    os.close(fd)
+    os.unlink(tmp)
+
+
+def _publish(tmp: str, dst: str, force: bool) -> None:
+    """Move the finished temporary file to *dst* (never replacing an existing one unless *force*)."""
+    if force:
+        os.replace(tmp, dst)
+    else:
+        try:
+            os.link(tmp, dst)            # atomic "create if absent"
+        except FileExistsError:
+            raise VDiskError(f"{dst}: already exists (use --force to overwrite)") from None
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+            if os.path.lexists(dst):
+                raise VDiskError(f"{dst}: already exists (use --force to overwrite)") from None
+            os.rename(tmp, dst)
+            return
+        os.unlink(tmp)
+    try:
+        dfd = os.open(os.path.dirname(os.path.abspath(dst)), os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)                    # make the new name durable too
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def convert(src: Disk, dst_path, format: Optional[str] = None, subtype: Optional[str] = None, *,
+            block_size: Optional[int] = None, target: Optional[str] = None, zero_detect: bool = True,
+            progress: Optional[Progress] = None, force: bool = False) -> ConvertResult:
+    """Write the whole content of *src* (its chain flattened) into a new image at *dst_path*.
+
+    *format* ``vhd``/``vdi``/``raw`` (default from the file name), *subtype* ``fixed``/``dynamic``
+    (default dynamic), *target* ``azure``/``hyper-v``/``virtualbox`` picks both. *block_size* sets
+    the output's allocation unit (dynamic VHD/VDI). With *zero_detect*, allocated source blocks
+    that hold only zeros are not allocated in the output. *progress(done, total)* is called with
+    source bytes processed. Refuses an existing *dst_path* unless *force*.
+    """
+    dst = os.fspath(dst_path)
+    fmt, sub, size = plan_output(src.size, format, subtype, target, dst)
+    if os.path.isdir(dst):
+        raise VDiskError(f"{dst}: is a directory")
+    if os.path.lexists(dst) and not force:
+        raise VDiskError(f"{dst}: already exists (use --force to overwrite)")
+    folder = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(folder):
+        raise VDiskError(f"{folder}: no such directory")
+    if block_size is not None and (fmt == "raw" or sub == "fixed"):
+        raise ValueError("--block-size applies to dynamic VHD and VDI outputs only")
+    tmp = _temp_path(dst)
+    sink = None
+    try:
+        _probe_creatable(tmp, dst)
+        if fmt == "raw":
+            sink = _RawSink(tmp, size, dst)
+            granule = FLAT_GRANULE
+        else:
+            out = _disk.create(tmp, size, format=fmt, subtype=sub, block_size=block_size,
+                               size_policy="exact")
+            sink = _DiskSink(out)
+            granule = _granule(fmt, sub, out)
+        read, written = _copy(src, sink, granule, zero_detect, progress)
+        sink.finish()
+        sink.close()
+        _publish(tmp, dst, force)
+    except BaseException:
+        if sink is not None:
+            try:
+                sink.close()
+            except BaseException:
+                pass
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return ConvertResult(dst, fmt, sub, size, read, written)
+
+
+def _chunks(ranges: list[tuple[int, int]], chunk: int):
+    for start, end in ranges:
+        for pos in range(start, end, chunk):
+            yield pos, min(chunk, end - pos)
+
+
+def _copy(src: Disk, sink, granule: int, zero_detect: bool, progress: Optional[Progress]) -> tuple[int, int]:
+    """Copy the DATA ranges of *src* into *sink*, several chunks in flight at once.
+
+    Reads, zero scans (numpy) and writes all release the GIL, so a few threads keep the disk
+    busy while the previous chunk is being scanned or written, the way qemu-img keeps several
+    requests in flight. Memory is bounded by WORKERS buffers of CHUNK bytes.
+    """
+    ranges = work_ranges(src, granule)
+    total = sum(e - s for s, e in ranges)
+    chunk = max(CHUNK // granule, 1) * granule
+    local = threading.local()
+    stop = threading.Event()
+    tally = [0, 0]                   # bytes done, bytes written
+    lock = threading.Lock()
+    if progress:
+        progress(0, total)
+
+    def work(pos: int, n: int) -> int:
+        if stop.is_set():
+            return 0
+        buf = getattr(local, "buf", None)
+        if buf is None:
+            buf = local.buf = bytearray(chunk)
+        view = memoryview(buf)
+        src.readinto(view[:n], pos)
+        if zero_detect:
+            pad = -n % granule
+            if pad:
+                view[n:n + pad] = bytes(pad)
+            runs = nonzero_runs(buf, n, granule)
+        else:
+            runs = [(0, n)]
+        wrote = 0
+        for a, b in runs:
+            sink.pwrite(view[a:b], pos + a)
+            wrote += b - a
+        sink.written(wrote)
+        return wrote
+
+    pending: collections.deque = collections.deque()
+    with concurrent.futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="vdisk-convert") as pool:
+        try:
+            for pos, n in _chunks(ranges, chunk):
+                while len(pending) >= WORKERS * 2:
+                    _reap(pending.popleft(), tally, progress, total)
+                pending.append((pool.submit(work, pos, n), n))
+            while pending:
+                _reap(pending.popleft(), tally, progress, total)
+        except BaseException:
+            stop.set()
+            for fut, _ in pending:
+                fut.cancel()
+            raise
+    return tally[0], tally[1]
+
+
+def _reap(item, tally: list, progress: Optional[Progress], total: int) -> None:
+    fut, n = item
+    tally[1] += fut.result()
+    tally[0] += n
+    if progress:
+        progress(tally[0], total)

@@ -1,0 +1,137 @@
+"""What `vdisk info` and `vdisk map` report about an image, as plain JSON-ready data.
+
+    with vdisk.open("disk.vhd") as d:
+        facts = image_info(d)          # dict with the stable keys listed in INFO_KEYS
+        runs = image_map(d)            # list of dicts with the keys in MAP_KEYS
+
+:func:`info_for_path` also describes a differencing image whose parent cannot be found (the
+image's own facts, with ``parent_error`` saying what is missing) instead of failing.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+from .chain import layer_info
+from .disk import Disk
+from .engine import ExtentKind
+from .errors import ParentError
+from .geometry import MAX_GEOMETRY
+from .probe import open_layer
+
+#: Keys of :func:`image_info`'s dict (always present; null where they do not apply).
+INFO_KEYS = ("path", "format", "subtype", "virtual_size", "chs_size", "block_size", "file_size",
+             "disk_usage", "allocated_bytes", "zero_bytes", "unallocated_bytes", "uuid", "parent_uuid",
+             "creator", "geometry", "chain", "chain_complete", "parent_error", "warnings", "details")
+#: Keys of each entry of ``info["chain"]`` (top image first).
+CHAIN_KEYS = ("path", "format", "subtype", "uuid", "parent_uuid", "found_by", "virtual_size",
+              "block_size", "file_size", "allocated_blocks")
+#: Keys of each entry of :func:`image_map`.
+MAP_KEYS = ("start", "length", "kind", "layer", "file", "offset")
+
+KIND_NAMES = {ExtentKind.DATA: "data", ExtentKind.ZERO: "zero", ExtentKind.UNALLOCATED: "unallocated"}
+
+
+def _uuid(value) -> Optional[str]:
+    return None if value is None else str(value)
+
+
+def _file_stats(path: str) -> tuple[Optional[int], Optional[int]]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None, None
+    return st.st_size, st.st_blocks * 512
+
+
+def _chs_size(layer) -> Optional[int]:
+    """The C*H*S size of a VHD when it differs from the virtual size (what qemu may show instead)."""
+    geo = layer.geometry
+    if layer.format != "vhd" or not geo or tuple(geo) == MAX_GEOMETRY:
+        return None
+    chs = geo[0] * geo[1] * geo[2] * 512
+    return chs if chs != layer.size else None
+
+
+def _chain_entry(layer, info) -> dict:
+    file_size, _ = _file_stats(layer.path)
+    bmap = layer.block_map
+    return {
+        "path": layer.path, "format": layer.format, "subtype": layer.subtype,
+        "uuid": _uuid(info.uuid), "parent_uuid": _uuid(info.parent_uuid), "found_by": info.found_by,
+        "virtual_size": layer.size, "block_size": layer.block_size, "file_size": file_size,
+        "allocated_blocks": int((bmap >= 0).sum()),
+        "details": layer.info(),
+    }
+
+
+def _usage(disk: Disk) -> dict:
+    totals = {k: 0 for k in KIND_NAMES.values()}
+    if disk.size:
+        for ext in disk.extents():
+            totals[KIND_NAMES[ext.kind]] += ext.length
+    return totals
+
+
+def image_info(disk: Disk, *, parent_error: Optional[str] = None) -> dict:
+    """Everything `vdisk info` shows about an open Disk (see INFO_KEYS and docs/cli.md)."""
+    top = disk.layers[0]
+    file_size, usage = _file_stats(disk.path)
+    totals = _usage(disk)
+    geo = disk.geometry
+    chain = [_chain_entry(layer, info) for layer, info in zip(disk.layers, disk.chain)]
+    return {
+        "path": disk.path,
+        "format": disk.format,
+        "subtype": disk.subtype,
+        "virtual_size": disk.size,
+        "chs_size": _chs_size(top),
+        "block_size": disk.block_size,
+        "file_size": file_size,
+        "disk_usage": usage,
+        "allocated_bytes": totals["data"],
+        "zero_bytes": totals["zero"],
+        "unallocated_bytes": totals["unallocated"],
+        "uuid": _uuid(disk.uuid),
+        "parent_uuid": _uuid(disk.chain[0].parent_uuid),
+        "creator": top.creator,
+        "geometry": None if not geo else {"cylinders": geo[0], "heads": geo[1], "sectors_per_track": geo[2]},
+        "chain": chain,
+        "chain_complete": parent_error is None,
+        "parent_error": parent_error,
+        "warnings": list(disk.warnings),
+        "details": top.info(),
+    }
+
+
+def info_for_path(path: str, *, format: Optional[str] = None, parent_search: Sequence[str] = (),
+                  size_policy: str = "current") -> dict:
+    """:func:`image_info` for a file; a missing parent is reported, not raised."""
+    from . import open as vopen
+    try:
+        with vopen(path, format=format, parent_search=parent_search, size_policy=size_policy) as d:
+            return image_info(d)
+    except ParentError as exc:
+        layer = open_layer(os.fspath(path), fmt=format, size_policy=size_policy)
+        alone = Disk([layer], [layer_info(layer, "opened")], read_only=True)
+        try:
+            return image_info(alone, parent_error=str(exc))
+        finally:
+            alone.close()
+
+
+def image_map(disk: Disk) -> list[dict]:
+    """Runs of the virtual disk like `qemu-img map`: where each is stored (layer, file, offset)."""
+    out: list[dict] = []
+    if not disk.size:
+        return out
+    for voff, length, kind, level, foff in disk.map_runs(0, disk.size):
+        layer = None if level < 0 else int(level)
+        data = kind == ExtentKind.DATA
+        out.append({
+            "start": int(voff), "length": int(length), "kind": KIND_NAMES[ExtentKind(kind)],
+            "layer": layer,
+            "file": disk.chain[layer].path if data else None,
+            "offset": int(foff) if data else None,
+        })
+    return out
