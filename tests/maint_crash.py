@@ -73,3 +73,58 @@ def count_mutations(fn) -> int:
     with crashing(sim):
         fn()
     return sim.count
+
+
+def snapshot(folder) -> dict:
+    """Byte copies of every file in *folder* (small test images only)."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def restore(folder, snap: dict) -> None:
+    for p in list(folder.iterdir()):
+        if p.is_file() and p.name not in snap:
+            p.unlink()
+    for name, data in snap.items():
+        with open(folder / name, "wb") as f:
+            f.write(data)
+
+
+def recover_all(folder) -> None:
+    """What the next writable open does: finish or roll back every pending journal."""
+    from vdisk import journal
+    for p in sorted(folder.iterdir()):
+        if p.name.endswith(journal.SUFFIX):
+            journal.recover(str(p)[: -len(journal.SUFFIX)])
+
+
+def assert_crash_safe(folder, operation, state, images, *, drop_every: int = 3, max_cuts: int | None = None):
+    """Cut *operation* at every write; after recovery every image in *images* checks clean and
+    ``state()`` equals the state before or after the operation. Every *drop_every*-th cut also
+    loses a random half of the writes not yet flushed."""
+    from vdisk.check import check
+    pristine = snapshot(folder)
+    before = state()
+    total = count_mutations(operation)
+    after = state()
+    assert total > 0
+    cuts = list(range(1, total + 1))
+    if max_cuts is not None and len(cuts) > max_cuts:
+        step = len(cuts) / max_cuts
+        cuts = sorted({cuts[int(i * step)] for i in range(max_cuts)} | {total})
+    outcomes = set()
+    for cut in cuts:
+        restore(folder, pristine)
+        sim = CrashSim(cut_at=cut, drop_unsynced=drop_every > 0 and cut % drop_every == 0, seed=cut)
+        with crashing(sim):
+            try:
+                operation()
+            except Crash:
+                pass
+        recover_all(folder)
+        for name in images:
+            report = check(str(folder / name))
+            assert report.exit_code == 0, f"cut {cut}/{total}: {report.summary()}"
+        now = state()
+        assert now in (before, after), f"cut {cut}/{total}: content is neither the before nor the after state"
+        outcomes.add("after" if now == after else "before")
+    return total, outcomes
