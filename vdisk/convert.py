@@ -226,6 +226,21 @@ class _DiskSink(_Sink):
     def pwrite(self, view, offset: int) -> None:
         self.disk.pwrite(view, offset)
 
+    def store_zero_blocks(self, offset: int, length: int) -> None:
+        """Allocate the still unallocated blocks of a range (written as zeros, so they are stored).
+
+        Disk.pwrite drops zeros aimed at unallocated blocks; --no-zero-detect asks for them to be
+        stored. Chunks cover whole output blocks, so no other worker touches these blocks.
+        """
+        top = self.disk.layers[0]
+        if top.subtype == "fixed":
+            return
+        bs = top.block_size
+        size = self.disk.size
+        for b in range(offset // bs, -(-(offset + length) // bs)):
+            if top.block_map[b] < 0:
+                top.allocate(b, [(0, bytes(min(bs, size - b * bs)))])
+
     def finish(self) -> None:
         self.disk.flush()
 
@@ -373,6 +388,8 @@ def _copy(src: Disk, sink, granule: int, zero_detect: bool, progress: Optional[P
         for a, b in runs:
             sink.pwrite(view[a:b], pos + a)
             wrote += b - a
+        if not zero_detect and hasattr(sink, "store_zero_blocks"):
+            sink.store_zero_blocks(pos, n)
         sink.written(wrote)
         return wrote
 
