@@ -19,6 +19,8 @@ import struct
 import threading
 from typing import Callable, Optional
 
+import numpy as np
+
 from ..errors import ReadOnlyError, VDiskError
 from . import scsi_pages as pages
 from .scsi_sense import (ASC_CAPACITY_CHANGED, ASC_INVALID_FIELD_IN_CDB, ASC_INVALID_OPCODE,
@@ -309,7 +311,7 @@ class ScsiDisk:
             raise illegal_field(length_field)
         data = self._data(data_out, n << _SHIFT, length_field)
         with self._atomic:
-            self._write_blocks(lba, data, fua=bool(flags & 0x08) or verify)
+            self._write_blocks(lba, data, fua=bool(flags & 0x08))
             if verify and flags & 0x02:           # WRITE AND VERIFY with BYTCHK: read back
                 self._compare(lba, n, data, single=False)
         return _EMPTY
@@ -364,8 +366,8 @@ class ScsiDisk:
             base = (start - lba) << _SHIFT
             want = bytes(expected) * count if single else expected[base:base + (count << _SHIFT)]
             if actual != want:
-                first = next(i for i in range(len(actual)) if actual[i] != want[i])
-                raise SenseError(MISCOMPARE, ASC_MISCOMPARE_VERIFY, info=base + first)
+                diff = np.frombuffer(actual, np.uint8) != np.frombuffer(want, np.uint8)
+                raise SenseError(MISCOMPARE, ASC_MISCOMPARE_VERIFY, info=base + int(diff.argmax()))
 
     def _verify10(self, cdb, data_out):
         return self._verify(_u32(cdb, 2), _u16(cdb, 7), cdb[1], data_out, 7)
