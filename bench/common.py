@@ -48,6 +48,14 @@ def unit_data(unit: int, seed: int = SEED, length: int = UNIT) -> bytes:
     return np.random.default_rng([seed, unit]).bytes(length)
 
 
+def standard_images(size: int = SIZE, seed: int = SEED) -> dict[str, Path]:
+    """The shared benchmark images {"vhd", "vdi", "raw"} (bench/out/half.*), built when missing."""
+    stem = "half" if (size, seed) == (SIZE, SEED) else f"half-{size >> 20}m-{seed}"
+    return {"vhd": make_half_allocated(OUT / f"{stem}.vhd", "vhd", size, seed),
+            "vdi": make_half_allocated(OUT / f"{stem}.vdi", "vdi", size, seed),
+            "raw": make_raw_twin(OUT / f"{stem}.raw", size, seed)}
+
+
 def _fresh(path: Path) -> Path:
     tmp = path.with_name(path.name + ".partial")
     if tmp.exists():
