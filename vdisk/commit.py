@@ -1,0 +1,175 @@
+"""Merging a differencing image into its parent or a further ancestor (``vdisk commit``).
+
+Two journaled transactions, each on one file, so that every interruption leaves a valid chain:
+
+1. **into the ancestor**: everything the child shows from the layers above the ancestor is
+   written into it (the format code allocates and maps as usual; every write is journaled, so a
+   crash rolls the ancestor back). The ancestor keeps its identity (and a VDI its modification
+   UUID), so the child's link stays valid. After this step the child still reads the same: its
+   own blocks hide data that the ancestor now holds too.
+2. **the child**: its blocks are dropped and — when committing past the direct parent — its
+   link is rewritten to the ancestor. The child is now an empty overlay of the ancestor and reads
+   exactly as before. Intermediate images (``into`` a grandparent) are no longer part of the
+   child's chain; their own content, seen through the changed ancestor, is not preserved.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from . import journal
+from .chain import open_chain
+from .engine import Engine, ExtentKind
+from .errors import UnsupportedError, VDiskError
+from .layout import SparseFile, content_digest
+from .probe import open_layer
+from .relink import link_transaction_writes
+from vdisk.formats.base import ABSENT
+
+CHUNK = 8 << 20
+Progress = Optional[Callable[[int, int], None]]
+
+
+@dataclass
+class CommitReport:
+    path: str
+    into: str
+    format: str
+    copied_bytes: int = 0
+    dropped_intermediates: list = field(default_factory=list)
+    child_size_before: int = 0
+    child_size_after: int = 0
+    verified: Optional[bool] = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        s = (f"{self.path}: committed {self.copied_bytes} bytes into {self.into}; the child is now an empty "
+             f"overlay ({self.child_size_before} -> {self.child_size_after} bytes)")
+        if self.dropped_intermediates:
+            s += "; no longer in the chain: " + ", ".join(self.dropped_intermediates)
+        return s
+
+
+def commit(path: str, *, into: Optional[str] = None, verify: bool = False, parent_search: Sequence[str] = (),
+           vbox_registry=None, progress: Progress = None) -> CommitReport:
+    """Merge the differencing image *path* into its parent, or into the ancestor *into*."""
+    import vdisk
+    path = os.fspath(path)
+    search = tuple(parent_search)
+    with vdisk.open(path, parent_search=search, vbox_registry=vbox_registry) as d:
+        chain = [info.path for info in d.chain]
+        if len(chain) < 2:
+            raise UnsupportedError(f"{path}: not a differencing image; there is nothing to commit")
+        before = content_digest(d) if verify else None
+        size, fmt = d.size, d.format
+    if into is None:
+        t = 1
+    else:
+        real = os.path.realpath(into)
+        matches = [i for i, p in enumerate(chain) if i > 0 and os.path.realpath(p) == real]
+        if not matches:
+            raise VDiskError(f"{into} is not an ancestor of {path} (chain: {' -> '.join(chain)})")
+        t = matches[0]
+    target = chain[t]
+    report = CommitReport(path, target, fmt, child_size_before=os.path.getsize(path),
+                          dropped_intermediates=chain[1:t])
+    # Search the target's folder too, so the chain below it resolves the same way.
+    report.copied_bytes = _merge_into(chain, t, size, search, vbox_registry, progress)
+    _empty_child(path, target, t > 1, search)
+    report.child_size_after = os.path.getsize(path)
+    if verify:
+        with vdisk.open(path, parent_search=search, vbox_registry=vbox_registry) as d:
+            after = content_digest(d)
+        if after != before:
+            raise VDiskError(f"{path}: VERIFY FAILED: virtual content changed by the commit")
+        report.verified = True
+    return report
+
+
+def _merge_into(chain: list[str], t: int, size: int, search, registry, progress: Progress) -> int:
+    """Step 1: write what layers 0..t-1 show into chain[t], journaled."""
+    target_layers, _ = open_chain(chain[t], writable=True, parent_search=search, vbox_registry=registry,
+                                  allow_parent_modified=True)
+    upper = []
+    try:
+        for p in chain[:t]:
+            upper.append(open_layer(p, lock=False))
+        view = Engine(upper + target_layers)
+        top = target_layers[0]
+        if top.format == "vhd" and top.subtype == "fixed" and top.size < size:
+            raise UnsupportedError(f"{chain[t]} is smaller than {chain[0]}")
+        real = top.file
+        keep_modify = dict(top.header) if top.format == "vdi" else None
+        copied = 0
+        with journal.Transaction(real, "commit") as tx:
+            top.file = tx.wrap(real)
+            try:
+                writer = Engine(target_layers)
+                runs = [(o, n, k) for o, n, k, level, _ in _resolve_chunks(view, size) if 0 <= level < t]
+                total = sum(n for _, n, _ in runs) or 1
+                for off, n, kind in runs:
+                    for pos in range(off, off + n, CHUNK):
+                        m = min(CHUNK, off + n - pos)
+                        if kind == ExtentKind.DATA:
+                            data = view.read(pos, m)
+                            if np.frombuffer(data, dtype=np.uint8).any():
+                                writer.write(data, pos)
+                            else:
+                                writer.write_zeroes(pos, m)
+                        else:
+                            writer.write_zeroes(pos, m)
+                        copied += m
+                        if progress:
+                            progress(copied, total)
+                if keep_modify is not None:
+                    # Keep the ancestor's modification UUID so its child's link stays valid.
+                    top.header["uuid_modify"] = keep_modify["uuid_modify"]
+                    top._header_dirty = True
+                writer.flush()
+            finally:
+                top.file = real
+            tx.commit()
+        return copied
+    finally:
+        for layer in upper + target_layers:
+            layer.close()
+
+
+def _resolve_chunks(engine: Engine, size: int, step: int = 1 << 30):
+    for start in range(0, size, step):
+        yield from engine.resolve(start, min(step, size - start))
+
+
+def _empty_child(path: str, target: str, relink: bool, search) -> None:
+    """Step 2: drop every block of the child (and point it at *target*), journaled."""
+    child = open_layer(path, writable=True)
+    try:
+        sf = SparseFile(child)
+        new_map = np.full(len(child.block_map), ABSENT, dtype=np.int64)
+        with journal.Transaction(child.file, "commit") as tx:
+            meta = sf.table_writes(child.block_map, new_map)
+            if child.format == "vdi":
+                meta.append(sf.vdi_header(blocks_allocated=0))
+            tx.write_many(meta)
+            end = sf.meta_end
+            if relink:
+                parent = open_layer(target)
+                try:
+                    if child.format == "vhd":
+                        child.footer_offset = end
+                    link_transaction_writes(tx, child, target, parent)
+                    if child.format == "vhd":
+                        end = child.footer_offset
+                finally:
+                    parent.close()
+            if child.format == "vhd":
+                tx.commit(final_size=end + 512, redo=[(end, child.footer_raw)])
+            else:
+                tx.commit(final_size=end)
+    finally:
+        child.close()
