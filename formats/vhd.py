@@ -68,12 +68,12 @@ def _find_footer(file: ImageFile, file_size: int) -> tuple[_FooterInfo, list[str
             raise FormatError(path, "footer", "cookie", file_size - FOOTER_SIZE, "no 'conectix' footer at the end or at offset 0")
         if copy.fields.disk_type == DISK_FIXED:
             raise FormatError(path, "footer", "cookie", file_size - FOOTER_SIZE, "fixed VHD has lost its footer")
-        notes.append("footer at end of file is missing; using the copy at offset 0 (repairable)")
+        notes.append(f"{path}: footer at end of file is missing; using the copy at offset 0 (repairable)")
         return copy, notes
     footer = candidates[0]
     if not footer.checksum_ok:
         if copy is not None and copy.checksum_ok and copy.fields.disk_type != DISK_FIXED:
-            notes.append("footer at end of file has a bad checksum; using the copy at offset 0")
+            notes.append(f"{path}: footer at end of file has a bad checksum; using the copy at offset 0")
             return copy, notes
     return footer, notes
 
@@ -307,6 +307,7 @@ def open_vhd(file: ImageFile, size_policy: str = "current", strict_checksums: bo
             raise FormatError(path, "footer", "current_size", fi.offset + FOOTER_FIELD_OFFSETS["current_size"],
                               f"fixed image holds {data_len} data bytes but claims {f.current_size} (truncated file?)")
         block_map = data_runs_from_holes(file, 0, size, DEFAULT_BLOCK_SIZE)
+        common["warnings"] = []
         layer = FixedVhdLayer(fi.raw, block_size=DEFAULT_BLOCK_SIZE, block_map=block_map, **common)
         for w in warnings:
             layer.warn(w)
@@ -391,11 +392,11 @@ def _open_sparse(file: ImageFile, file_size: int, fi: _FooterInfo, common: dict,
     nblocks = -(-common["size"] // bs)
     if len(block_map) < nblocks:      # CHS size larger than the table: the rest reads as zeros
         block_map = np.concatenate([block_map, np.full(nblocks - len(block_map), ABSENT, np.int64)])
+    warnings, common["warnings"] = common["warnings"], []
     layer = SparseVhdLayer(fi.raw, raw, hoff, toff, n, footer_offset, block_size=bs, block_map=block_map,
                            parent_hints=hints, **common)
-    for w in layer.warnings:
-        from .base import log
-        log.warning("%s", w)
+    for w in warnings:
+        layer.warn(w)
     return layer
 
 
