@@ -243,7 +243,12 @@ def open(path, mode: str = "r", *, parent_search: Sequence[str] = (), vbox_regis
     layers, infos = open_chain(path, writable=writable, fmt=format, parent_search=tuple(parent_search),
                                vbox_registry=vbox_registry, size_policy=size_policy,
                                allow_parent_modified=allow_parent_modified, explicit_parent=parent)
-    return Disk(layers, infos, read_only=not writable)
+    disk = Disk(layers, infos, read_only=not writable)
+    if writable and os.path.isdir(path + ".vdisk-shadows"):
+        # The image has shadow copies: every writer gets the copy-on-write filter (vdisk/shadow).
+        from .shadow import wrap_writable
+        return wrap_writable(disk)
+    return disk
 
 
 def create(path, size: Optional[int] = None, *, format: str = "vhd", subtype: str = "dynamic",
