@@ -181,7 +181,8 @@ def cmd_create(args) -> int:
     if args.json:
         emit_json(result)
     else:
-        print(f"created {result['path']}: {result['format']} {result['subtype']}, "
+        kind = result["format"] if result["subtype"] == "raw" else f"{result['format']} {result['subtype']}"
+        print(f"created {result['path']}: {kind}, "
               f"{human_bytes(result['virtual_size'])} ({result['virtual_size']} bytes)")
     return 0
 
@@ -318,7 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
         except Exception as exc:            # a broken add-on must not take the other commands down
             print(f"vdisk: warning: cannot load {name}: {exc}", file=sys.stderr)
             continue
-        module.register(sub)
+        try:
+            module.register(sub)
+        except Exception as exc:
+            print(f"vdisk: warning: cannot load {name}: register() failed: {exc}", file=sys.stderr)
     return parser
 
 
@@ -335,7 +339,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = None
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:           # usage error (2) or --help / --version (0)
+            return exc.code if isinstance(exc.code, int) else 2
         status = args.func(args)
         sys.stdout.flush()
         return int(status or 0)
