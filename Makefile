@@ -31,7 +31,7 @@ test: deps venv
 	$(BIN)/pytest -q
 
 demo: deps venv
-	@bash bench/demo.sh
+	@bash scripts/demo.sh
 
 bench: deps venv
 	$(BIN)/python bench/bench_core.py

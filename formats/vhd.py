@@ -353,7 +353,7 @@ def _open_sparse(file: ImageFile, file_size: int, fi: _FooterInfo, common: dict,
     # Metadata regions that blocks must not overlap.
     regions = [(0, FOOTER_SIZE), (hoff, hoff + HEADER_SIZE), (toff, toff + bat_len)]
     hints = []
-    footer_offset = file_size - FOOTER_SIZE if fi.where != "copy" else None
+    footer_offset = fi.offset if fi.where != "copy" else None
     if f.disk_type == DISK_DIFFERENCING:
         hints, locator_regions = _read_locators(file, file_size, h, hoff)
         regions += locator_regions

@@ -1,0 +1,71 @@
+"""Real-world quirks from the spec digests, each handled on purpose."""
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+import vdisk
+from conftest import need
+
+MiB = 1 << 20
+
+
+def test_511_byte_footer_of_old_virtual_pc_images(tmp_path):
+    path = tmp_path / "old.vhd"
+    with vdisk.create(path, 4 * MiB, format="vhd") as d:
+        d.pwrite(b"\x42" * 4096, 0)
+    os.truncate(path, os.path.getsize(path) - 1)          # the footer's last byte is reserved (zero)
+    with vdisk.open(path) as d:
+        assert d.pread(4096, 0) == b"\x42" * 4096
+    with vdisk.open(path, "r+") as d:                      # appending a block keeps old data intact
+        d.pwrite(b"\x43" * 512, 3 * MiB)
+    with vdisk.open(path) as d:
+        assert d.pread(4096, 0) == b"\x42" * 4096
+        assert d.pread(512, 3 * MiB) == b"\x43" * 512
+
+
+def test_lost_trailing_footer_falls_back_to_the_copy_for_reading_only(tmp_path):
+    path = tmp_path / "cut.vhd"
+    with vdisk.create(path, 4 * MiB, format="vhd") as d:
+        d.pwrite(b"\x42" * 4096, 0)
+    with open(path, "r+b") as f:
+        f.seek(-512, os.SEEK_END)
+        f.write(bytes(512))
+    with vdisk.open(path) as d:
+        assert d.pread(4096, 0) == b"\x42" * 4096
+        assert any("copy at offset 0" in w for w in d.warnings)
+    with pytest.raises(vdisk.FormatError, match="repair"):
+        vdisk.open(path, "r+")
+
+
+def test_qemu_vdi_with_384_byte_header_stays_qemu_readable_after_writes(tmp_path):
+    need("qemu-img")
+    path = tmp_path / "q.vdi"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vdi", str(path), "8M"], check=True)
+    with vdisk.open(path, "r+") as d:
+        assert d.layers[0].header_len == 0x180
+        d.pwrite(b"\x99" * 5000, MiB - 100)
+    subprocess.run(["qemu-img", "check", "-q", "-f", "vdi", str(path)], check=True)
+    out = subprocess.run(["qemu-io", "-f", "vdi", "-c", f"read -P 0x99 {MiB - 100} 5000", str(path)],
+                         capture_output=True, text=True)
+    assert "Pattern verification failed" not in out.stdout and out.returncode == 0
+
+
+def test_vdi_uuids_use_the_windows_guid_layout(tmp_path):
+    with vdisk.create(tmp_path / "u.vdi", MiB, format="vdi") as d:
+        raw = open(tmp_path / "u.vdi", "rb").read(0x198)[0x188:0x198]
+        assert d.uuid.bytes_le == raw
+        assert d.uuid.version == 4
+
+
+def test_windows_locators_with_data_space_in_bytes(tmp_path):
+    """The Windows differencing fixture stores data space 65536 (bytes) and 4096: both read."""
+    from conftest import FIXTURES
+    import shutil
+    shutil.copy(FIXTURES / "dfvfs_fat-differential.vhd", tmp_path)
+    with pytest.raises(vdisk.ParentError) as err:
+        vdisk.open(tmp_path / "dfvfs_fat-differential.vhd")
+    assert "C:" not in str(err.value)                          # drive letters dropped
+    assert "\\" not in str(err.value)                          # separators mapped
