@@ -18,16 +18,12 @@ from typing import Optional
 
 from vdisk.disk import Disk
 from vdisk.disk import open as _open_disk
-from vdisk.errors import VDiskError
 from .catalog import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_SHADOWS, store_dir
 from .filter import ShadowedDisk, ShadowView
 from .shadowset import ShadowInfo
 
 __all__ = ["ShadowedDisk", "ShadowView", "ShadowInfo", "open_shadowed", "open_shadow_view", "wrap_writable",
            "export_shadow", "has_shadows", "list_shadows", "store_dir", "DEFAULT_BLOCK_SIZE", "DEFAULT_MAX_SHADOWS"]
-
-COPY_CHUNK = 4 << 20
-
 
 def has_shadows(image_path: str) -> bool:
     """True when a diff area exists beside the image."""
@@ -63,37 +59,15 @@ def open_shadow_view(image_path, shadow_id: str, **kwargs) -> ShadowView:
         raise
 
 
-def export_shadow(image_path, shadow_id: str, dst, *, format: str = "vhd", subtype: str = "dynamic",
-                  progress=None) -> None:
-    """Write one shadow as a standalone image *dst* (only the data runs are copied)."""
-    import vdisk
-    dst = os.fspath(dst)
-    if os.path.exists(dst):
-        raise VDiskError(f"{dst}: already exists")
+def export_shadow(image_path, shadow_id: str, dst, *, format: Optional[str] = None,
+                  subtype: Optional[str] = None, force: bool = False, progress=None):
+    """Write one shadow as a standalone image *dst* (format from the name unless given).
+
+    Returns :class:`vdisk.convert.ConvertResult`; only the shadow's data runs are copied.
+    """
+    from vdisk.convert import convert
     with open_shadow_view(image_path, shadow_id) as view:
-        out = vdisk.create(dst, view.size, format=format, subtype=subtype)
-        try:
-            buf = bytearray(COPY_CHUNK)
-            done = 0
-            for ext in view.extents():
-                if ext.kind != vdisk.ExtentKind.DATA:
-                    continue
-                pos, end = ext.offset, ext.offset + ext.length
-                while pos < end:
-                    n = min(COPY_CHUNK, end - pos)
-                    piece = memoryview(buf)[:n]
-                    view.readinto(piece, pos)
-                    out.pwrite(piece, pos)
-                    pos += n
-                    done += n
-                    if progress is not None:
-                        progress(done)
-            out.flush()
-        except BaseException:
-            out.close()
-            os.unlink(dst)
-            raise
-        out.close()
+        return convert(view, dst, format, subtype, force=force, progress=progress)
 
 
 def list_shadows(image_path) -> list[ShadowInfo]:
