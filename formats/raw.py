@@ -3,13 +3,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 from typing import Optional, Sequence
 
-import numpy as np
-
 from vdisk.io import ImageFile
-from .base import ABSENT, Layer, data_runs_from_holes
+from .base import Layer, data_runs_from_holes
 
 RAW_BLOCK = 1 << 20
 

@@ -1,7 +1,7 @@
 """VHD on-disk structures, declared once (spec digest VHD.md §2-§4). All integers big-endian."""
 from __future__ import annotations
 
-from construct import Array, Bytes, Const, Int8ub, Int16ub, Int32ub, Int64ub, Padding, Struct
+from construct import Array, Bytes, Int8ub, Int16ub, Int32ub, Int64ub, Struct
 
 FOOTER_COOKIE = b"conectix"
 HEADER_COOKIE = b"cxsparse"

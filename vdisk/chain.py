@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
-from .errors import FormatError, ParentError, VDiskError
+from .errors import ParentError, VDiskError
 from .probe import open_layer
 from vdisk.formats.base import Layer
 from vdisk.formats.vhd import parent_id_bytes

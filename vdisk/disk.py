@@ -1,7 +1,6 @@
 """The one public block-device object: :class:`Disk`, with :func:`open` and :func:`create`."""
 from __future__ import annotations
 
-import builtins
 import io
 import os
 import threading
@@ -9,7 +8,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 import uuid as uuidlib
 
-from .chain import LayerInfo, find_parent, layer_info, open_chain
+from .chain import LayerInfo, layer_info, open_chain
 from .engine import Engine, ExtentKind
 from .errors import RangeError, ReadOnlyError, UnsupportedError, VDiskError
 from .io import ImageFile

@@ -163,18 +163,23 @@ class Engine:
     def write(self, data, offset: int) -> None:
         view = memoryview(data).cast("B")
         top = self.top
-        bs = top.block_size
         with self.lock:
             if isinstance(top, FlatLayer):
                 self._write_flat(view, offset)
                 return
-            pos, end = offset, offset + len(view)
-            while pos < end:
-                b = pos // bs
-                bstart = b * bs
-                stop = min(end, bstart + bs)
+            for b, bstart, pos, stop in self._blocks(offset, len(view)):
                 self._write_block(b, pos - bstart, view[pos - offset: stop - offset])
-                pos = stop
+
+    def _blocks(self, offset: int, length: int):
+        """(block, block start, piece start, piece end) for each top-layer block a range touches."""
+        bs = self.top.block_size
+        pos, end = offset, offset + length
+        while pos < end:
+            b = pos // bs
+            bstart = b * bs
+            stop = min(end, bstart + bs)
+            yield b, bstart, pos, stop
+            pos = stop
 
     def _write_flat(self, view: memoryview, offset: int) -> None:
         top = self.top
@@ -243,13 +248,8 @@ class Engine:
 
     def write_zeroes(self, offset: int, length: int, keep_allocated: bool = False) -> None:
         top = self.top
-        bs = top.block_size
         with self.lock:
-            pos, end = offset, offset + length
-            while pos < end:
-                b = pos // bs
-                bstart = b * bs
-                stop = min(end, bstart + bs)
+            for b, bstart, pos, stop in self._blocks(offset, length):
                 n = stop - pos
                 e = int(top.block_map[b])
                 if isinstance(top, FlatLayer) and e >= 0 and not keep_allocated and top.punch(e + pos - bstart, n):
@@ -258,7 +258,6 @@ class Engine:
                     self._write_block(b, pos - bstart, memoryview(bytes(n)))
                 else:
                     self._zero_unallocated_vhd(b, pos - bstart, n)
-                pos = stop
 
     def _zero_unallocated_vhd(self, b: int, in_off: int, n: int) -> None:
         """Differencing VHD block with no storage: allocate it sparse, marking the range present."""
@@ -281,18 +280,11 @@ class Engine:
         top = self.top
         bs = top.block_size
         with self.lock:
-            pos, end = offset, offset + length
-            while pos < end:
-                b = pos // bs
-                bstart = b * bs
-                stop = min(end, bstart + bs)
+            for b, bstart, pos, stop in self._blocks(offset, length):
                 whole = pos == bstart and stop == min(bstart + bs, self.size)
                 e = int(top.block_map[b])
-                if whole and e >= 0 and len(self.layers) == 1 and top.subtype != "fixed" and top.deallocate(b):
-                    pass
-                else:
+                if not (whole and e >= 0 and len(self.layers) == 1 and top.subtype != "fixed" and top.deallocate(b)):
                     self.write_zeroes(pos, stop - pos)
-                pos = stop
 
     def flush(self) -> None:
         with self.lock:

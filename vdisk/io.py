@@ -81,14 +81,7 @@ class ImageFile:
                 break
             total += n
             offset += n
-            # drop consumed buffers, slice a partial one
-            while n and bufs:
-                if n >= len(bufs[0]):
-                    n -= len(bufs[0])
-                    bufs.pop(0)
-                else:
-                    bufs[0] = bufs[0][n:]
-                    n = 0
+            _consume(bufs, n)
         return total
 
     def readinto(self, buffer, offset: int) -> int:
@@ -122,13 +115,7 @@ class ImageFile:
             except OSError as exc:
                 raise _io_error(self.path, exc) from None
             offset += n
-            while n and bufs:
-                if n >= len(bufs[0]):
-                    n -= len(bufs[0])
-                    bufs.pop(0)
-                else:
-                    bufs[0] = bufs[0][n:]
-                    n = 0
+            _consume(bufs, n)
 
     def truncate(self, size: int) -> None:
         self._check("truncate", size, 0)
@@ -155,6 +142,17 @@ class ImageFile:
     @property
     def closed(self) -> bool:
         return self._closed
+
+
+def _consume(bufs: list, n: int) -> None:
+    """Drop the first *n* bytes from a list of memoryviews (after a short vectored transfer)."""
+    while n and bufs:
+        if n >= len(bufs[0]):
+            n -= len(bufs[0])
+            bufs.pop(0)
+        else:
+            bufs[0] = bufs[0][n:]
+            n = 0
 
 
 def _io_error(path: str, exc: OSError) -> VDiskError:
