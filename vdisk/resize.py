@@ -208,7 +208,9 @@ def _resize_vhd_dynamic(layer, new_size: int) -> int:
     end = layer.footer_offset
     writes_beyond: list[tuple[int, bytes]] = []
     if new_table_end > old_table_end:
-        # Blocks and locator data in the way of the larger table move to the end of the file.
+        # Blocks and locator data in the way of the larger table move to the end of the file
+        # (and never into the table's new extent).
+        end = max(end, new_table_end)
         starts = sf.unit_starts(block_map)
         for b in np.flatnonzero((starts >= 0) & (starts < new_table_end) & (starts + sf.unit > old_table_end)):
             src = int(starts[b])
