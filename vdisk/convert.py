@@ -163,13 +163,42 @@ def _start_writeback(fd: int) -> None:
 
 
 class _Sink:
-    """Where converted data goes; starts write-back as data accumulates so the final flush is short."""
+    """Where converted data goes.
+
+    A helper thread asks the kernel to start writing dirty pages back every WRITEBACK_EVERY bytes,
+    so the device works while we copy and the final flush has little left to wait for. It runs
+    beside the copy workers so none of them ever waits on the device queue.
+    """
 
     fd = -1
 
     def __init__(self):
         self._unsynced = 0
         self._lock = threading.Lock()
+        self._kick = threading.Event()
+        self._done = False
+        self._thread: Optional[threading.Thread] = None
+
+    def start_writeback(self) -> None:
+        self._thread = threading.Thread(target=self._writeback, name="vdisk-writeback", daemon=True)
+        self._thread.start()
+
+    def _writeback(self) -> None:
+        while True:
+            self._kick.wait()
+            self._kick.clear()
+            if self._done:
+                return
+            fd = self.fd
+            if fd >= 0:
+                _start_writeback(fd)
+
+    def stop_writeback(self) -> None:
+        self._done = True
+        self._kick.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
 
     def written(self, n: int) -> None:
         with self._lock:
@@ -177,8 +206,7 @@ class _Sink:
             if self._unsynced < WRITEBACK_EVERY:
                 return
             self._unsynced = 0
-        if self.fd >= 0:
-            _start_writeback(self.fd)
+        self._kick.set()
 
 
 class _RawSink(_Sink):
@@ -328,7 +356,11 @@ def convert(src: Disk, dst_path, format: Optional[str] = None, subtype: Optional
                                size_policy="exact")
             sink = _DiskSink(out)
             granule = _granule(fmt, sub, out)
-        read, written = _copy(src, sink, granule, zero_detect, progress)
+        sink.start_writeback()
+        try:
+            read, written = _copy(src, sink, granule, zero_detect, progress)
+        finally:
+            sink.stop_writeback()
         sink.finish()
         sink.close()
         _publish(tmp, dst, force)
