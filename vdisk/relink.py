@@ -51,9 +51,12 @@ class RelinkReport:
     copied_bytes: int = 0                           # rebase onto different content
     dry_run: bool = False
     verified: Optional[bool] = None
+    view_digest: Optional[str] = field(default=None, repr=False)   # content before a rebase
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("view_digest", None)
+        return d
 
     def summary(self) -> str:
         head = f"{self.path}: parent {self.parent} ({self.found_by})"
@@ -250,9 +253,12 @@ def relink(path: str, *, search: Sequence[str] = (), dry_run: bool = False, veri
     try:
         _require_differencing(child)
         ppath, how = find_parent_by_identity(child, tuple(search))
-        return _link(child, ppath, how, dry_run, before, verify, allow_parent_modified)
+        report = _link(child, ppath, how, dry_run, allow_parent_modified)
     finally:
         child.close()
+    if verify and not dry_run:
+        report.verified = _verify_after(path, report.parent, before, search)
+    return report
 
 
 def rebase(path: str, new_parent: str, *, search: Sequence[str] = (), dry_run: bool = False,
@@ -273,10 +279,18 @@ def rebase(path: str, new_parent: str, *, search: Sequence[str] = (), dry_run: b
         finally:
             newp.close()
         if same:
-            return _link(child, new_parent, "given explicitly (same identity)", dry_run, before, verify, True)
-        return _rebase_content(child, new_parent, search, dry_run, verify, unsafe, before)
+            report = _link(child, new_parent, "given explicitly (same identity)", dry_run, True)
+        else:
+            report = _rebase_content(child, new_parent, search, dry_run, verify, unsafe)
+            if report.view_digest is not None:
+                before = report.view_digest
+            elif unsafe:
+                before = None                  # an unsafe rebase changes the content on purpose
     finally:
         child.close()
+    if verify and not dry_run:
+        report.verified = _verify_after(path, new_parent, before, search)
+    return report
 
 
 def _require_differencing(layer) -> None:
@@ -284,8 +298,7 @@ def _require_differencing(layer) -> None:
         raise UnsupportedError(f"{layer.path}: not a differencing image; it has no parent link")
 
 
-def _link(child, ppath: str, how: str, dry_run: bool, before: Optional[str], verify: bool,
-          allow_modified: bool) -> RelinkReport:
+def _link(child, ppath: str, how: str, dry_run: bool, allow_modified: bool) -> RelinkReport:
     report = RelinkReport(child.path, child.format, ppath, how, dry_run=dry_run)
     parent = open_layer(ppath)
     try:
@@ -307,8 +320,6 @@ def _link(child, ppath: str, how: str, dry_run: bool, before: Optional[str], ver
             tx.commit()
     finally:
         parent.close()
-    if verify:
-        report.verified = _verify_after(child.path, ppath, before)
     return report
 
 
@@ -320,10 +331,11 @@ def _digest(path: str, search) -> Optional[str]:
         return None            # the chain was broken before: nothing to compare
 
 
-def _verify_after(path: str, ppath: str, before: Optional[str]) -> bool:
+def _verify_after(path: str, ppath: str, before: Optional[str], search=()) -> bool:
     import vdisk
     from .layout import content_digest
-    with vdisk.open(path) as d:
+    # A VDI records no path: its parent is found by UUID, so search where it was found.
+    with vdisk.open(path, parent_search=[os.path.dirname(os.path.abspath(ppath)), *search]) as d:
         if os.path.realpath(d.chain[1].path) != os.path.realpath(ppath):
             raise VDiskError(f"{path}: VERIFY FAILED: the chain resolves to {d.chain[1].path}, not {ppath}")
         after = content_digest(d)
@@ -332,8 +344,7 @@ def _verify_after(path: str, ppath: str, before: Optional[str]) -> bool:
     return True
 
 
-def _rebase_content(child, new_parent: str, search, dry_run: bool, verify: bool, unsafe: bool,
-                    before: Optional[str] = None) -> RelinkReport:
+def _rebase_content(child, new_parent: str, search, dry_run: bool, verify: bool, unsafe: bool) -> RelinkReport:
     """Rebase onto different content: copy where old and new parent differ, then relink."""
     from .chain import open_chain
     report = RelinkReport(child.path, child.format, new_parent, "given explicitly", dry_run=dry_run)
@@ -362,7 +373,7 @@ def _rebase_content(child, new_parent: str, search, dry_run: bool, verify: bool,
                 child.header.update(saved)
             return report
         if verify and old_view is not None:
-            before = _engine_digest(old_view, child.size)
+            report.view_digest = _engine_digest(old_view, child.size)
         real = child.file
         with journal.Transaction(real, "rebase") as tx:
             child.file = tx.wrap(real)
@@ -386,8 +397,6 @@ def _rebase_content(child, new_parent: str, search, dry_run: bool, verify: bool,
     finally:
         for layer in (old_layers or []) + new_layers:
             layer.close()
-    if verify:
-        report.verified = _verify_after(child.path, new_parent, before if not unsafe else None)
     return report
 
 
