@@ -45,6 +45,7 @@ class CheckReport:
     subtype: Optional[str] = None
     findings: list = field(default_factory=list)
     repairs: list = field(default_factory=list)     # what --repair did, one sentence each
+    repaired_kinds: list = field(default_factory=list)
     error: Optional[str] = None                     # why the check could not run
     leaked_bytes: int = 0
     allocated_blocks: int = 0
@@ -435,6 +436,7 @@ def check(path: str, repair: bool = False, *, parent_search: Sequence[str] = (),
         return before
     after = _new_report(path, parent_search, vbox_registry)
     after.repairs = before.repairs + done
+    after.repaired_kinds = sorted({f.kind for f in before.findings if f.fixable})
     _analyse(path, after, _VhdPlan())
     return after
 
