@@ -515,7 +515,7 @@ def serve(ops: VDiskFS, mountpoint: str, *, writable: bool, allow_other: bool = 
 
     Runs in the calling thread (foreground); multi-threaded request handling. Returns after the
     file system was unmounted and :meth:`VDiskFS.destroy` closed the images. SIGTERM, SIGINT and
-    SIGHUP end the session cleanly (libfuse's handlers).
+    (unless ignored) SIGHUP end the session cleanly (libfuse's handlers).
     """
     options = dict(foreground=True, debug=debug, ro=not writable, default_permissions=True,
                    fsname=_escape_option(fsname), subtype="vdisk", max_read=MAX_READ, direct_io=True)
@@ -527,9 +527,9 @@ def serve(ops: VDiskFS, mountpoint: str, *, writable: bool, allow_other: bool = 
         options["max_idle_threads"] = WORKER_THREADS
     saved = {}
     if threading.current_thread() is threading.main_thread():
-        # libfuse installs its clean-exit handlers only over the default disposition.
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            saved[sig] = signal.signal(sig, signal.SIG_DFL)
+        # libfuse installs its clean-exit handlers (SIGTERM, SIGINT, SIGHUP) only over the default
+        # disposition; an ignored SIGHUP (the daemon) stays ignored.
+        saved[signal.SIGTERM] = signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         FastFUSE(ops, mountpoint, raw_fi=False, **options)
     except RuntimeError as exc:

@@ -410,6 +410,17 @@ def test_unmount_refuses_while_busy_and_waits_for_the_close(tmp_path):
         assert d.pread(4, 0) == b"busy"
 
 
+def test_daemon_ignores_hangups_and_leaves_the_callers_process_group(tmp_path):
+    image = tmp_path / "img.vhd"
+    vdisk.create(image, 8 * MiB).close()
+    mp = tmp_path / "m"
+    with mounted(image, mp) as pid:
+        assert os.getpgid(pid) != os.getpgid(0)              # Ctrl-C on the caller's job misses it
+        os.kill(pid, signal.SIGHUP)                          # a closing terminal
+        time.sleep(0.2)
+        assert os.path.getsize(mp / "disk") == 8 * MiB
+
+
 def test_stale_mount_is_reported_and_cleared(tmp_path):
     image = tmp_path / "img.vhd"
     vdisk.create(image, 8 * MiB).close()
