@@ -20,6 +20,7 @@ import os
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -82,11 +83,22 @@ def check_mountpoint(mountpoint: str) -> None:
             raise VDiskError(f"{mountpoint}: a dead FUSE mount is still attached there (its process ended); "
                              f"run 'vdisk umount {mountpoint}' first") from None
         raise VDiskError(f"{mountpoint}: {exc.strerror}") from None
-    if not os.path.isdir(mountpoint):
+    if not stat.S_ISDIR(st.st_mode):
         raise VDiskError(f"{mountpoint}: mount point is not a directory")
     if os.path.ismount(mountpoint):
+        if _dead_fuse(mountpoint):
+            raise VDiskError(f"{mountpoint}: a dead FUSE mount is still attached there (its process ended); "
+                             f"run 'vdisk umount {mountpoint}' first")
         raise VDiskError(f"{mountpoint}: mount point is busy: something is already mounted there")
-    del st
+
+
+def _dead_fuse(mountpoint: str) -> bool:
+    """True for a FUSE mount whose process is gone (statfs is never answered from a cache)."""
+    try:
+        os.statvfs(mountpoint)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
 
 
 def check_fuse() -> None:
@@ -265,8 +277,8 @@ def unmount(mountpoint, *, timeout: float = 600.0) -> None:
     except (OSError, ValueError):
         pid = None                                   # not ours (or too old): unmount, nothing to wait for
     _fusermount_u(mountpoint)
-    if pid is not None:
-        _wait_exit(pid, timeout, mountpoint)
+    if pid is not None and pid != os.getpid():      # a foreground mount in this very process
+        _wait_exit(pid, timeout, mountpoint)        # closes its images before serve() returns
 
 
 def _fusermount_u(mountpoint: str) -> None:

@@ -43,6 +43,16 @@ MiB = 1 << 20
 SECTOR = 512
 
 
+@pytest.fixture(autouse=True)
+def _no_mount_left_behind(tmp_path):
+    """Whatever a test does (or fails to do), no mount below its tmp_path survives it."""
+    yield
+    with open("/proc/self/mounts") as f:
+        leftovers = [line.split()[1] for line in f if line.split()[1].startswith(str(tmp_path))]
+    for mp in leftovers:
+        subprocess.run(["fusermount3", "-u", "-z", mp], capture_output=True)
+
+
 @contextlib.contextmanager
 def mounted(image, mountpoint, **kw):
     os.makedirs(mountpoint, exist_ok=True)
@@ -197,34 +207,78 @@ def test_parallel_readers(tmp_path):
 
 
 # -- ext4 inside a partition of a fresh image ----------------------------------------------------
-def test_ext4_in_a_partition_file(tmp_path):
+@pytest.fixture(scope="module")
+def ext4_image(tmp_path_factory):
+    """A fresh dynamic VHD, partitioned by sfdisk and given an ext4 by mkfs.ext4, all through the mount."""
     need("sfdisk", "mkfs.ext4", "e2fsck", "debugfs")
-    image = tmp_path / "fresh.vhd"
+    tmp = tmp_path_factory.mktemp("ext4")
+    image = tmp / "fresh.vhd"
     vdisk.create(image, 96 * MiB, format="vhd", subtype="dynamic").close()
-    mp = tmp_path / "m"
+    mp = tmp / "m"
     with mounted(image, mp, rw=True):
         subprocess.run(["sfdisk", "-q", str(mp / "disk")], check=True, capture_output=True, text=True,
                        input="label: gpt\nstart=2048, size=40960, type=linux, name=boot\n"
                              "start=43008, type=linux, name=data\n")
-    payload = tmp_path / "payload.bin"
+    payload = tmp / "payload.bin"
     payload.write_bytes(random.Random(5).randbytes(300_000) + b"end of file\n")
     with mounted(image, mp, rw=True):
         assert os.readlink(mp / "by-name" / "data") == "../p2"
         subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "vdisk", str(mp / "p2")], check=True, capture_output=True)
         subprocess.run(["debugfs", "-w", "-R", f"write {payload} /file", str(mp / "p2")], check=True,
                        capture_output=True)
+    return image, payload.read_bytes()
+
+
+def test_ext4_in_a_partition_file(tmp_path, ext4_image):
+    image, payload = ext4_image
+    mp = tmp_path / "m"
     with mounted(image, mp):
         fsck = subprocess.run(["e2fsck", "-f", "-n", str(mp / "p2")], capture_output=True, text=True)
         assert fsck.returncode == 0, fsck.stdout + fsck.stderr
         cat = subprocess.run(["debugfs", "-R", "cat /file", str(mp / "p2")], capture_output=True, check=True)
-        assert cat.stdout == payload.read_bytes()
+        assert cat.stdout == payload
         # the file system sits exactly at partition 2's offset on the disk
-        sb = read_at(mp / "disk", 43008 * SECTOR + 1024 + 0x38, 2)
-        assert sb == b"\x53\xef"
+        assert read_at(mp / "disk", 43008 * SECTOR + 1024 + 0x38, 2) == b"\x53\xef"
         assert read_at(mp / "p1", 0, 4096) == bytes(4096)     # partition 1 untouched
     with vdisk.open(image) as d:
         allocated = sum(e.length for e in d.extents() if e.kind == 0)
     assert allocated < 40 * MiB                               # mkfs discards, nothing inflated
+
+
+def _loop_mount(source, target, *options) -> None:
+    res = subprocess.run(["mount", "-o", ",".join(("loop",) + options), str(source), str(target)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        text = res.stderr.lower()
+        if any(w in text for w in ("permission denied", "not permitted", "only root", "no free loop",
+                                   "failed to setup loop", "unknown filesystem type")):
+            pytest.skip(f"loop mounts unavailable here: {res.stderr.strip()}")
+        raise AssertionError(res.stderr)
+
+
+def test_partition_file_loop_mounts_read_write(tmp_path, ext4_image):
+    """The kernel's ext4 on a loop device over the partition file, writing through vdisk."""
+    need("mount", "umount")
+    if os.geteuid() != 0:
+        pytest.skip("loop mounts need root")
+    image = tmp_path / "copy.vhd"
+    shutil.copy(ext4_image[0], image)
+    mp, fsdir = tmp_path / "m", tmp_path / "fs"
+    fsdir.mkdir()
+    news = random.Random(8).randbytes(3 * MiB + 5)
+    with mounted(image, mp, rw=True):
+        _loop_mount(mp / "p2", fsdir)
+        try:
+            assert (fsdir / "file").read_bytes() == ext4_image[1]
+            (fsdir / "dir").mkdir()
+            (fsdir / "dir" / "new.bin").write_bytes(news)
+        finally:
+            subprocess.run(["umount", str(fsdir)], check=True)
+    with mounted(image, mp):
+        fsck = subprocess.run(["e2fsck", "-f", "-n", str(mp / "p2")], capture_output=True, text=True)
+        assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+        cat = subprocess.run(["debugfs", "-R", "cat /dir/new.bin", str(mp / "p2")], capture_output=True, check=True)
+        assert cat.stdout == news
 
 
 # -- writing -----------------------------------------------------------------------------------
@@ -421,21 +475,36 @@ def test_daemon_ignores_hangups_and_leaves_the_callers_process_group(tmp_path):
         assert os.path.getsize(mp / "disk") == 8 * MiB
 
 
-def test_stale_mount_is_reported_and_cleared(tmp_path):
-    image = tmp_path / "img.vhd"
-    vdisk.create(image, 8 * MiB).close()
+def test_killed_daemon_keeps_fsynced_data_and_its_dead_mount_is_cleared(tmp_path):
+    image = tmp_path / "img.vdi"
+    vdisk.create(image, 8 * MiB, format="vdi").close()
     mp = tmp_path / "m"
     os.makedirs(mp)
-    pid = mount_image(image, mp)
-    os.kill(pid, signal.SIGKILL)
-    wait_gone(pid)
-    if os.path.ismount(mp) or _stat_errno(mp) == errno.ENOTCONN:
-        with pytest.raises(VDiskError, match="dead FUSE mount|busy"):
-            mount_image(image, mp)
-        unmount(mp)
+    pid = mount_image(image, mp, rw=True)
+    data = random.Random(6).randbytes(3 * MiB + 17)
+    fd = os.open(mp / "disk", os.O_WRONLY)
+    try:
+        assert os.pwrite(fd, data, 4097) == len(data)
+        os.fsync(fd)                                   # durable from here on, whatever happens
+        os.kill(pid, signal.SIGKILL)
+        wait_gone(pid)
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    with pytest.raises(OSError) as exc:
+        os.listdir(mp)
+    assert exc.value.errno == errno.ENOTCONN
+    with pytest.raises(VDiskError, match="dead FUSE mount"):
+        mount_image(image, mp)
+    unmount(mp)
     assert _stat_errno(mp) == 0 and not os.path.ismount(mp)
+    _check_clean(image, "vdi")
+    with vdisk.open(image) as d:
+        assert d.pread(len(data), 4097) == data
     with mounted(image, mp):
-        assert os.path.getsize(mp / "disk") == 8 * MiB
+        assert read_at(mp / "disk", 4097, len(data)) == data
 
 
 def _stat_errno(path) -> int:
