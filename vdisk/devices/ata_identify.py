@@ -16,6 +16,7 @@ from typing import Optional, Tuple
 SECTOR = 512
 LBA28_LIMIT = 0x0FFFFFFF           # words 60-61 saturate here; LBA28 commands see at most this many
 MAX_MULTIPLE = 16                  # word 47: READ/WRITE MULTIPLE block size limit
+VHD_SIZE_MARKER = (65535, 16, 255)  # VHD footer CHS meaning "the size is current_size, no geometry"
 DSM_MAX_BLOCKS = 8                 # word 105: 512-byte blocks of TRIM ranges per DSM command
 
 # transfer-mode kinds for SET FEATURES 0x03 and words 62/63/88
@@ -93,8 +94,8 @@ def image_geometry(disk, total_sectors: int) -> Geometry:
     """Geometry from ``disk.geometry`` (VHD footer CHS, VDI LCHS) when it is usable for ATA.
 
     Usable: 1-16 heads (the Device register has 4 head bits), 1-255 sectors per track, 1-65535
-    cylinders, and no more sectors than the disk has (the VHD 65535/16/255 "use current_size"
-    marker on a small disk is not a geometry). Otherwise the default derivation is used.
+    cylinders, and no more sectors than the disk has; the VHD 65535/16/255 "use current_size"
+    marker is never a geometry. Otherwise the default derivation is used.
     """
     try:
         chs = _geometry_tuple(getattr(disk, "geometry", None))
@@ -102,7 +103,8 @@ def image_geometry(disk, total_sectors: int) -> Geometry:
         chs = None
     if chs is not None:
         c, h, s = chs
-        if 1 <= h <= 16 and 1 <= s <= 255 and 1 <= c <= 65535 and c * h * s <= total_sectors:
+        if (c, h, s) != VHD_SIZE_MARKER and 1 <= h <= 16 and 1 <= s <= 255 and 1 <= c <= 65535 \
+                and c * h * s <= total_sectors:
             return Geometry(c, h, s)
     return default_geometry(total_sectors)
 
