@@ -23,8 +23,7 @@ from .errors import UnsupportedError, VDiskError
 from .layout import SparseFile, content_digest, plan_moves
 from vdisk.formats.base import ABSENT, SECTOR, ZERO
 
-READ_BATCH = 32 << 20          # bytes read per preadv while scanning
-MOVE_BATCH = 64 << 20          # bytes moved per journal barrier
+MOVE_BATCH = 1 << 40           # bytes moved per journal barrier (undo records of holes are tiny)
 
 Progress = Optional[Callable[[int, int], None]]
 
@@ -95,6 +94,40 @@ class _Scan:
     dropped: dict          # unit start -> full_zero (for the journal: what the hole held)
 
 
+def _is_zero(buf) -> bool:
+    a = np.frombuffer(buf, dtype=np.uint8)
+    n8 = len(a) // 8 * 8
+    return not (a[:n8].view(np.uint64).any() or a[n8:].any())
+
+
+class _BlockReader:
+    """Reads a block's data in growing pieces and stops at the first non-zero byte: a block of
+    real data costs one small read, only (nearly) zero blocks are read whole."""
+
+    FIRST, MAX = 4096, 4 << 20
+
+    def __init__(self, fd: int, unit: int):
+        self.fd = fd
+        self.buf = np.empty(unit, dtype=np.uint8)
+
+    def read(self, lo: int, n: int) -> memoryview:
+        view = memoryview(self.buf)[:n]
+        got = os.preadv(self.fd, [view], lo)
+        if got < n:
+            view[got:] = bytes(n - got)
+        return view
+
+    def data_is_zero(self, lo: int, n: int) -> bool:
+        pos, step = 0, self.FIRST
+        while pos < n:
+            m = min(step, n - pos)
+            if not _is_zero(self.read(lo + pos, m)):
+                return False
+            pos += m
+            step = min(step * 4, self.MAX)
+        return True
+
+
 def _scan(sf: SparseFile, below: Optional[Engine], size: int, progress: Progress) -> _Scan:
     layer = sf.layer
     bs, unit, skip = layer.block_size, sf.unit, sf.skip
@@ -108,9 +141,8 @@ def _scan(sf: SparseFile, below: Optional[Engine], size: int, progress: Progress
     granular = layer.sector_granular
     spb = bs // SECTOR
     diff = layer.is_differencing
-    per_batch = max(1, READ_BATCH // unit)
-    buf = np.empty(per_batch * unit, dtype=np.uint8)
-    i, total = 0, len(blocks)
+    reader = _BlockReader(fd, unit)
+    total = len(blocks)
 
     def below_zero(b: int) -> bool:
         if below is None:
@@ -119,56 +151,35 @@ def _scan(sf: SparseFile, below: Optional[Engine], size: int, progress: Progress
         n = min(bs, size - lo)
         return n <= 0 or all(r[2] != ExtentKind.DATA for r in below.resolve(lo, n))
 
-    def decide(b: int, start: int, row: Optional[np.ndarray]) -> None:
-        if row is None:                               # a hole in the file: all zeros
-            full_zero, present_zero, no_bits = True, True, False
-        else:
-            data = row[skip:]
-            full_zero = not data.any()
-            if granular:
-                bits = np.unpackbits(row[: spb // 8])
-                no_bits = not bits.any()
-                nz = data.reshape(spb, SECTOR).any(axis=1)
-                present_zero = not (nz & bits.astype(bool)).any()
-            else:
-                no_bits, present_zero = False, full_zero
+    for i, b in enumerate(blocks.tolist()):
+        start = int(starts[b])
+        hole = not _has_data(dstarts, dends, start + skip, start + unit)
         if granular:                                  # differencing VHD: per-sector presence
-            if no_bits or (present_zero and below_zero(b)):
+            bits = np.unpackbits(np.frombuffer(reader.read(start, spb // 8), dtype=np.uint8)).astype(bool)
+            if not bits.any():
+                new_map[b] = ABSENT                   # nothing present: reads the parent already
+                dropped[start] = hole
+            elif hole or _present_zero(reader, start + skip, bits, spb):
+                if below_zero(b):
+                    new_map[b] = ABSENT
+                    dropped[start] = hole or reader.data_is_zero(start + skip, bs)
+        elif hole or reader.data_is_zero(start + skip, bs):
+            if not diff or below_zero(b):
                 new_map[b] = ABSENT
-                dropped[start] = full_zero
-            return
-        if not full_zero:
-            return
-        if not diff or below_zero(b):
-            new_map[b] = ABSENT
-        elif sf.format == "vdi":
-            new_map[b] = ZERO                         # hides non-zero parent data without storage
-        else:
-            return
-        dropped[start] = True
-
-    while i < total:
-        # A run of physically consecutive units, read with one preadv.
-        j = i + 1
-        while j < total and j - i < per_batch and starts[blocks[j]] == starts[blocks[j - 1]] + unit:
-            j += 1
-        lo = int(starts[blocks[i]])
-        hi = lo + (j - i) * unit
-        if not _has_data(dstarts, dends, lo, hi):
-            for k in range(i, j):
-                decide(int(blocks[k]), int(starts[blocks[k]]), None)
-        else:
-            view = memoryview(buf)[: hi - lo]
-            got = os.preadv(fd, [view], lo)
-            if got < len(view):
-                view[got:] = bytes(len(view) - got)
-            rows = buf[: hi - lo].reshape(j - i, unit)
-            for k in range(i, j):
-                decide(int(blocks[k]), int(starts[blocks[k]]), rows[k - i])
-        i = j
-        if progress:
-            progress(i, total)
+                dropped[start] = True
+            elif sf.format == "vdi":
+                new_map[b] = ZERO                     # hides non-zero parent data without storage
+                dropped[start] = True
+        if progress and (i & 63 == 63 or i == total - 1):
+            progress(i + 1, total)
     return _Scan(new_map, dropped)
+
+
+def _present_zero(reader: _BlockReader, lo: int, bits: np.ndarray, spb: int) -> bool:
+    """True when every present sector of the block's data holds zeros."""
+    data = np.frombuffer(reader.read(lo, spb * SECTOR), dtype=np.uint8).reshape(spb, SECTOR)
+    nz = data.view(np.uint64).any(axis=1)
+    return not (nz & bits).any()
 
 
 def _dst_pieces(dst: int, unit: int, skip: int, dropped: dict, dropped_sorted: list[int]) -> list[tuple[int, int, str]]:
@@ -249,16 +260,14 @@ def _apply(sf: SparseFile, layer, new_map: np.ndarray, moves, dropped: dict, liv
         batch: list[tuple] = []
         pending = 0
         for blk, src, dst in moves:
-            data = file.pread(sf.unit, src)
-            data += bytes(sf.unit - len(data))
             for lo, hi, mode in _dst_pieces(dst, sf.unit, sf.skip, dropped, dropped_sorted):
-                batch.append((lo, data[lo - dst:hi - dst], mode))
+                batch.append((src + lo - dst, lo, hi - lo, mode))
             pending += sf.unit
             if pending >= MOVE_BATCH:
-                tx.write_many(batch)
+                tx.copy_many(batch)
                 batch, pending = [], 0
         if batch:
-            tx.write_many(batch)
+            tx.copy_many(batch)
         meta = sf.table_writes(layer.block_map, new_map)
         if sf.format == "vdi":
             used = int((new_map >= 0).sum())

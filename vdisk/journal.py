@@ -247,6 +247,17 @@ class Transaction:
         for item in writes:
             self.file.pwrite(item[1], item[0])
 
+    def copy_many(self, copies: Iterable[tuple[int, int, int, str]]) -> None:
+        """Journal the targets, then copy ranges inside the image: items (src, dst, length, mode),
+        mode as in :meth:`write_many`. The kernel copies (copy_file_range) where it can."""
+        copies = list(copies)
+        recs: list[bytes] = []
+        for src, dst, n, mode in copies:
+            recs += self._undo_records(dst, n, mode == "zero", mode == "unreferenced", None)
+        self._append(recs)
+        for src, dst, n, mode in copies:
+            _copy_range(self.file, src, dst, n)
+
     def write(self, offset: int, data: bytes, *, old_zero: bool = False, unreferenced: bool = False) -> None:
         """Journal then write one range (see :meth:`write_many`)."""
         self.write_many([(offset, data)], old_zero=old_zero, unreferenced=unreferenced)
@@ -292,6 +303,27 @@ class Transaction:
         except FileNotFoundError:
             pass
         _fsync_dir(self.path)
+
+
+def _copy_range(file: ImageFile, src: int, dst: int, n: int) -> None:
+    """Copy [src, src+n) to dst within one image file, through the I/O seam's fault hook."""
+    file._check("write", dst, n)
+    copy = getattr(os, "copy_file_range", None)
+    done = 0
+    if copy is not None:
+        try:
+            while done < n:
+                got = copy(file.fd, file.fd, n - done, src + done, dst + done)
+                if got <= 0:
+                    break
+                done += got
+        except OSError:
+            pass                                 # e.g. unsupported by the filesystem: copy by hand
+    while done < n:
+        chunk = file.pread(min(8 << 20, n - done), src + done)
+        chunk += bytes(min(8 << 20, n - done) - len(chunk))
+        os.pwrite(file.fd, chunk, dst + done)
+        done += len(chunk)
 
 
 # ---------------------------------------------------------------------------------------------
