@@ -106,12 +106,13 @@ def check_fuse() -> None:
     if not os.path.exists("/dev/fuse"):
         raise VDiskError("/dev/fuse is missing: the FUSE kernel module is not loaded "
                          "(modprobe fuse), or a container was started without --device /dev/fuse")
-    if os.geteuid() == 0:
-        try:
-            os.close(os.open("/dev/fuse", os.O_RDWR))
-        except OSError as exc:
-            raise VDiskError(f"/dev/fuse cannot be opened: {exc.strerror}") from None
-    elif not (shutil.which("fusermount3") or shutil.which("fusermount")):
+    try:                                 # libfuse 3 opens it itself, root or not
+        os.close(os.open("/dev/fuse", os.O_RDWR))
+    except OSError as exc:
+        mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
+        raise VDiskError(f"/dev/fuse cannot be opened: {exc.strerror} (its mode is {mode:04o}; "
+                         "FUSE needs it read-write for the mounting user, normally 0666)") from None
+    if os.geteuid() != 0 and not (shutil.which("fusermount3") or shutil.which("fusermount")):
         raise VDiskError("fusermount3 is missing: install fuse3 (apt-get install fuse3)")
     from . import fs   # noqa: F401  (raises VDiskError when mfusepy or libfuse is missing)
 
@@ -183,8 +184,11 @@ def _daemonize(warn, args: dict) -> int:
         cls = getattr(_errors, error.get("class", ""), None)
         if not (isinstance(cls, type) and issubclass(cls, VDiskError)):
             cls = VDiskError
+        message = error["error"]
+        if cls is VDiskError and details:          # what libfuse / fusermount said
+            message += ": " + " / ".join(details.splitlines()[-3:])
         exc = cls.__new__(cls)
-        Exception.__init__(exc, error["error"])
+        Exception.__init__(exc, message)
         raise exc
     raise VDiskError(f"{args['mountpoint']}: mounting failed" + (f": {details}" if details else
                                                                  " (the mount process ended without a word)"))

@@ -78,7 +78,7 @@ class _Node:
     kind: int                                     # stat.S_IFDIR / S_IFREG / S_IFLNK
     children: dict = field(default_factory=dict)  # directories: name -> _Node
     target: str = ""                              # symlinks
-    disk: object = None                           # files: the Disk and the byte range they show
+    state: object = None                          # files: the _DiskState and the byte range they show
     start: int = 0
     length: int = 0
     writable: bool = False
@@ -125,12 +125,11 @@ class VDiskFS(mfusepy.Operations):
     def __init__(self, disk, *, writable: bool = False, partitions: Optional[list[Partition]] = None,
                  extra_views: Optional[Mapping[str, object]] = None, warn: Optional[Callable[[str], None]] = None,
                  uid: Optional[int] = None, gid: Optional[int] = None, root_xattrs: Optional[dict] = None,
-                 on_ready: Optional[Callable[[], None]] = None, on_destroy: Optional[Callable[[], None]] = None):
+                 on_ready: Optional[Callable[[], None]] = None):
         self.warn = warn or log.warning
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
         self.on_ready = on_ready
-        self.on_destroy = on_destroy
         self._nodes: list[_Node] = []
         self._by_path: dict[str, _Node] = {}
         self._states: list[_DiskState] = []
@@ -180,7 +179,7 @@ class VDiskFS(mfusepy.Operations):
         image = str(getattr(disk, "path", "") or "")
 
         def add_file(name: str, start: int, length: int, xattrs: dict) -> None:
-            node = self._add(f"{base}/{name}", stat.S_IFREG, disk=state, start=start, length=length,
+            node = self._add(f"{base}/{name}", stat.S_IFREG, state=state, start=start, length=length,
                              writable=writable)
             node.xattrs.update({"image": image, "offset": str(start), "size": str(length)})
             node.xattrs.update({k: str(v) for k, v in xattrs.items() if v != ""})
@@ -250,8 +249,6 @@ class VDiskFS(mfusepy.Operations):
                 state.disk.close()          # flushes data, then metadata
             except Exception as exc:        # keep closing the others
                 self.warn(f"closing {getattr(state.disk, 'path', 'disk')}: {exc}")
-        if self.on_destroy is not None:
-            self.on_destroy()
 
     # -- metadata ------------------------------------------------------------------------------
     def getattr(self, path, fh=None):
@@ -273,7 +270,7 @@ class VDiskFS(mfusepy.Operations):
         blocks = node.blocks
         if blocks is None:
             try:
-                data = sum(e.length for e in node.disk.disk.extents(node.start, node.length)
+                data = sum(e.length for e in node.state.disk.extents(node.start, node.length)
                            if int(e.kind) == 0)
                 blocks = -(-data // 512)
             except Exception:
@@ -330,7 +327,7 @@ class VDiskFS(mfusepy.Operations):
         if n <= 0:
             return 0
         try:
-            node.disk.disk.readinto(view[:n] if n < len(view) else view, node.start + offset)
+            node.state.disk.readinto(view[:n] if n < len(view) else view, node.start + offset)
         except VDiskError as exc:
             log.error("read of %s at %d+%d failed: %s", node.path, offset, n, exc)
             raise mfusepy.FuseOSError(errno.EIO) from None
@@ -353,7 +350,7 @@ class VDiskFS(mfusepy.Operations):
         if offset >= node.length:
             raise mfusepy.FuseOSError(errno.ENOSPC)
         n = min(len(view), node.length - offset)
-        state = node.disk
+        state = node.state
         try:
             state.disk.pwrite(view[:n] if n < len(view) else view, node.start + offset)
         except ReadOnlyError:
@@ -399,7 +396,7 @@ class VDiskFS(mfusepy.Operations):
         end = min(end, node.length)
         if offset >= end:
             return 0
-        state = node.disk
+        state = node.state
         try:
             if mode & FALLOC_FL_PUNCH_HOLE:
                 state.disk.discard(node.start + offset, end - offset)
@@ -416,7 +413,7 @@ class VDiskFS(mfusepy.Operations):
         node = self._nodes[fh - 1] if fh else None
         if node is None or node.kind != stat.S_IFREG or not node.writable:
             return 0
-        state = node.disk
+        state = node.state
         if not (always or state.dirty):
             return 0
         state.dirty = False          # cleared before: a write finishing meanwhile marks it again
