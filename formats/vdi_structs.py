@@ -11,7 +11,7 @@ HEADER_V1_PLUS = 0x190
 PRE_HEADER_SIZE = 72
 BLOCK_FREE = 0xFFFFFFFF
 BLOCK_ZERO = 0xFFFFFFFE
-TEXT = b"<<< vdisk VirtualBox Disk Image >>>\n"
+TEXT = b"<<< vdisk Virtual Disk Image >>>\n"
 
 TYPE_NORMAL, TYPE_FIXED, TYPE_UNDO, TYPE_DIFF = 1, 2, 3, 4
 SUBTYPE_NAMES = {TYPE_NORMAL: "dynamic", TYPE_FIXED: "fixed", TYPE_UNDO: "differencing", TYPE_DIFF: "differencing"}
