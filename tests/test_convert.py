@@ -308,3 +308,17 @@ def test_work_ranges_cover_only_stored_data_widened_to_granules(tmp_path):
     with vdisk.open(path) as d:
         assert work_ranges(d, 2 * MiB) == [(4 * MiB, 6 * MiB), (14 * MiB, 16 * MiB)]
         assert work_ranges(d, 8 * MiB) == [(0, 16 * MiB)]
+
+
+@pytest.mark.parametrize("dst_kind", ["raw", "vhd-dynamic", "vdi-dynamic"])
+def test_convert_without_syncs_gives_the_same_image(tmp_path, dst_kind):
+    src, model = build_source("vhd-chain", tmp_path)
+    fmt, _, sub = dst_kind.partition("-")
+    dst = str(tmp_path / f"fast.{fmt}")
+    with vdisk.open(src) as s:
+        convert(s, dst, fmt, sub or None, durable=False)
+    assert read_all(dst)[:SIZE] == model
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".vdisk-tmp")]
+    if fmt == "vdi" and need_qemu():
+        r = subprocess.run(["qemu-img", "check", "-f", "vdi", dst], capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout

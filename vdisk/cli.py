@@ -195,7 +195,7 @@ def cmd_convert(args) -> int:
         try:
             result = convert(src, args.dst, args.output_format, args.subtype, block_size=args.block_size,
                              target=args.target, zero_detect=args.zero_detect, progress=bar,
-                             force=args.force)
+                             force=args.force, durable=args.sync)
         finally:
             bar.finish()
     if args.json:
@@ -289,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="copy allocated zero blocks too")
     add_progress_option(p)
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.add_argument("--no-sync", dest="sync", action="store_false",
+                   help="do not fsync DST before naming it (faster; a power cut soon after may damage it)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_convert)
 
