@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
+import logging.handlers
 import os
 import select
 import shutil
@@ -230,7 +232,7 @@ def _daemon_main(status_w: int, errlog, args: dict) -> int:
 
     def warn(message: str) -> None:
         if state["ready"]:
-            print(f"vdisk: warning: {message}", file=sys.stderr)
+            logging.getLogger("vdisk.mount").warning(message)
         else:
             send({"warning": message})
 
@@ -240,7 +242,8 @@ def _daemon_main(status_w: int, errlog, args: dict) -> int:
         send({"ready": os.getpid()})
         state["ready"] = True
         os.close(status_w)
-        os.dup2(devnull, 2)      # nobody is listening any more
+        os.dup2(devnull, 2)      # nobody is listening any more: what goes wrong goes to syslog
+        _log_to_syslog(args["mountpoint"])
 
     try:
         os.chdir("/")
@@ -256,6 +259,22 @@ def _daemon_main(status_w: int, errlog, args: dict) -> int:
         traceback.print_exc()
         send({"error": f"{args['mountpoint']}: mount failed: {exc!r}", "class": "VDiskError"})
         return 1
+
+
+def _log_to_syslog(mountpoint: str, address: str = "/dev/log") -> None:
+    """Send the daemon's warnings and errors (failed reads, writes, flushes) to syslog / the journal."""
+    if not os.path.exists(address):
+        return
+    try:
+        handler = logging.handlers.SysLogHandler(address=address)
+    except OSError:
+        return
+    handler.setFormatter(logging.Formatter(f"vdisk-mount[{os.getpid()}]: {mountpoint}: %(message)s"))
+    for name in ("vdisk.mount", "fuse"):          # ours, and mfusepy's
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False
 
 
 # -- unmount ------------------------------------------------------------------------------------

@@ -628,3 +628,30 @@ def test_extra_views_and_allow_other(tmp_path):
             assert read_at(mp / "extra" / "disk", 0, 65536) == d.pread(65536, 0)
             assert read_at(mp / "extra" / "p1", 0, 4096) == d.pread(4096, 128 * SECTOR)
         assert read_at(mp / "disk", 0, 16) == b"main is writable"
+
+
+def test_daemon_errors_go_to_syslog(tmp_path):
+    import logging
+    import socket
+    from vdisk.mount import api
+    address = str(tmp_path / "log")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    loggers = [logging.getLogger(n) for n in ("vdisk.mount", "fuse")]
+    saved = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    try:
+        api._log_to_syslog("/mnt/x", address=address)
+        logging.getLogger("vdisk.mount").error("read of /p2 at 0+4096 failed: boom")
+        sock.settimeout(5)
+        line = sock.recv(4096).decode()
+        assert f"vdisk-mount[{os.getpid()}]: /mnt/x: read of /p2 at 0+4096 failed: boom" in line
+    finally:
+        for lg, (handlers, level, propagate) in zip(loggers, saved):
+            for h in lg.handlers[:]:
+                if h not in handlers:
+                    lg.removeHandler(h)
+                    h.close()
+            lg.setLevel(level)
+            lg.propagate = propagate
+        sock.close()
+
