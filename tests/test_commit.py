@@ -90,5 +90,5 @@ def test_a_commit_cut_at_any_write_recovers_to_before_or_after(tmp_path, fmt, in
         return path_digest(top), path_digest(target)
     total, outcomes = assert_crash_safe(tmp_path, lambda: commit(top, into=target if into_base else None),
                                         state, [os.path.basename(p) for p in (base, mid, top)],
-                                        max_cuts=60)
+                                        max_cuts=30)
     assert outcomes == {"before", "after"} and total > 5

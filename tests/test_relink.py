@@ -141,5 +141,5 @@ def test_a_relink_or_rebase_cut_at_any_write_recovers_to_before_or_after(tmp_pat
             return os.path.basename(d.chain[1].path), path_digest(child)
     # A rebase changes the parent but never the content: before = (base, C), after = (other, C).
     total, outcomes = assert_crash_safe(tmp_path, lambda: rebase(child, other), state,
-                                        [os.path.basename(child)], max_cuts=40)
+                                        [os.path.basename(child)], max_cuts=25)
     assert "before" in outcomes and total > 3
