@@ -269,8 +269,9 @@ class AtaDisk:
         self._update_irq()
 
     def _set_signature(self) -> None:
+        """ATA device signature: Count 01h, LBA 000001h, Device 00h (DEV kept, obsolete bits read 1)."""
         self._count, self._lba_low, self._lba_mid, self._lba_high = 1, 1, 0, 0
-        self._device &= 0xF0
+        self._device &= DEV_DEV
 
     @property
     def selected(self) -> bool:
