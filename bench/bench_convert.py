@@ -40,8 +40,8 @@ def vdisk_cmd() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "vdisk.cli"]
 
 
-def run_child(cmd: list[str]) -> tuple[float, int]:
-    """(wall seconds, peak RSS in KiB) of one command."""
+def run_child(cmd: list[str]) -> tuple[float, int, float]:
+    """(wall seconds, peak RSS in KiB, CPU seconds user+system) of one command."""
     os.sync()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
@@ -50,7 +50,7 @@ def run_child(cmd: list[str]) -> tuple[float, int]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
-    return wall, usage.ru_maxrss
+    return wall, usage.ru_maxrss, usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -65,7 +65,7 @@ def main() -> None:
     print(f"image: {args.size_mib} MiB virtual, half allocated (1/4 of that all-zero), seed {SEED}; "
           f"median of {args.runs} runs")
     print(f"{'case':<12} {'pairing':<8} {'qemu-img':>9} {'vdisk':>8} {'ratio':>6} {'qemu RSS':>9} "
-          f"{'vdisk RSS':>10}  same")
+          f"{'vdisk RSS':>10} {'qemu CPU':>9} {'vdisk CPU':>10}  same")
     worst = {"durable": 0.0, "fast": 0.0}
     peak_vdisk = 0
     for sfmt, dfmt in CASES:
@@ -79,28 +79,32 @@ def main() -> None:
             "v-fast": vd + ["--no-sync", str(src[sfmt]), str(out["v-fast"])],
         }
         times: dict[str, list[float]] = {k: [] for k in cmds}
+        cpu: dict[str, list[float]] = {k: [] for k in cmds}
         rss = {k: 0 for k in cmds}
         for i in range(args.runs + 1):
             for k, cmd in cmds.items():
                 if out[k].exists():
                     out[k].unlink()
-                wall, peak = run_child(cmd)
+                wall, peak, used = run_child(cmd)
                 rss[k] = max(rss[k], peak)
                 if i:                                    # the first round warms the page cache
                     times[k].append(wall)
+                    cpu[k].append(used)
         same = all(subprocess.run(["qemu-img", "compare", "-f", QEMU_FMT[dfmt], "-F", QEMU_FMT[dfmt],
                                    str(out["q-fast"]), str(out[k])], capture_output=True).returncode == 0
                    for k in ("v-durable", "v-fast"))
         for p in out.values():
             p.unlink()
         med = {k: statistics.median(v) for k, v in times.items()}
+        mcpu = {k: statistics.median(v) for k, v in cpu.items()}
         for pairing in ("durable", "fast"):
             q, v = med[f"q-{pairing}"], med[f"v-{pairing}"]
             ratio = v / q
             worst[pairing] = max(worst[pairing], ratio)
             peak_vdisk = max(peak_vdisk, rss[f"v-{pairing}"])
             print(f"{sfmt + '->' + dfmt:<12} {pairing:<8} {q:8.2f}s {v:7.2f}s {ratio:6.2f} "
-                  f"{rss[f'q-{pairing}'] / 1024:7.1f}Mi {rss[f'v-{pairing}'] / 1024:8.1f}Mi  {same}")
+                  f"{rss[f'q-{pairing}'] / 1024:7.1f}Mi {rss[f'v-{pairing}'] / 1024:8.1f}Mi "
+                  f"{mcpu[f'q-{pairing}']:8.2f}s {mcpu[f'v-{pairing}']:9.2f}s  {same}")
     print(f"worst ratio: durable {worst['durable']:.2f}, fast {worst['fast']:.2f} (target <= 1.00); "
           f"vdisk peak RSS {peak_vdisk / 1024:.1f} MiB (target <= 100)")
 

@@ -415,3 +415,18 @@ def test_serve_with_a_mismatched_name_count_is_one_line(capsys, small_vhd):
     status, _, err = run(capsys, "serve", "nbd", small_vhd, small_vhd, "--name", "one", "--port", "0")
     assert status == 1
     assert_one_line_error(err, "--name")
+
+
+def test_convert_errors_name_the_destination_not_the_temporary_file(capsys, tmp_path):
+    empty = tmp_path / "empty.raw"
+    empty.write_bytes(b"")
+    status, _, err = run(capsys, "convert", empty, tmp_path / "e.vhd")
+    assert status == 1
+    assert_one_line_error(err, "empty")
+    huge = tmp_path / "huge.raw"
+    vdisk.create(huge, 3 << 40, format="raw").close()                 # sparse: costs nothing
+    status, _, err = run(capsys, "convert", huge, tmp_path / "huge.vhd")
+    assert status == 1
+    assert_one_line_error(err, "huge.vhd", "2040 GiB")
+    assert "vdisk-tmp" not in err
+    assert sorted(os.listdir(tmp_path)) == ["empty.raw", "huge.raw"]

@@ -92,6 +92,8 @@ def plan_output(src_size: int, format: Optional[str], subtype: Optional[str], ta
     subtype = subtype or "dynamic"
     if subtype not in SUBTYPES:
         raise ValueError(f"subtype must be 'fixed' or 'dynamic', not {subtype!r}")
+    if src_size == 0:
+        raise ValueError(f"the source is empty (0 bytes), and a {format.upper()} image cannot be empty")
     size = -(-src_size // SECTOR) * SECTOR        # VHD and VDI sizes are whole sectors
     if target == "azure":
         size = -(-size // MiB) * MiB
@@ -372,8 +374,11 @@ def convert(src: Disk, dst_path, format: Optional[str] = None, subtype: Optional
             sink = _RawSink(tmp, size, dst)
             granule = FLAT_GRANULE
         else:
-            out = _disk.create(tmp, size, format=fmt, subtype=sub, block_size=block_size,
-                               size_policy="exact")
+            try:
+                out = _disk.create(tmp, size, format=fmt, subtype=sub, block_size=block_size,
+                                   size_policy="exact")
+            except VDiskError as exc:       # name the destination, not our temporary file
+                raise VDiskError(str(exc).replace(tmp, dst)) from None
             sink = _DiskSink(out)
             granule = _granule(fmt, sub, out)
         if durable:
