@@ -545,9 +545,17 @@ def test_sigterm_while_writing_leaves_a_consistent_image(tmp_path, fmt):
         (tmp_path / "first.bin").write_bytes(first)
         res = dd_write(tmp_path / "first.bin", mp / "disk", bs=MiB, seek=0, count=8, conv="notrunc,fsync")
         assert res.returncode == 0, res.stderr
+        # O_DSYNC: every 1 MiB write is followed by an fsync through the mount, which keeps dd
+        # busy for a while and has flushes in flight when the signal lands.
         writer = subprocess.Popen(["dd", f"if={second}", f"of={mp / 'disk'}", "bs=1M", "seek=64",
-                                   "conv=notrunc", "status=none"], stderr=subprocess.PIPE)
-        time.sleep(0.4)
+                                   "conv=notrunc", "oflag=dsync", "status=none"], stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        head = read_at(second, 0, SECTOR)
+        while read_at(mp / "disk", 64 * MiB, SECTOR) != head:
+            assert time.monotonic() < deadline, "dd wrote nothing"
+            time.sleep(0.01)
+        time.sleep(0.05)
+        assert writer.poll() is None, "dd finished before the signal"
         os.kill(pid, signal.SIGTERM)
         wait_gone(pid)
         writer.wait(timeout=30)
