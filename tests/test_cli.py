@@ -11,7 +11,6 @@ import types
 import pytest
 
 import vdisk
-from vdisk import cli
 from vdisk.cli import main, parse_size
 from vdisk.info import CHAIN_KEYS, INFO_KEYS, MAP_KEYS
 from vdisk.progress import ProgressBar, human_bytes
@@ -387,7 +386,6 @@ def test_mount_onto_a_missing_mountpoint_is_one_line(capsys, small_vhd, tmp_path
 
 def test_serve_nbd_exports_the_image(tmp_path, small_vhd):
     import socket
-    import time
     from conftest import need
     need("qemu-img")
     with socket.socket() as s:

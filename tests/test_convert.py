@@ -322,3 +322,17 @@ def test_convert_without_syncs_gives_the_same_image(tmp_path, dst_kind):
     if fmt == "vdi" and need_qemu():
         r = subprocess.run(["qemu-img", "check", "-f", "vdi", dst], capture_output=True, text=True)
         assert r.returncode == 0, r.stdout
+
+
+@pytest.mark.parametrize("zero_detect", [True, False])
+def test_output_blocks_bigger_than_a_chunk_are_filled_by_several_chunks(tmp_path, monkeypatch, zero_detect):
+    monkeypatch.setattr("vdisk.convert.CHUNK", 256 << 10)          # 8 chunks per 2 MiB block
+    src, model = build_source("vdi-chain", tmp_path)
+    dst = str(tmp_path / "big-blocks.vhd")
+    with vdisk.open(src) as s:
+        convert(s, dst, "vhd", "dynamic", zero_detect=zero_detect)
+    assert read_all(dst)[:SIZE] == model
+    if need_qemu():
+        r = subprocess.run(["qemu-img", "compare", "-f", "vpc", "-F", "raw", dst, _raw_file(tmp_path, model)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout

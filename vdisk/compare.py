@@ -11,7 +11,7 @@ differ, the disks are identical only if the larger one reads as zeros past the s
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np

@@ -257,24 +257,29 @@ class _DiskSink(_Sink):
         super().__init__()
         self.disk = disk
         self.fd = disk.layers[0].file.fd
+        # The Disk serialises writes anyway; this lock also covers store_zero_blocks' look-then-
+        # allocate, so a block shared by two chunks is never allocated twice.
+        self._write_lock = threading.Lock()
 
     def pwrite(self, view, offset: int) -> None:
-        self.disk.pwrite(view, offset)
+        with self._write_lock:
+            self.disk.pwrite(view, offset)
 
     def store_zero_blocks(self, offset: int, length: int) -> None:
         """Allocate the still unallocated blocks of a range (written as zeros, so they are stored).
 
         Disk.pwrite drops zeros aimed at unallocated blocks; --no-zero-detect asks for them to be
-        stored. Chunks cover whole output blocks, so no other worker touches these blocks.
+        stored. Only blocks nobody wrote yet are touched, so their content is all zeros.
         """
         top = self.disk.layers[0]
         if top.subtype == "fixed":
             return
         bs = top.block_size
         size = self.disk.size
-        for b in range(offset // bs, -(-(offset + length) // bs)):
-            if top.block_map[b] < 0:
-                top.allocate(b, [(0, bytes(min(bs, size - b * bs)))])
+        with self._write_lock:
+            for b in range(offset // bs, -(-(offset + length) // bs)):
+                if top.block_map[b] < 0:
+                    top.allocate(b, [(0, bytes(min(bs, size - b * bs)))])
 
     def finish(self, durable: bool = True) -> None:
         if not durable:
@@ -425,7 +430,6 @@ def _copy(src: Disk, sink, granule: int, zero_detect: bool, progress: Optional[P
     local = threading.local()
     stop = threading.Event()
     tally = [0, 0]                   # bytes done, bytes written
-    lock = threading.Lock()
     if progress:
         progress(0, total)
 
