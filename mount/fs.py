@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional
 
+from vdisk import ExtentKind
 from vdisk.errors import RangeError, ReadOnlyError, VDiskError
 
 from .partitions import Partition, read_partitions
@@ -271,7 +272,7 @@ class VDiskFS(mfusepy.Operations):
         if blocks is None:
             try:
                 data = sum(e.length for e in node.state.disk.extents(node.start, node.length)
-                           if int(e.kind) == 0)
+                           if e.kind == ExtentKind.DATA)
                 blocks = -(-data // 512)
             except Exception:
                 blocks = -(-node.length // 512)

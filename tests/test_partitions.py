@@ -364,7 +364,7 @@ def test_warnings_name_the_disk_and_offset():
     assert isinstance(Partition(1, 0, 1, "0x83").type_name, str)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_random_tables_never_hang_or_crash(data):
     """Random bytes over valid tables: the parser ends quickly, within the disk, without exceptions."""
