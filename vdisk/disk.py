@@ -239,6 +239,9 @@ def open(path, mode: str = "r", *, parent_search: Sequence[str] = (), vbox_regis
         raise ValueError(f"size_policy must be 'current' or 'chs', not {size_policy!r}")
     writable = mode != "r"
     path = os.fspath(path)
+    if os.path.isdir(path + ".snapshots"):
+        # A snapshot tree (vdisk/snapshot.py) keeps the frozen parents in IMAGE.snapshots/.
+        parent_search = (*parent_search, path + ".snapshots", os.path.dirname(os.path.abspath(path)))
     layers, infos = open_chain(path, writable=writable, fmt=format, parent_search=tuple(parent_search),
                                vbox_registry=vbox_registry, size_policy=size_policy,
                                allow_parent_modified=allow_parent_modified, explicit_parent=parent)

@@ -14,16 +14,29 @@ NBD) keeps the shadows intact. See docs/shadows.md.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 from vdisk.disk import Disk
 from vdisk.disk import open as _open_disk
+from vdisk.errors import VDiskError
 from .catalog import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_SHADOWS, store_dir
 from .filter import ShadowedDisk, ShadowView
 from .shadowset import ShadowInfo
 
 __all__ = ["ShadowedDisk", "ShadowView", "ShadowInfo", "open_shadowed", "open_shadow_view", "wrap_writable",
-           "export_shadow", "has_shadows", "list_shadows", "store_dir", "DEFAULT_BLOCK_SIZE", "DEFAULT_MAX_SHADOWS"]
+           "export_shadow", "ExportResult", "has_shadows", "list_shadows", "store_dir", "DEFAULT_BLOCK_SIZE", "DEFAULT_MAX_SHADOWS"]
+COPY_CHUNK = 4 << 20
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: str
+    format: str
+    subtype: str
+    size: int
+    bytes_copied: int
+
 
 def has_shadows(image_path: str) -> bool:
     """True when a diff area exists beside the image."""
@@ -60,14 +73,45 @@ def open_shadow_view(image_path, shadow_id: str, **kwargs) -> ShadowView:
 
 
 def export_shadow(image_path, shadow_id: str, dst, *, format: Optional[str] = None,
-                  subtype: Optional[str] = None, force: bool = False, progress=None):
-    """Write one shadow as a standalone image *dst* (format from the name unless given).
+                  subtype: Optional[str] = None, force: bool = False,
+                  progress: Optional[Callable[[int, int], None]] = None) -> ExportResult:
+    """Write one shadow as a standalone image *dst* (format from its name unless given).
 
-    Returns :class:`vdisk.convert.ConvertResult`; only the shadow's data runs are copied.
+    Only the shadow's data runs are read and written; the image appears under its name only
+    when complete (it is written as ``DST.vdisk-partial`` first).
     """
-    from vdisk.convert import convert
+    import vdisk
+    dst = os.fspath(dst)
+    fmt = format or {".vhd": "vhd", ".vdi": "vdi"}.get(os.path.splitext(dst)[1].lower(), "raw")
+    sub = subtype or "dynamic"
+    if os.path.isdir(dst):
+        raise VDiskError(f"{dst}: is a directory")
+    if os.path.lexists(dst) and not force:
+        raise VDiskError(f"{dst}: already exists (use --force to overwrite)")
+    tmp = dst + ".vdisk-partial"
     with open_shadow_view(image_path, shadow_id) as view:
-        return convert(view, dst, format, subtype, force=force, progress=progress)
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        out = vdisk.create(tmp, view.size, format=fmt, subtype=sub)
+        try:
+            runs = [e for e in view.extents() if e.kind == vdisk.ExtentKind.DATA]
+            total, done = sum(e.length for e in runs), 0
+            buf = bytearray(COPY_CHUNK)
+            for e in runs:
+                for pos in range(e.offset, e.offset + e.length, COPY_CHUNK):
+                    piece = memoryview(buf)[:min(COPY_CHUNK, e.offset + e.length - pos)]
+                    view.readinto(piece, pos)
+                    out.pwrite(piece, pos)
+                    done += len(piece)
+                    if progress is not None:
+                        progress(done, total)
+            out.close()
+        except BaseException:
+            out.close()
+            os.unlink(tmp)
+            raise
+        os.replace(tmp, dst)
+        return ExportResult(dst, fmt, sub, view.size, done)
 
 
 def list_shadows(image_path) -> list[ShadowInfo]:

@@ -329,11 +329,6 @@ class ShadowView:
             merged.append(x)
         return merged
 
-    def map_runs(self, offset: int, length: int) -> list[tuple]:
-        """Low-level runs (offset, length, kind, layer or -1, -1) as :meth:`vdisk.Disk.map_runs` gives."""
-        return [(e.offset, e.length, e.kind, -1 if e.layer is None else e.layer, -1)
-                for e in self.extents(offset, length)]
-
     # -- refusing writes -----------------------------------------------------------------------
     def _refuse(self, *_args, **_kw):
         raise ReadOnlyError(f"{self.path}: a shadow copy is read-only")
