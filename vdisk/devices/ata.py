@@ -250,7 +250,7 @@ class AtaDisk:
     def hardware_reset(self) -> None:
         """Power-on / hardware reset: registers, settings (multiple, cache, geometry) to defaults."""
         p = self._power_on
-        self.id = dataclasses.replace(p)
+        self._ident = dataclasses.replace(p)
         self._feature = self._hob_feature = 0
         self._count = self._hob_count = 0
         self._lba_low = self._hob_lba_low = 0
@@ -294,20 +294,20 @@ class AtaDisk:
 
     @property
     def identify_state(self) -> IdentifyState:
-        return self.id
+        return self._ident
 
     @property
     def geometry(self) -> Geometry:
         """The current CHS translation (IDENTIFY words 54-56)."""
-        return self.id.current_geometry
+        return self._ident.current_geometry
 
     @property
     def multiple(self) -> int:
-        return self.id.multiple
+        return self._ident.multiple
 
     @property
     def write_cache(self) -> bool:
-        return self.id.write_cache
+        return self._ident.write_cache
 
     @property
     def dma_request(self) -> Optional[DmaRequest]:
@@ -337,7 +337,7 @@ class AtaDisk:
 
     def identify(self) -> bytes:
         """The 512-byte IDENTIFY DEVICE block as the device would return it now."""
-        return build_identify(self.id)
+        return build_identify(self._ident)
 
     # ------------------------------------------------------------------------------------------
     # interrupts
@@ -435,11 +435,11 @@ class AtaDisk:
             self._standby = False
             self._set_signature()
             if self._revert_defaults:
-                self.id.multiple = self._power_on.multiple
-                self.id.write_cache = self._power_on.write_cache
-                self.id.look_ahead = self._power_on.look_ahead
-                self.id.current_geometry = self._power_on.current_geometry
-                self.id.xfer_mode = self._power_on.xfer_mode
+                self._ident.multiple = self._power_on.multiple
+                self._ident.write_cache = self._power_on.write_cache
+                self._ident.look_ahead = self._power_on.look_ahead
+                self._ident.current_geometry = self._power_on.current_geometry
+                self._ident.xfer_mode = self._power_on.xfer_mode
         self._control = value
         self._update_irq()
 
@@ -723,7 +723,7 @@ class AtaDisk:
                 lba = ((self._device & 0x0F) << 24) | (self._lba_high << 16) | (self._lba_mid << 8) | self._lba_low
                 mode, limit = "lba28", min(self.total_sectors, LBA28_LIMIT)
             else:
-                geo = self.id.current_geometry
+                geo = self._ident.current_geometry
                 found = geo.to_lba((self._lba_high << 8) | self._lba_mid, self._device & 0x0F, self._lba_low)
                 if found is None:
                     raise _Fail(IDNF)
@@ -737,7 +737,7 @@ class AtaDisk:
 
     def _set_lba(self, lba: int, mode: str) -> None:
         if mode == "chs":
-            geo = self.id.current_geometry
+            geo = self._ident.current_geometry
             if geo.heads and geo.sectors:
                 cyl, head, sector = geo.to_chs(lba)
                 self._lba_low = sector & 0xFF
@@ -823,9 +823,9 @@ class AtaDisk:
 
     def _pio_block_size(self, cmd: int) -> int:
         if cmd in (0xC4, 0x29, 0xC5, 0x39, 0xCE):
-            if not self.id.multiple:
+            if not self._ident.multiple:
                 raise _Fail(ABRT)
-            return self.id.multiple
+            return self._ident.multiple
         return 1
 
     def _cmd_read_pio(self, cmd: int, ext: bool) -> None:
@@ -866,7 +866,7 @@ class AtaDisk:
         if self.read_only:
             raise _Fail(ABRT)
         lba, count, mode = self._decode(ext)
-        flush = cmd in _FUA_COMMANDS or not self.id.write_cache
+        flush = cmd in _FUA_COMMANDS or not self._ident.write_cache
         self._xfer = _Xfer("pio_out", lba, count, block, mode, flush)
         self._status = _OK | DRQ         # first DRQ block: no interrupt
 
@@ -902,7 +902,7 @@ class AtaDisk:
         if self.read_only:
             raise _Fail(ABRT)
         lba, count, mode = self._decode(ext)
-        flush = cmd in _FUA_COMMANDS or not self.id.write_cache
+        flush = cmd in _FUA_COMMANDS or not self._ident.write_cache
         self._xfer = _Xfer("dma_out", lba, count, count, mode, flush)
         self._status = _OK | DRQ
 
@@ -937,10 +937,10 @@ class AtaDisk:
         heads = (self._device & 0x0F) + 1
         if sectors == 0:
             raise _Fail(ABRT)
-        cylinders = min(0xFFFF, self.id.default_geometry.capacity // (heads * sectors))
+        cylinders = min(0xFFFF, self._ident.default_geometry.capacity // (heads * sectors))
         if cylinders == 0:
             raise _Fail(ABRT)
-        self.id.current_geometry = Geometry(cylinders, heads, sectors)
+        self._ident.current_geometry = Geometry(cylinders, heads, sectors)
         self._finish_ok()
 
     def _cmd_standby(self, cmd: int, ext: bool) -> None:
@@ -957,9 +957,9 @@ class AtaDisk:
 
     def _cmd_set_multiple(self, cmd: int, ext: bool) -> None:
         n = self._count
-        if n and (n > self.id.max_multiple or n & (n - 1)):
+        if n and (n > self._ident.max_multiple or n & (n - 1)):
             raise _Fail(ABRT)
-        self.id.multiple = n
+        self._ident.multiple = n
         self._finish_ok()
 
     def _cmd_read_native_max(self, cmd: int, ext: bool) -> None:
@@ -971,7 +971,7 @@ class AtaDisk:
         elif mode == "lba28":
             last = min(self.total_sectors, LBA28_LIMIT) - 1
         else:
-            geo = self.id.current_geometry
+            geo = self._ident.current_geometry
             last = min(self.total_sectors, geo.capacity) - 1
             if last < 0:
                 raise _Fail(ABRT)
@@ -981,20 +981,20 @@ class AtaDisk:
     def _cmd_set_features(self, cmd: int, ext: bool) -> None:
         sub = self._feature
         if sub == 0x02:
-            self.id.write_cache = True
+            self._ident.write_cache = True
         elif sub == 0x82:
-            self.id.write_cache = False
+            self._ident.write_cache = False
             self._flush()
         elif sub == 0x03:
             kind = {0x00: PIO, 0x01: PIO, 0x02: SWDMA, 0x04: MWDMA, 0x08: UDMA}.get(self._count >> 3)
             n = self._count & 0x07
             if kind is None or n > MODE_LIMITS[kind] or (self._count >> 3 == 0 and n > 1):
                 raise _Fail(ABRT)
-            self.id.xfer_mode = (kind, n)
+            self._ident.xfer_mode = (kind, n)
         elif sub == 0xAA:
-            self.id.look_ahead = True
+            self._ident.look_ahead = True
         elif sub == 0x55:
-            self.id.look_ahead = False
+            self._ident.look_ahead = False
         elif sub == 0x66:
             self._revert_defaults = False
         elif sub == 0xCC:
@@ -1008,7 +1008,7 @@ class AtaDisk:
     def _cmd_dsm(self, cmd: int, ext: bool) -> None:
         features = (self._hob_feature << 8) | self._feature
         blocks = (self._hob_count << 8) | self._count
-        if not (features & 1) or not self.id.trim or blocks == 0 or blocks > self.id.dsm_max_blocks:
+        if not (features & 1) or not self._ident.trim or blocks == 0 or blocks > self._ident.dsm_max_blocks:
             raise _Fail(ABRT)
         if self.read_only:
             raise _Fail(ABRT)
