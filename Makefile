@@ -3,10 +3,10 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := qemu-utils libvhdi-utils fuse3 libnbd-bin python3-libnbd nbdkit libiscsi-bin hdparm \
+APT_PACKAGES := qemu-utils qemu-system-x86 libvhdi-utils fuse3 libnbd-bin python3-libnbd nbdkit libiscsi-bin hdparm \
                 e2fsprogs fdisk gdisk xz-utils bzip2 tar
 # Binaries that prove each package is present (checked before calling apt).
-APT_PROBES := qemu-img vhdiinfo fusermount3 nbdinfo iscsi-test-cu hdparm debugfs sfdisk sgdisk xz bzip2 nbdkit
+APT_PROBES := qemu-img qemu-system-x86_64 vhdiinfo fusermount3 nbdinfo iscsi-test-cu hdparm debugfs sfdisk sgdisk xz bzip2 nbdkit
 
 .PHONY: demo test bench deps venv clean
 
