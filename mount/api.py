@@ -123,7 +123,9 @@ def _open_image(image: str, rw: bool, parent_search: tuple):
     try:
         return vdisk.open(image, "r+" if rw else "r", parent_search=parent_search)
     except LockError as exc:
-        raise LockError(f"{exc} (is it mounted read-write elsewhere? 'vdisk umount MOUNTPOINT' ends that)") from None
+        # A read-only open is kept out only by a writer; a read-write one by any other user.
+        hint = "mounted or open elsewhere" if rw else "mounted read-write elsewhere"
+        raise LockError(f"{exc} (is it {hint}? 'vdisk umount MOUNTPOINT' ends a mount)") from None
 
 
 def _serve(*, image, mountpoint, rw, allow_other, parent_search, extra_views, debug, warn, on_ready) -> None:

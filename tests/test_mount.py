@@ -406,16 +406,20 @@ def test_rw_mount_locks_the_image(tmp_path):
     image = tmp_path / "img.vhd"
     vdisk.create(image, 8 * MiB).close()
     with mounted(image, tmp_path / "a", rw=True):
-        for rw in (False, True):
-            os.makedirs(tmp_path / "b", exist_ok=True)
-            with pytest.raises(LockError, match="mounted read-write elsewhere"):
-                mount_image(image, tmp_path / "b", rw=rw)
+        os.makedirs(tmp_path / "b")
+        with pytest.raises(LockError, match="mounted read-write elsewhere"):
+            mount_image(image, tmp_path / "b")
+        with pytest.raises(LockError, match="mounted or open elsewhere"):
+            mount_image(image, tmp_path / "b", rw=True)
         with pytest.raises(LockError):
             vdisk.open(image, "r+")
     # two read-only mounts share the image; a writer is kept out
     with mounted(image, tmp_path / "a"), mounted(image, tmp_path / "b"):
         with pytest.raises(LockError):
             vdisk.open(image, "r+")
+        os.makedirs(tmp_path / "c")
+        with pytest.raises(LockError, match="mounted or open elsewhere"):
+            mount_image(image, tmp_path / "c", rw=True)
     vdisk.open(image, "r+").close()
 
 
