@@ -51,6 +51,12 @@ _NO_UNIT_ATTENTION = frozenset((0x12, 0xA0, 0x03))   # INQUIRY, REPORT LUNS, REQ
 _GOOD_EMPTY = ScsiResult(GOOD, b"", b"")
 
 
+# (flags, LBA, transfer length) of the 10/12/16-byte READ/WRITE/VERIFY layouts, in one unpack
+_CDB10 = struct.Struct(">xBIxH")
+_CDB12 = struct.Struct(">xBII")
+_CDB16 = struct.Struct(">xBQI")
+
+
 def cdb_length(opcode: int) -> Optional[int]:
     """CDB length implied by the opcode's group code, or None for variable/vendor groups."""
     return _GROUP_LENGTH.get(opcode >> 5)
@@ -132,15 +138,16 @@ class ScsiDisk:
             self._nexuses.add(nexus)
         if not cdb:
             return ScsiResult(CHECK_CONDITION, _EMPTY, fixed_sense(ILLEGAL_REQUEST, *ASC_INVALID_OPCODE))
-        if self._pending_ua and nexus in self._pending_ua and cdb[0] not in _NO_UNIT_ATTENTION:
+        op = cdb[0]
+        if self._pending_ua and nexus in self._pending_ua and op not in _NO_UNIT_ATTENTION:
             return ScsiResult(CHECK_CONDITION, _EMPTY, self._pending_ua.pop(nexus))
         try:
-            handler = self._handlers.get(cdb[0])
+            handler = self._handlers.get(op)
             if handler is None:
                 raise SenseError(ILLEGAL_REQUEST, ASC_INVALID_OPCODE, field=0)
-            if len(cdb) < _GROUP_LENGTH[cdb[0] >> 5]:
+            if len(cdb) < _GROUP_LENGTH[op >> 5]:
                 raise SenseError(ILLEGAL_REQUEST, ASC_INVALID_FIELD_IN_CDB)
-            if cdb[0] == 0x03:
+            if op == 0x03:
                 return ScsiResult(GOOD, self._request_sense(cdb, nexus), _EMPTY)
             data = handler(cdb, data_out)
             return ScsiResult(GOOD, data, _EMPTY) if data else _GOOD_EMPTY
@@ -291,13 +298,16 @@ class ScsiDisk:
         return self._read(lba, cdb[4] or 256, 0)
 
     def _read10(self, cdb, data_out):
-        return self._read(_u32(cdb, 2), _u16(cdb, 7), cdb[1])
+        flags, lba, n = _CDB10.unpack_from(cdb)
+        return self._read(lba, n, flags)
 
     def _read12(self, cdb, data_out):
-        return self._read(_u32(cdb, 2), _u32(cdb, 6), cdb[1])
+        flags, lba, n = _CDB12.unpack_from(cdb)
+        return self._read(lba, n, flags)
 
     def _read16(self, cdb, data_out):
-        return self._read(_u64(cdb, 2), _u32(cdb, 10), cdb[1])
+        flags, lba, n = _CDB16.unpack_from(cdb)
+        return self._read(lba, n, flags)
 
     def _write(self, lba: int, n: int, flags: int, data_out, length_field: int, *,
                verify: bool = False) -> bytes:
