@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import struct
 
-import pytest
-
 import vdisk
 from vdisk import journal
 from vdisk.check import check
@@ -166,6 +164,18 @@ def test_vhd_table_too_small_for_the_size_is_corruption(tmp_path):
         _patch(p, off, with_checksum(bytes(f), FOOTER_CHECKSUM_OFFSET))
     r = check(p, repair=True)
     assert "size-mismatch" in _kinds(r) and r.exit_code == 2
+
+
+def test_vhd_dynamic_bitmap_that_hides_data_is_corrected(tmp_path):
+    p = _vhd(tmp_path)
+    block0 = struct.unpack(">I", _read(p, _bat_offset(p), 4))[0] * 512
+    _patch(p, block0, b"\x00" * 64)                   # first 512 sectors marked unwritten
+    found = next(f for f in check(p).findings if f.kind == "bitmap-mismatch")
+    assert "512 sectors in 1 blocks" in found.message
+    _repaired(p, "bitmap-mismatch")
+    assert _read(p, block0, 64) == b"\xff" * 64
+    with vdisk.open(p) as d:
+        assert d.pread(1, 0) == b"\x01"
 
 
 def test_vhd_fixed_footer_checksum_is_repaired(tmp_path):

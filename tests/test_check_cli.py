@@ -5,8 +5,6 @@ import json
 import os
 import struct
 
-import pytest
-
 import vdisk
 from vdisk import journal
 from vdisk.cli import main

@@ -3,7 +3,6 @@ and what the guest reads never changes, even when the run is cut at any write.""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 
 import numpy as np

@@ -1,8 +1,6 @@
 """The write-ahead journal: every interruption is rolled back or completed, never half-applied."""
 from __future__ import annotations
 
-import os
-
 import pytest
 
 import vdisk

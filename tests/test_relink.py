@@ -3,7 +3,6 @@ rewritten; rebasing onto other content keeps what the guest reads; a cut at any 
 from __future__ import annotations
 
 import os
-import struct
 
 import pytest
 

@@ -9,7 +9,6 @@ journaled transaction and reports what it did; the exit code then describes the 
 from __future__ import annotations
 
 import os
-import uuid as uuidlib
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
@@ -22,7 +21,7 @@ from vdisk.formats.vhd_structs import (BAT_UNUSED, DISK_DIFFERENCING, DISK_FIXED
                                        FOOTER_COOKIE, FOOTER_SIZE, HEADER_CHECKSUM_OFFSET, HEADER_COOKIE,
                                        HEADER_SIZE, SUBTYPE_NAMES as VHD_SUBTYPES, DynamicHeader, Footer,
                                        vhd_checksum, with_checksum)
-from vdisk.formats.vdi_structs import (BLOCK_ZERO, HEADER_V0_END, HEADER_V1, HEADER_V1_PLUS, PRE_HEADER_SIZE,
+from vdisk.formats.vdi_structs import (BLOCK_ZERO, HEADER_V1, HEADER_V1_PLUS, PRE_HEADER_SIZE,
                                        SIGNATURE, SUBTYPE_NAMES as VDI_SUBTYPES, VERSION_0, HeaderV1, PreHeader)
 
 SECTOR = 512
@@ -104,16 +103,17 @@ def _footer_sane(f) -> bool:
             and 0 < f.current_size <= (1 << 48))
 
 
-class _VhdPlan:
-    """What was found in a VHD and the writes that would repair it."""
+class _Plan:
+    """The writes that would repair what was found, and the file size afterwards."""
 
     def __init__(self):
         self.writes: list[tuple[int, bytes]] = []
         self.final_size: Optional[int] = None
-        self.footer: Optional[bytes] = None
+        self.footer: Optional[bytes] = None          # VHD: the footer to put at the end of data
+        self.footer_at: Optional[int] = None
 
 
-def _check_vhd(file: ImageFile, report: CheckReport, plan: _VhdPlan) -> None:
+def _check_vhd(file: ImageFile, report: CheckReport, plan: _Plan) -> None:
     path, size = file.path, file.size()
     add = report.findings.append
     if size < FOOTER_SIZE:
@@ -240,6 +240,8 @@ def _check_vhd(file: ImageFile, report: CheckReport, plan: _VhdPlan) -> None:
         newbat = bat.copy()
         newbat[sorted(drop)] = BAT_UNUSED
         plan.writes.append((toff, newbat.astype(">u4").tobytes()))
+    if f.disk_type != DISK_DIFFERENCING:
+        _check_dynamic_bitmaps(file, live, bs, report, plan)
     # Leaks: data-area bytes nothing references.
     # Gaps smaller than a block are alignment padding (Windows aligns data to 4 KiB), not leaks.
     used_end = max([meta_end] + [e for _, e in live])
@@ -260,13 +262,35 @@ def _check_vhd(file: ImageFile, report: CheckReport, plan: _VhdPlan) -> None:
     if tail_leak or eof is None or (eof is not None and not eof_ok):
         plan.final_size = new_end + FOOTER_SIZE
         plan.footer_at = new_end
-    _check_vhd_parent(file, f, h, report)
+    if f.disk_type == DISK_DIFFERENCING:
+        _check_parent_identity(file.path, report)
 
 
-def _check_vhd_parent(file: ImageFile, f, h, report: CheckReport) -> None:
-    if f.disk_type != DISK_DIFFERENCING:
-        return
-    _check_parent_identity(file.path, report)
+def _check_dynamic_bitmaps(file: ImageFile, live: list, bs: int, report: CheckReport, plan: _Plan) -> None:
+    """Dynamic VHD: a clear bitmap bit promises a zero sector. QEMU and vdisk read the data
+    regardless, libvhdi trusts the bit: non-zero data under a clear bit reads differently in
+    different tools. Only blocks whose bitmap is not all ones are read."""
+    nbytes = _bitmap_bytes(bs)
+    spb = bs // SECTOR
+    bad_blocks, bad_sectors = 0, 0
+    for start, _ in live:
+        raw = file.pread(nbytes, start)
+        bits = np.unpackbits(np.frombuffer(raw[: spb // 8], dtype=np.uint8)).astype(bool)
+        if bits.all():
+            continue
+        data = file.pread(bs, start + nbytes).ljust(bs, b"\0")
+        nz = np.frombuffer(data, dtype=np.uint8).reshape(spb, SECTOR).any(axis=1)
+        wrong = nz & ~bits
+        if wrong.any():
+            bad_blocks += 1
+            bad_sectors += int(wrong.sum())
+            fixed = np.packbits(bits | nz).tobytes()
+            plan.writes.append((start, fixed + raw[len(fixed):]))
+    if bad_blocks:
+        report.findings.append(Finding(
+            "bitmap-mismatch", "corruption",
+            f"{bad_sectors} sectors in {bad_blocks} blocks hold data but are marked unwritten in the sector "
+            f"bitmap (tools disagree on what they read)", fixable=True))
 
 
 def _check_parent_identity(path: str, report: CheckReport) -> None:
@@ -289,7 +313,7 @@ def _check_parent_identity(path: str, report: CheckReport) -> None:
 # ---------------------------------------------------------------------------------------------
 # VDI
 # ---------------------------------------------------------------------------------------------
-def _check_vdi(file: ImageFile, report: CheckReport, plan: _VhdPlan) -> None:
+def _check_vdi(file: ImageFile, report: CheckReport, plan: _Plan) -> None:
     path, size = file.path, file.size()
     add = report.findings.append
     if size < PRE_HEADER_SIZE + HEADER_V1:
@@ -382,7 +406,7 @@ def _check_vdi(file: ImageFile, report: CheckReport, plan: _VhdPlan) -> None:
 # ---------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------
-def _analyse(path: str, report: CheckReport, plan: _VhdPlan) -> None:
+def _analyse(path: str, report: CheckReport, plan: _Plan) -> None:
     from .probe import probe_file
     try:
         file = ImageFile(path, lock=False)
@@ -424,7 +448,7 @@ def check(path: str, repair: bool = False, *, parent_search: Sequence[str] = (),
         except VDiskError as exc:
             report.error = str(exc)
             return report
-    plan = _VhdPlan()
+    plan = _Plan()
     _analyse(path, report, plan)
     if not repair or report.error is not None or not any(f.fixable for f in report.findings):
         return report
@@ -437,7 +461,7 @@ def check(path: str, repair: bool = False, *, parent_search: Sequence[str] = (),
     after = _new_report(path, parent_search, vbox_registry)
     after.repairs = before.repairs + done
     after.repaired_kinds = sorted({f.kind for f in before.findings if f.fixable})
-    _analyse(path, after, _VhdPlan())
+    _analyse(path, after, _Plan())
     return after
 
 
@@ -448,7 +472,7 @@ def _new_report(path, parent_search, vbox_registry) -> CheckReport:
     return report
 
 
-def _repair(path: str, report: CheckReport, plan: _VhdPlan) -> list[str]:
+def _repair(path: str, report: CheckReport, plan: _Plan) -> list[str]:
     done = []
     file = ImageFile(path, writable=True)
     try:
@@ -458,7 +482,7 @@ def _repair(path: str, report: CheckReport, plan: _VhdPlan) -> list[str]:
             redo = []
             final = plan.final_size
             if report.format == "vhd" and plan.footer is not None and final is not None:
-                redo.append((getattr(plan, "footer_at", final - FOOTER_SIZE), plan.footer))
+                redo.append((plan.footer_at if plan.footer_at is not None else final - FOOTER_SIZE, plan.footer))
             tx.commit(final_size=final, redo=redo)
     finally:
         file.close()
@@ -475,6 +499,7 @@ def _repair(path: str, report: CheckReport, plan: _VhdPlan) -> list[str]:
         "map-range": "dropped block map entries that pointed beyond the image",
         "map-overlap": "dropped block map entries that shared a slot",
         "allocated-count": "corrected the header's allocated-block counter",
+        "bitmap-mismatch": "marked the sectors that hold data as written in the sector bitmaps",
         "leak-tail": "truncated the unreferenced bytes at the end of the file",
     }
     for kind in sorted(kinds):

@@ -17,13 +17,12 @@ import numpy as np
 
 from . import journal
 from .errors import UnsupportedError, VDiskError
-from .layout import SparseFile, content_digest
+from .layout import SparseFile
 from vdisk.formats.base import SECTOR, ZERO
 from vdisk.formats.vdi_structs import PRE_HEADER_SIZE
 from vdisk.formats.vhd import MAX_DYNAMIC_SIZE, plan_size
 from vdisk.formats.vhd_structs import (BAT_UNUSED, FOOTER_CHECKSUM_OFFSET, HEADER_CHECKSUM_OFFSET,
-                                       LOCATOR_OFFSET, LOCATOR_SIZE, DynamicHeader, Footer, ParentLocator,
-                                       with_checksum)
+                                       DynamicHeader, Footer, with_checksum)
 
 CHUNK = 8 << 20
 
@@ -47,21 +46,6 @@ class ResizeReport:
         verb = "grew" if self.new_size > self.old_size else "shrank" if self.new_size < self.old_size else "kept"
         moved = f", moved {self.moved_blocks} blocks" if self.moved_blocks else ""
         return f"{self.path}: {verb} {self.format} {self.subtype} from {self.old_size} to {self.new_size} bytes{moved}"
-
-
-def parse_size(text: str) -> int:
-    """'10G', '512M', '+1G' relative sizes are handled by the caller; plain bytes or K/M/G/T suffixes."""
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = 1
-    for suffix, m in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30), ("T", 1 << 40)):
-        if t.endswith(suffix):
-            t, mult = t[:-1], m
-            break
-    try:
-        value = float(t) * mult
-    except ValueError:
-        raise VDiskError(f"invalid size {text!r} (use bytes or a K/M/G/T suffix)") from None
-    return int(value)
 
 
 def resize(path: str, new_size: int, *, shrink: bool = False, verify: bool = False) -> ResizeReport:
