@@ -55,7 +55,7 @@ def mount_image(image, mountpoint, *, rw: bool = False, foreground: bool = False
     *extra_views*: read-only Disk objects to show beside the image, as a mapping ``name -> Disk``
     (``"shadows/1"`` gives ``shadows/1/disk``, ``shadows/1/p1``...) or a callable that receives the
     opened image's Disk and returns such a mapping. The mount takes ownership of these Disks and
-    closes them when it ends. *warn* receives warnings (default: printed on stderr); *on_ready* is
+    closes them when it ends (in daemon mode the caller's copies are closed at once). *warn* receives warnings (default: printed on stderr); *on_ready* is
     called once the mount is usable (foreground mode).
 
     Returns the daemon's pid, or None in foreground mode (after the unmount).
@@ -173,6 +173,11 @@ def _daemonize(warn, args: dict) -> int:
         finally:
             os._exit(code)
     os.close(status_w)
+    # The daemon owns the extra views now; our copies would only hold their locks after it ends.
+    if not callable(args["extra_views"]):
+        for view in (args["extra_views"] or {}).values():
+            if getattr(view, "read_only", False):
+                view.close()
     os.waitpid(child, 0)
     lines, ready_pid, error = _read_status(status_r, READY_TIMEOUT)
     os.close(status_r)

@@ -621,6 +621,7 @@ def test_extra_views_and_allow_other(tmp_path):
     mp = tmp_path / "m"
     views = {"shadows/1": vdisk.open(gpt), "shadows/2": vdisk.open(fixed)}
     with mounted(image, mp, rw=True, allow_other=True, extra_views=views):
+        assert all(d.closed for d in views.values())       # the daemon has its own copies
         assert "allow_other" in mount_line(mp)
         assert sorted(os.listdir(mp)) == ["disk", "shadows"]
         assert sorted(os.listdir(mp / "shadows")) == ["1", "2"]
