@@ -323,6 +323,7 @@ class TargetConnection:
 
     def reject(self, pdu: Pdu, reason: int) -> bytes:
         bhs = self._header(OP_REJECT, 0x80, RESERVED_TAG)
+        bhs[2] = reason
         self._seq(bhs, advance_stat=True)
         return encode_pdu(bhs, pdu.bhs)
 
