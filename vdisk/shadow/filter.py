@@ -150,11 +150,20 @@ class ShadowedDisk(Disk):
 
     def pwrite(self, data, offset: int) -> int:
         n = memoryview(data).nbytes
-        self._guard(offset, n)
-        with self.shadow_set.lock:
+        ss = self.shadow_set
+        with ss.lock:
+            # Fast path, a re-write: the block is already preserved in the newest store and the
+            # session is marked; Disk.pwrite checks the range and the mode itself.
+            store = ss.newest_store()
+            if store is not None and n and ss.session_open:
+                bs = ss.block_size
+                b = offset // bs
+                if b == (offset + n - 1) // bs and b in store.entries:
+                    return Disk.pwrite(self, data, offset)
+            self._guard(offset, n)
             if n:
                 self._preserve(offset, n, zeroing=False)
-            return super().pwrite(data, offset)
+            return Disk.pwrite(self, data, offset)
 
     def write_zeroes(self, offset: int, length: int, *, keep_allocated: bool = False) -> None:
         self._guard(offset, length)

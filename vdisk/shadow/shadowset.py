@@ -184,6 +184,10 @@ class ShadowSet:
         if not self.writable:
             raise ReadOnlyError(f"{self.image_path}: opened read-only; shadows cannot be changed")
 
+    @property
+    def session_open(self) -> bool:
+        return self._session_open
+
     def begin_session(self) -> None:
         """Before the first live change of a session: mark that a vdisk writer is at work."""
         if not self._session_open and self.newest_store() is not None:
