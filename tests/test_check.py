@@ -281,3 +281,16 @@ def test_json_report_carries_the_exit_code(tmp_path):
     p = _vdi(tmp_path)
     d = check(p).to_dict()
     assert d["exit_code"] == 0 and d["clean"] and d["format"] == "vdi"
+
+
+# -- real images ------------------------------------------------------------------------------
+def test_every_fixture_checks_clean_except_the_one_whose_parent_is_missing():
+    from conftest import fixture_image, manifest
+    for name in manifest():
+        if name.endswith(".tar.bz2"):
+            continue                                   # the 8 GiB VirtualBox image: see test_compact (slow)
+        r = check(str(fixture_image(name)))
+        if name == "dfvfs_fat-differential.vhd":       # its parent is not shipped
+            assert r.exit_code == 2 and _kinds(r) == {"parent"}, r.summary()
+        else:
+            assert r.exit_code == 0, f"{name}: {r.summary()}"

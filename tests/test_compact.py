@@ -3,6 +3,7 @@ and what the guest reads never changes, even when the run is cut at any write.""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 
 import numpy as np
@@ -223,3 +224,29 @@ def test_virtualbox_fixture_shrinks_by_the_zeroed_blocks_with_identical_content(
     chk = _qemu("check", "-f", "vdi", p)
     assert chk.returncode == 0, chk.stdout + chk.stderr
     assert check(p).exit_code == 0
+
+
+@pytest.mark.parametrize("name", ["rdisk_win7dyn.vhd.xz", "rdisk_vhd_dynamic_small_gpt.vhd.xz", "dfvfs_ext2.vhd"])
+def test_compacting_real_vhds_keeps_their_content(tmp_path, name):
+    from conftest import fixture_image
+    p = str(tmp_path / "img.vhd")
+    subprocess.run(["cp", "--sparse=always", str(fixture_image(name)), p], check=True)
+    with vdisk.open(p, "r+") as d:                   # zero the physically first block: forces moves
+        sf = SparseFile(d.layers[0])
+        starts = sf.unit_starts()
+        first = int(np.argmin(np.where(starts >= 0, starts, np.iinfo(np.int64).max)))
+        d.write_zeroes(first * d.block_size, min(d.block_size, d.size - first * d.block_size))
+        allocated = int((starts >= 0).sum())
+    before = path_digest(p)
+    size = os.path.getsize(p)
+    r = compact(p, verify=True)
+    assert r.verified and path_digest(p) == before
+    assert r.unallocated == 1 and r.moved == (1 if allocated > 1 else 0)
+    assert os.path.getsize(p) < size
+    assert check(p).exit_code == 0
+    if shutil.which("qemu-img"):
+        ref = str(tmp_path / "ref.raw")
+        with vdisk.open(p) as d, open(ref, "wb") as f:
+            f.write(d.pread(d.size, 0))
+        cmp = subprocess.run(["qemu-img", "compare", "-f", "vpc", "-F", "raw", p, ref], capture_output=True, text=True)
+        assert cmp.returncode == 0, cmp.stdout + cmp.stderr

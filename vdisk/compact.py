@@ -239,15 +239,14 @@ def compact(path: str, *, dry_run: bool = False, to: Optional[str] = None, verif
         final_size = new_end + (512 if sf.format == "vhd" else 0)
         changed = bool(moves) or not np.array_equal(new_map, layer.block_map) or final_size < size_before
         report.size_after = min(final_size, size_before) if changed else size_before
-        if dry_run or not changed:
-            return report
-        for blk, src, dst in moves:
-            new_map[blk] = dst + sf.skip
-        _apply(sf, layer, new_map, moves, scan.dropped, live, final_size, new_end)
-        report.size_after = layer.file.size()
+        if changed and not dry_run:
+            for blk, src, dst in moves:
+                new_map[blk] = dst + sf.skip
+            _apply(sf, layer, new_map, moves, scan.dropped, live, final_size, new_end)
+            report.size_after = layer.file.size()
     finally:
         disk.close()
-    if verify:
+    if verify and not dry_run:
         report.verified = _verify(path, before, parent_search, vbox_registry)
     return report
 
