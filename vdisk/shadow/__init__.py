@@ -25,7 +25,9 @@ from .filter import ShadowedDisk, ShadowView
 from .shadowset import ShadowInfo
 
 __all__ = ["ShadowedDisk", "ShadowView", "ShadowInfo", "open_shadowed", "open_shadow_view", "wrap_writable",
-           "export_shadow", "ExportResult", "has_shadows", "list_shadows", "store_dir", "DEFAULT_BLOCK_SIZE", "DEFAULT_MAX_SHADOWS"]
+           "export_shadow", "ExportResult", "has_shadows", "list_shadows", "shadow_views", "store_dir",
+           "DEFAULT_BLOCK_SIZE", "DEFAULT_MAX_SHADOWS"]
+
 COPY_CHUNK = 4 << 20
 
 
@@ -70,6 +72,22 @@ def open_shadow_view(image_path, shadow_id: str, **kwargs) -> ShadowView:
     except BaseException:
         disk.close()
         raise
+
+
+def shadow_views(disk: Disk) -> dict[str, ShadowView]:
+    """Read-only views of every valid shadow of an opened image, as ``{"shadows/<id>": view}``.
+
+    Made for ``vdisk.mount.mount_image(..., extra_views=shadow_views)``: a read-write mount's
+    disk is a :class:`ShadowedDisk` and its views share it; for a read-only mount each view opens
+    the image once more (read-only) and owns that open.
+    """
+    if isinstance(disk, ShadowedDisk):
+        return {f"shadows/{s.id}": disk.shadow_view(s.id) for s in disk.shadows if s.valid}
+    if not has_shadows(disk.path):
+        return {}
+    with open_shadowed(disk.path, "r") as probe:
+        ids = [s.id for s in probe.shadows if s.valid]
+    return {f"shadows/{sid}": open_shadow_view(disk.path, sid) for sid in ids}
 
 
 def export_shadow(image_path, shadow_id: str, dst, *, format: Optional[str] = None,
