@@ -1,0 +1,471 @@
+"""NBD export of vdisk images: an asyncio server around the sans-IO protocol in
+:mod:`vdisk.serve.nbd_proto`.
+
+    from vdisk.serve.nbd import serve_nbd
+    serve_nbd(["a.vhd", "b.vdi"])               # nbd://127.0.0.1:10809/a.vhd and /b.vdi, read-only
+
+Several clients at once; several exports by name (default: the image's file name; ``names``
+overrides); read-only unless ``rw=True``; loopback unless ``host`` says otherwise. Disk I/O runs in
+a thread pool, so a slow request on one connection never stalls another, and one client's
+requests run concurrently (replies may come back out of order, as NBD allows).
+
+For tests and embedding, :class:`BackgroundNBDServer` runs the same server in a thread on a free
+port::
+
+    with BackgroundNBDServer([disk]) as srv:
+        subprocess.run(["qemu-img", "info", srv.uri()])
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import signal
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+from ..errors import VDiskError
+from .nbd_proto import (CMD_READ, CMD_WRITE, NEED_DATA, Closed, ExportChosen, ExportInfo, Request,
+                        ServerConnection, handle_request)
+
+log = logging.getLogger("vdisk.nbd")
+
+DEFAULT_PORT = 10809
+DEFAULT_SHARED = 8              # simultaneous clients; more wait (queued) for a free slot
+RECV_CHUNK = 1024 * 1024
+MAX_INFLIGHT_BYTES = 64 * 1024 * 1024   # per connection: payload of requests being served
+MAX_INFLIGHT_REQUESTS = 64              # per connection
+HANDSHAKE_TIMEOUT = 60.0                # seconds a client may take to reach transmission
+
+
+@dataclass
+class Export:
+    name: str
+    disk: object
+    info: ExportInfo
+    owned: bool              # opened by us: closed when the server stops
+
+
+def _disk_writable(disk) -> Optional[bool]:
+    """Whether a Disk object was opened writable, if it tells."""
+    for attr, meaning in (("writable", True), ("readonly", False), ("read_only", False)):
+        value = getattr(disk, attr, None)
+        if isinstance(value, bool):
+            return value if meaning else not value
+    mode = getattr(disk, "mode", None)
+    if isinstance(mode, str):
+        return "+" in mode or "w" in mode
+    return None
+
+
+def _describe(disk) -> str:
+    parts = [str(p) for p in (getattr(disk, "format", None), getattr(disk, "subtype", None)) if p]
+    chain = getattr(disk, "chain", None)
+    try:
+        depth = len(chain) if chain is not None else 0
+    except TypeError:
+        depth = 0
+    if depth > 1:
+        parts.append(f"chain of {depth}")
+    return " ".join(parts)
+
+
+def _default_name(image, disk, index: int) -> str:
+    if isinstance(image, (str, os.PathLike)):
+        return os.path.basename(os.fspath(image))
+    for attr in ("path", "name", "filename"):
+        value = getattr(disk, attr, None)
+        if isinstance(value, (str, os.PathLike)) and os.fspath(value):
+            return os.path.basename(os.fspath(value))
+    return f"disk{index}"
+
+
+def open_exports(images: Sequence, names=None, rw: bool = False) -> List[Export]:
+    """Open (or adopt) the images and name them. Paths are opened with ``vdisk.open(path, "r+"
+    if rw else "r")`` and closed again by the server; Disk objects are served as they are (a
+    Disk opened read-only is exported read-only even with ``rw``)."""
+    import vdisk
+
+    if isinstance(images, (str, os.PathLike)) or hasattr(images, "pread"):
+        images = [images]
+    images = list(images)
+    if not images:
+        raise VDiskError("nothing to serve: no image given")
+    if names is not None:
+        if isinstance(names, str):
+            names = [names]
+        names = list(names)
+        if len(names) != len(images):
+            raise VDiskError(f"{len(names)} export name(s) for {len(images)} image(s); "
+                             "a name can only be given when serving one image, or one name per image")
+    exports: List[Export] = []
+    try:
+        for i, image in enumerate(images):
+            if isinstance(image, (str, os.PathLike)):
+                disk = vdisk.open(os.fspath(image), "r+" if rw else "r")
+                owned = True
+            else:
+                disk, owned = image, False
+            name = names[i] if names is not None else _default_name(image, disk, i)
+            if any(e.name == name for e in exports):
+                exports.append(Export(name, disk, None, owned))  # so it gets closed below
+                raise VDiskError(f"two exports would be named {name!r}; give distinct names")
+            if len(name.encode("utf-8")) > 4096 or "\0" in name:
+                exports.append(Export(name, disk, None, owned))
+                raise VDiskError(f"export name {name[:40]!r}... is not a valid NBD name")
+            writable = _disk_writable(disk)
+            readonly = not rw or writable is False
+            info = ExportInfo(name=name, size=int(disk.size), readonly=readonly,
+                              description=_describe(disk))
+            exports.append(Export(name, disk, info, owned))
+    except BaseException:
+        for e in exports:
+            if e.owned:
+                try:
+                    e.disk.close()
+                except Exception:  # noqa: BLE001
+                    pass
+        raise
+    return exports
+
+
+def format_uri(host: str, port: int, name: str = "") -> str:
+    from urllib.parse import quote
+    h = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    if host in ("", "0.0.0.0", "::"):
+        h = "127.0.0.1" if host != "::" else "[::1]"
+    return f"nbd://{h}:{port}/{quote(name)}"
+
+
+class NBDServer:
+    """The asyncio NBD server. Use :meth:`start` / :meth:`aclose` inside an event loop, or
+    :func:`serve_nbd` / :class:`BackgroundNBDServer` from plain code."""
+
+    def __init__(self, images: Sequence, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
+                 names=None, rw: bool = False, shared: Optional[int] = DEFAULT_SHARED,
+                 workers: Optional[int] = None, handshake_timeout: Optional[float] = HANDSHAKE_TIMEOUT):
+        if shared is not None and shared < 0:
+            raise VDiskError("--shared must be 0 (unlimited) or a positive number of clients")
+        self.host, self.port = host, port
+        self.shared = shared or None                     # None = unlimited
+        self.handshake_timeout = handshake_timeout
+        self.exports = open_exports(images, names, rw)
+        self._disks = {e.name: e.disk for e in self.exports}
+        # CAN_MULTI_CONN: one Disk object serves every connection, so a flush on any connection
+        # covers writes from all of them. Only advertise it when several connections may run.
+        multi = self.shared is None or self.shared > 1
+        self._infos = [ExportInfo(e.info.name, e.info.size, e.info.readonly, e.info.description,
+                                  multi) for e in self.exports]
+        for e, info in zip(self.exports, self._infos):
+            e.info = info
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=workers or min(16, (os.cpu_count() or 2) * 2 + 4),
+            thread_name_prefix="vdisk-nbd")
+        self._server: Optional[asyncio.AbstractServer] = None
+        self._clients: set = set()
+        self._writers: set = set()
+        self._slots: Optional[asyncio.Semaphore] = None
+        self._closing = False
+        self._closed = False
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> "NBDServer":
+        if self.shared:
+            self._slots = asyncio.Semaphore(self.shared)
+        try:
+            self._server = await asyncio.start_server(self._client, self.host, self.port,
+                                                      reuse_address=True, limit=RECV_CHUNK)
+        except OSError as exc:
+            self._close_disks()
+            raise VDiskError(f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}") from None
+        sockets = self._server.sockets or []
+        if sockets:
+            self.port = sockets[0].getsockname()[1]
+        log.info("serving %s on %s:%d", ", ".join(e.name for e in self.exports), self.host, self.port)
+        return self
+
+    async def serve_forever(self) -> None:
+        assert self._server is not None
+        try:
+            await self._server.serve_forever()
+        except asyncio.CancelledError:
+            pass
+
+    async def aclose(self) -> None:
+        """Stop accepting, end every connection (in-flight requests finish first), close the
+        images that were opened here."""
+        if self._closed:
+            return
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        for w in list(self._writers):
+            w.transport.abort()
+        if self._clients:
+            await asyncio.gather(*self._clients, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+        self._closed = True
+        await asyncio.get_running_loop().run_in_executor(None, self._pool.shutdown, True)
+        self._close_disks()
+
+    def _close_disks(self) -> None:
+        for e in self.exports:
+            if e.owned:
+                try:
+                    e.disk.close()
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("closing %s: %s", e.name, exc)
+
+    def uri(self, name: Optional[str] = None) -> str:
+        return format_uri(self.host, self.port, self.exports[0].name if name is None else name)
+
+    @property
+    def uris(self) -> List[str]:
+        return [self.uri(e.name) for e in self.exports]
+
+    # -- one client ------------------------------------------------------------------------------
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._clients.add(task)
+        self._writers.add(writer)
+        peer = writer.get_extra_info("peername")
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        try:
+            if self._slots is not None:
+                async with self._slots:
+                    await self._session(reader, writer, peer)
+            else:
+                await self._session(reader, writer, peer)
+        except Exception:  # noqa: BLE001 - one bad connection must never take the server down
+            log.exception("connection from %s failed", peer)
+        finally:
+            self._writers.discard(writer)
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001
+                pass
+            self._clients.discard(task)
+
+    async def _session(self, reader, writer, peer) -> None:
+        if self._closing or writer.transport.is_closing():
+            return
+        conn = ServerConnection(self._infos, shutting_down=self._closing)
+        loop = asyncio.get_running_loop()
+        inflight: set = set()
+        budget = {"bytes": 0, "count": 0}
+        freed = asyncio.Event()
+        disk = None
+        broken = False
+        deadline = (loop.time() + self.handshake_timeout) if self.handshake_timeout else None
+
+        def send(data) -> None:
+            if data and not writer.transport.is_closing():
+                writer.write(data)
+
+        async def run(req: Request, cost: int) -> None:
+            nonlocal broken
+            try:
+                buffers = await loop.run_in_executor(self._pool, handle_request, req, disk)
+                if not writer.transport.is_closing():
+                    for b in buffers:
+                        writer.write(b)     # no await between: a reply is never interleaved
+                    await writer.drain()
+            except (ConnectionError, OSError):
+                broken = True
+            except Exception:  # noqa: BLE001 - a bug here must end this connection, not the server
+                log.exception("%s: NBD_CMD_%s failed", peer, req.name)
+                broken = True
+                writer.transport.abort()
+            finally:
+                budget["bytes"] -= cost
+                budget["count"] -= 1
+                freed.set()
+
+        try:
+            send(conn.data_to_send())
+            while True:
+                ev = conn.next_event()
+                if ev is NEED_DATA:
+                    send(conn.data_to_send())
+                    if broken:
+                        conn.receive_data(b"")
+                        continue
+                    try:
+                        await writer.drain()
+                        if deadline is not None and disk is None:
+                            # still haggling: a client may not sit on a connection slot forever
+                            left = deadline - loop.time()
+                            if left <= 0:
+                                raise asyncio.TimeoutError
+                            data = await asyncio.wait_for(reader.read(RECV_CHUNK), left)
+                        else:
+                            data = await reader.read(RECV_CHUNK)
+                    except (ConnectionError, OSError):
+                        data = b""
+                    except asyncio.TimeoutError:
+                        log.info("%s: handshake not finished within %gs; closing", peer,
+                                 self.handshake_timeout)
+                        break
+                    conn.receive_data(data)
+                    continue
+                if isinstance(ev, ExportChosen):
+                    send(conn.data_to_send())
+                    disk = self._disks[ev.export.name]
+                    log.info("%s: export %s (%s)", peer, ev.export.name,
+                             "read-only" if ev.export.readonly else "read-write")
+                    continue
+                if isinstance(ev, Request):
+                    send(conn.data_to_send())
+                    cost = ev.length if ev.command in (CMD_READ, CMD_WRITE) else 0
+                    while budget["count"] >= MAX_INFLIGHT_REQUESTS or (
+                            budget["count"] and budget["bytes"] + cost > MAX_INFLIGHT_BYTES):
+                        freed.clear()
+                        await freed.wait()
+                    budget["bytes"] += cost
+                    budget["count"] += 1
+                    t = asyncio.create_task(run(ev, cost))
+                    inflight.add(t)
+                    t.add_done_callback(inflight.discard)
+                    continue
+                if isinstance(ev, Closed):
+                    log.info("%s: %s", peer, ev.reason)
+                    break
+        finally:
+            # Finish what is running (never close a disk under a worker), send queued replies.
+            if inflight:
+                await asyncio.gather(*list(inflight), return_exceptions=True)
+            send(conn.data_to_send())
+            try:
+                await writer.drain()
+            except (ConnectionError, OSError):
+                pass
+
+
+def _install_signals(loop, stop: asyncio.Event) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (RuntimeError, ValueError):      # RuntimeError covers NotImplemented (no signals)
+            pass
+
+
+def serve_nbd(images: Sequence, host: str = "127.0.0.1", port: int = DEFAULT_PORT, names=None,
+              rw: bool = False, shared: Optional[int] = DEFAULT_SHARED, *,
+              workers: Optional[int] = None, handshake_timeout: Optional[float] = HANDSHAKE_TIMEOUT,
+              ready: Optional[Callable[[NBDServer], None]] = None) -> None:
+    """Serve ``images`` (paths or open Disk objects) over NBD until SIGINT/SIGTERM.
+
+    ``names``: export names (a string when one image); default each image's file name.
+    ``rw``: writable exports (paths are then opened ``"r+"``, which locks them exclusively).
+    ``shared``: how many clients may be connected at once (0 = no limit); more wait their turn.
+    ``handshake_timeout``: seconds a client may spend before choosing an export (None: forever).
+    ``ready(server)`` is called once the socket listens (``server.uris`` lists the exports).
+    """
+    async def main() -> None:
+        server = NBDServer(images, host=host, port=port, names=names, rw=rw, shared=shared,
+                           workers=workers, handshake_timeout=handshake_timeout)
+        stop = asyncio.Event()
+        _install_signals(asyncio.get_running_loop(), stop)
+        await server.start()
+        try:
+            if ready is not None:
+                ready(server)
+            await stop.wait()
+        finally:
+            await server.aclose()
+
+    asyncio.run(main())
+
+
+class BackgroundNBDServer:
+    """The server in a background thread (its own event loop), on a free port by default.
+
+        srv = BackgroundNBDServer(["a.vhd"]).start()
+        ... srv.uri(), srv.port ...
+        srv.stop()
+
+    Also a context manager. Exceptions while opening images or binding are raised by start().
+    """
+
+    def __init__(self, images: Sequence, *, host: str = "127.0.0.1", port: int = 0, names=None,
+                 rw: bool = False, shared: Optional[int] = DEFAULT_SHARED,
+                 workers: Optional[int] = None, handshake_timeout: Optional[float] = HANDSHAKE_TIMEOUT):
+        self._kwargs = dict(host=host, port=port, names=names, rw=rw, shared=shared, workers=workers,
+                            handshake_timeout=handshake_timeout)
+        self._images = images
+        self.server: Optional[NBDServer] = None
+        self._thread: Optional[threading.Thread] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._stop: Optional[asyncio.Event] = None
+        self._started = threading.Event()
+        self._error: Optional[BaseException] = None
+
+    def start(self) -> "BackgroundNBDServer":
+        self._thread = threading.Thread(target=self._run, name="vdisk-nbd-server", daemon=True)
+        self._thread.start()
+        self._started.wait()
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+        return self
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            try:
+                self.server = NBDServer(self._images, **self._kwargs)
+                await self.server.start()
+            except BaseException as exc:  # noqa: BLE001 - handed to start()
+                self._error = exc
+                self._started.set()
+                return
+            self._started.set()
+            try:
+                await self._stop.wait()
+            finally:
+                await self.server.aclose()
+
+        asyncio.run(main())
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.port
+
+    @property
+    def host(self) -> str:
+        return self._kwargs["host"]
+
+    def uri(self, name: Optional[str] = None) -> str:
+        assert self.server is not None
+        return self.server.uri(name)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self._thread is None:
+            return
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise RuntimeError("NBD server thread did not stop")
+        self._thread = None
+
+    def __enter__(self) -> "BackgroundNBDServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+__all__ = ["serve_nbd", "NBDServer", "BackgroundNBDServer", "Export", "open_exports", "format_uri",
+           "DEFAULT_PORT", "DEFAULT_SHARED"]
