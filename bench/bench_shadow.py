@@ -98,7 +98,8 @@ def main(argv=None) -> int:
                     plain.append(timed_writes(d, offs, payload))
                     _preserve_pool(d, rewrite_pool, payload)
         p, r = statistics.median(plain), statistics.median(rewrite)
-        print(f"image: {args.format} dynamic, {args.size_mib} MiB, fully allocated; folder {args.dir}")
+        kind = "raw" if args.format == "raw" else f"{args.format} dynamic"
+        print(f"image: {kind}, {args.size_mib} MiB, fully allocated; folder {args.dir}")
         print(f"plain   (no shadow)              : {p * 1e6:9.1f} us/write  (median of {args.rounds} x {args.writes})")
         print(f"first   (copy-on-write + fsync)  : {first_s * 1e6:9.1f} us/write  ({len(first)} writes) "
               f"= {first_s / p:6.1f}x plain")

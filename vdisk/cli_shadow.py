@@ -119,11 +119,19 @@ def cmd_snapshot_list(args) -> int:
     if not nodes:
         print(f"{args.image}: no snapshots")
         return 0
-    depth = {}
+    children: dict = {}
     for n in nodes:
-        depth[n.id] = 0 if n.parent is None else depth.get(n.parent, 0) + 1
-        mark = "  <- current state" if n.id == current else ""
-        print(f"{'  ' * depth[n.id]}{n.name}  {n.id}  {n.created}{mark}")
+        children.setdefault(n.parent, []).append(n)
+
+    def show(parent, depth: int) -> None:
+        for n in children.get(parent, []):
+            mark = "  <- current state" if n.id == current else ""
+            print(f"{'  ' * depth}{n.name}  {n.id}  {n.created}{mark}")
+            show(n.id, depth + 1)
+
+    show(None, 0)
+    if current is None:
+        print("(the current state grows from no snapshot)")
     return 0
 
 
