@@ -150,3 +150,28 @@ def test_recover_without_a_journal_does_nothing(tmp_path):
     p = tmp_path / "img.raw"
     _make(p)
     assert journal.recover(str(p)).action == "none"
+
+
+def test_a_failure_after_the_commit_record_completes_instead_of_rolling_back(tmp_path):
+    """Once COMMIT is durable the REDO writes may land where no undo data was kept (space the
+    operation freed), so an in-process failure must finish the operation, as recovery does."""
+    p = tmp_path / "img.raw"
+    before = _make(p)
+    after = _after(before)
+    total = count_mutations(lambda: _operation(str(p)))
+
+    class Failing(CrashSim):
+        """Raises once, like ENOSPC, but the process lives on."""
+        def __call__(self, kind, file, offset, length):
+            if kind != "sync":
+                self.count += 1
+                if self.count == self.cut_at:
+                    raise OSError("simulated I/O error")
+
+    _make(p)
+    # The last three mutations are two REDO writes and the truncation; fail the first REDO write.
+    with crashing(Failing(cut_at=total - 2)):
+        with pytest.raises(OSError):
+            _operation(str(p))
+    assert not journal.pending(str(p))
+    assert p.read_bytes() == after

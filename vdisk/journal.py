@@ -287,12 +287,12 @@ class Transaction:
         self._remove()
 
     def rollback(self) -> None:
-        """Undo everything written so far (in-process) and remove the journal."""
+        """Settle a failed operation in-process, as recovery would: undo everything written so
+        far — or, once the COMMIT record is durable, complete it — and remove the journal."""
         if self._journal is None:
             return
         self._journal.sync()
-        records = _read_records(self._journal)
-        _undo(self.file, records, self.original_size)
+        _settle(self.file, _read_records(self._journal), self.original_size)
         self.done = True
         self._remove()
 
@@ -386,6 +386,18 @@ def _undo(file: ImageFile, records: list[_Rec], original_size: int) -> None:
     file.sync()
 
 
+def _settle(file: ImageFile, records: list[_Rec], original_size: int) -> tuple[str, str]:
+    """Complete the operation if its COMMIT record is valid, else roll it back."""
+    commit = next((r for r in records if r.kind == REC_COMMIT), None)
+    if commit is not None:
+        redo = _parse_redo(commit)
+        _finish(file, redo, commit.offset)
+        return "completed", f"{len(redo)} metadata writes re-applied"
+    undo = [r for r in records if r.kind in (REC_UNDO, REC_UNDO_ZERO)]
+    _undo(file, undo, original_size)
+    return "rolled back", f"{len(undo)} ranges restored"
+
+
 @dataclass
 class Recovery:
     """What :func:`recover` did."""
@@ -421,16 +433,8 @@ def recover_file(file: ImageFile) -> Recovery:
         else:
             h = JournalHeader.parse(raw)
             op = h.operation.rstrip(b"\0").decode("utf-8", "replace")
-            records = _read_records(journal)
-            commit = next((r for r in records if r.kind == REC_COMMIT), None)
-            if commit is not None:
-                redo = _parse_redo(commit)
-                _finish(file, redo, commit.offset)
-                result = Recovery("completed", op, f"{len(redo)} metadata writes re-applied")
-            else:
-                undo = [r for r in records if r.kind in (REC_UNDO, REC_UNDO_ZERO)]
-                _undo(file, undo, h.original_size)
-                result = Recovery("rolled back", op, f"{len(undo)} ranges restored")
+            action, detail = _settle(file, _read_records(journal), h.original_size)
+            result = Recovery(action, op, detail)
     finally:
         journal.close()
     os.unlink(jpath)
