@@ -428,3 +428,26 @@ def test_convert_errors_name_the_destination_not_the_temporary_file(capsys, tmp_
     assert_one_line_error(err, "huge.vhd", "2040 GiB")
     assert "vdisk-tmp" not in err
     assert sorted(os.listdir(tmp_path)) == ["empty.raw", "huge.raw"]
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 1 MiB tmpfs: a destination that runs out of space (skipped where mounting is not allowed)."""
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.mark.parametrize("name", ["out.raw", "out.vhd", "out.vdi"])
+def test_disk_full_is_one_line_and_leaves_nothing(capsys, tmp_path, full_disk, name):
+    src = tmp_path / "random.raw"
+    src.write_bytes(random.Random(4).randbytes(4 * MiB))
+    status, _, err = run(capsys, "convert", src, full_disk / name)
+    assert status == 1
+    assert_one_line_error(err, name)
+    assert "no space left on device" in err.lower() and "vdisk-tmp" not in err
+    assert os.listdir(full_disk) == []

@@ -249,6 +249,8 @@ class _RawSink(_Sink):
             fd, self.fd = self.fd, -1
             os.close(fd)
 
+    abort = close
+
 
 class _DiskSink(_Sink):
     """A VHD or VDI output written through Disk.pwrite (allocating only what is written)."""
@@ -292,6 +294,12 @@ class _DiskSink(_Sink):
     def close(self) -> None:
         self.fd = -1
         self.disk.close()
+
+    def abort(self) -> None:
+        """Close a temporary output that is about to be deleted, without syncing it first."""
+        for layer in self.disk.layers:
+            layer.file.sync = _no_barrier
+        self.close()
 
 
 def _no_barrier() -> None:
@@ -379,11 +387,8 @@ def convert(src: Disk, dst_path, format: Optional[str] = None, subtype: Optional
             sink = _RawSink(tmp, size, dst)
             granule = FLAT_GRANULE
         else:
-            try:
-                out = _disk.create(tmp, size, format=fmt, subtype=sub, block_size=block_size,
-                                   size_policy="exact")
-            except VDiskError as exc:       # name the destination, not our temporary file
-                raise VDiskError(str(exc).replace(tmp, dst)) from None
+            out = _disk.create(tmp, size, format=fmt, subtype=sub, block_size=block_size,
+                               size_policy="exact")
             sink = _DiskSink(out)
             granule = _granule(fmt, sub, out)
         if durable:
@@ -395,16 +400,19 @@ def convert(src: Disk, dst_path, format: Optional[str] = None, subtype: Optional
         sink.finish(durable)
         sink.close()
         _publish(tmp, dst, force, durable)
-    except BaseException:
+    except BaseException as exc:
         if sink is not None:
             try:
-                sink.close()
+                sink.abort()
             except BaseException:
                 pass
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, VDiskError) and tmp in str(exc):
+            # Name the destination the user gave, not our temporary file.
+            raise VDiskError(str(exc).replace(tmp, dst)) from None
         raise
     return ConvertResult(dst, fmt, sub, size, read, written)
 
