@@ -26,6 +26,7 @@ import threading
 from typing import Callable, Optional, Union
 
 from ..devices.scsi import ScsiDisk
+from ..errors import VDiskError
 from .iscsi_pdu import (BHS_LEN, MAX_ACCEPTED_DSL, Pdu, ProtocolError, PduReader, ScsiTask,
                         TargetConnection, pad4)
 
@@ -63,8 +64,11 @@ class IscsiServer:
         return f"iscsi://{host}:{self.port}/{self.iqn}/0"
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port,
-                                                  reuse_address=True)
+        try:
+            self._server = await asyncio.start_server(self._handle, self.host, self.port,
+                                                      reuse_address=True)
+        except OSError as exc:
+            raise VDiskError(f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}") from None
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def serve_forever(self) -> None:

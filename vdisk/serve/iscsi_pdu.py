@@ -13,7 +13,7 @@ answer ``SendTargets``.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Union
 
 # -- opcodes ------------------------------------------------------------------------------------
@@ -259,8 +259,6 @@ class ScsiTask:
     r2tsn: int = 0
     ttt: int = RESERVED_TAG
     burst_end: int = 0
-    data_pdus: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 Action = Union[bytes, ScsiTask]
@@ -463,11 +461,10 @@ class TargetConnection:
             return [self.reject(pdu, REJECT_PROTOCOL_ERROR)]
         offset = pdu.u32(40)
         end = offset + len(pdu.data)
-        if offset < task.received - len(pdu.data) or end > task.burst_end:
+        if offset != task.received or end > task.burst_end:   # DataPDUInOrder=Yes
             return [self.reject(pdu, REJECT_PROTOCOL_ERROR)]
         task.buffer[offset:end] = pdu.data
-        task.received = max(task.received, end)
-        task.data_pdus += 1
+        task.received = end
         if not pdu.flags & 0x80:
             return []
         if task.received < task.burst_end:           # F bit before the burst was complete
