@@ -657,3 +657,16 @@ def test_report_supported_opcodes(lu):
     sa = good(lu.execute(rsoc(options=2, op=0x9E, sa=0x12, rctd=1)))
     assert sa[1] & 0x80 and sa[4:6] == b"\x9e\x12" and len(sa) == 4 + 16 + 12
     assert good(lu.execute(rsoc(options=1, op=0x5E)))[1] & 0x07 == 1  # not supported
+
+
+class BrokenDisk(CountingDisk):
+    """A disk whose reads fail with something that is not a VDiskError (a bug, say)."""
+
+    def pread(self, length, offset):
+        raise ZeroDivisionError("bug")
+
+
+def test_an_internal_failure_is_a_check_condition_not_an_exception(disk):
+    lu = ScsiDisk(BrokenDisk(disk))
+    assert sense_of(lu.execute(read16(0, 1))) == (4, 0x44, 0)
+    assert good(lu.execute(bytes(6))) == b""

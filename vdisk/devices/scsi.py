@@ -15,6 +15,7 @@ Logical blocks are 512 bytes; a trailing partial sector of a raw file is not exp
 """
 from __future__ import annotations
 
+import logging
 import struct
 import threading
 from typing import Callable, Optional
@@ -23,15 +24,18 @@ import numpy as np
 
 from ..errors import ReadOnlyError, VDiskError
 from . import scsi_pages as pages
-from .scsi_sense import (ASC_CAPACITY_CHANGED, ASC_INVALID_FIELD_IN_CDB, ASC_INVALID_OPCODE,
-                         ASC_LBA_OUT_OF_RANGE, ASC_LUN_NOT_SUPPORTED, ASC_MISCOMPARE_VERIFY,
-                         ASC_PARAM_LIST_LENGTH, ASC_POWER_ON_RESET, ASC_SAVING_NOT_SUPPORTED,
-                         ASC_UNRECOVERED_READ, ASC_WRITE_ERROR, ASC_WRITE_PROTECTED,
-                         CHECK_CONDITION, DATA_PROTECT, GOOD, ILLEGAL_REQUEST, MEDIUM_ERROR,
-                         MISCOMPARE, UNIT_ATTENTION, ScsiResult, SenseError, decode_sense,
-                         descriptor_sense, fixed_sense, illegal_field, illegal_param)
+from .scsi_sense import (ASC_CAPACITY_CHANGED, ASC_INTERNAL_FAILURE, ASC_INVALID_FIELD_IN_CDB,
+                         ASC_INVALID_OPCODE, ASC_LBA_OUT_OF_RANGE, ASC_LUN_NOT_SUPPORTED,
+                         ASC_MISCOMPARE_VERIFY, ASC_PARAM_LIST_LENGTH, ASC_POWER_ON_RESET,
+                         ASC_SAVING_NOT_SUPPORTED, ASC_UNRECOVERED_READ, ASC_WRITE_ERROR,
+                         ASC_WRITE_PROTECTED, CHECK_CONDITION, DATA_PROTECT, GOOD, HARDWARE_ERROR,
+                         ILLEGAL_REQUEST, MEDIUM_ERROR, MISCOMPARE, UNIT_ATTENTION, ScsiResult,
+                         SenseError, decode_sense, descriptor_sense, fixed_sense, illegal_field,
+                         illegal_param)
 
 __all__ = ["ScsiDisk", "ScsiResult", "SenseError", "BLOCK_SIZE", "cdb_length"]
+
+_log = logging.getLogger("vdisk.scsi")
 
 BLOCK_SIZE = pages.BLOCK
 _SHIFT = 9
@@ -104,7 +108,7 @@ class ScsiDisk:
         self.write_cache = True      # mode page 8 WCE; off => every write is flushed before GOOD
         self._handlers: dict[int, Callable] = {
             0x00: self._test_unit_ready,
-            0x03: self._request_sense,
+            0x03: self._request_sense,      # called with the nexus instead (see execute)
             0x08: self._read6, 0x28: self._read10, 0xA8: self._read12, 0x88: self._read16,
             0x0A: self._write6, 0x2A: self._write10, 0xAA: self._write12, 0x8A: self._write16,
             0x2E: self._write_verify10, 0xAE: self._write_verify12, 0x8E: self._write_verify16,
@@ -153,6 +157,9 @@ class ScsiDisk:
             return ScsiResult(GOOD, data, _EMPTY) if data else _GOOD_EMPTY
         except SenseError as exc:
             return ScsiResult(CHECK_CONDITION, _EMPTY, exc.sense())
+        except Exception:                          # a bug must not take the HBA down with it
+            _log.exception("SCSI command %s failed inside the device", bytes(cdb[:16]).hex())
+            return ScsiResult(CHECK_CONDITION, _EMPTY, fixed_sense(HARDWARE_ERROR, *ASC_INTERNAL_FAILURE))
 
     def execute_lun(self, lun: int, cdb: bytes, data_out: Optional[bytes] = None, *,
                     nexus=0) -> ScsiResult:

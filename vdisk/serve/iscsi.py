@@ -17,6 +17,7 @@ import asyncio
 import concurrent.futures
 import functools
 import itertools
+import logging
 import os
 import re
 import signal
@@ -32,6 +33,8 @@ from .iscsi_pdu import (BHS_LEN, MAX_ACCEPTED_DSL, Pdu, ProtocolError, PduReader
 
 __all__ = ["IscsiServer", "BackgroundIscsiServer", "serve_iscsi", "run_iscsi_server",
            "start_iscsi_server", "default_iqn"]
+
+_log = logging.getLogger("vdisk.iscsi")
 
 DEFAULT_PORT = 3260
 IQN_PREFIX = "iqn.2026-01.org.vdisk"
@@ -115,6 +118,8 @@ class IscsiServer:
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, ProtocolError):
             pass                                  # initiator went away or broke the protocol
+        except Exception:                         # a bug ends this session, not the server
+            _log.exception("iSCSI session from %s failed", writer.get_extra_info("peername"))
         finally:
             self.lu.forget_nexus(nexus)
             self._writers.discard(writer)
