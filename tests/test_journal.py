@@ -175,3 +175,19 @@ def test_a_failure_after_the_commit_record_completes_instead_of_rolling_back(tmp
             _operation(str(p))
     assert not journal.pending(str(p))
     assert p.read_bytes() == after
+
+
+def test_a_journal_left_by_a_replaced_image_is_never_applied_to_the_new_one(tmp_path):
+    p = tmp_path / "img.vhd"
+    vdisk.create(str(p), 4 << 20, format="vhd").close()
+    f = ImageFile(str(p), writable=True)
+    tx = journal.Transaction(f, "compact")
+    tx.begin()
+    tx.write(600, b"\x01" * 512)
+    f.close()
+    p.unlink()                                          # the user replaces the image
+    vdisk.create(str(p), 4 << 20, format="vhd").close()
+    fresh = p.read_bytes()
+    with pytest.raises(vdisk.JournalPendingError, match="another file"):
+        journal.recover(str(p))
+    assert p.read_bytes() == fresh

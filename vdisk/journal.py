@@ -48,6 +48,8 @@ REC_UNDO, REC_UNDO_ZERO, REC_COMMIT = 1, 2, 3
 JournalHeader = Struct(
     "magic" / Bytes(8),
     "original_size" / Int64ul,
+    "inode" / Int64ul,                 # the image file's inode and format identity (VHD footer id,
+    "identity" / Bytes(16),            # VDI creation UUID): a journal never applies to another file
     "operation" / Bytes(32),
     "image_name" / Bytes(200),
     "crc" / Int32ul,
@@ -100,8 +102,23 @@ def _record(kind: int, offset: int, length: int, payload: bytes = b"") -> bytes:
     return head + payload
 
 
-def _header(original_size: int, operation: str, image_name: str) -> bytes:
-    fields = dict(magic=MAGIC, original_size=original_size,
+def image_identity(file: ImageFile) -> bytes:
+    """The 16 identity bytes of a VHD (footer unique id) or VDI (creation UUID), or zeros (raw,
+    or not readable right now). No in-place operation changes them."""
+    head = file.pread(512, 0)
+    if len(head) >= 0x198 and head[0x40:0x44] == b"\x7f\x10\xda\xbe":
+        return head[0x188:0x198]
+    if head[:8] == b"conectix":
+        return head[68:84]
+    size = file.size()
+    tail = file.pread(512, max(0, size - 512))
+    if tail[:8] == b"conectix":
+        return tail[68:84]
+    return bytes(16)
+
+
+def _header(original_size: int, inode: int, identity: bytes, operation: str, image_name: str) -> bytes:
+    fields = dict(magic=MAGIC, original_size=original_size, inode=inode, identity=identity,
                   operation=operation.encode()[:32].ljust(32, b"\0"),
                   image_name=os.path.basename(image_name).encode("utf-8", "replace")[:200].ljust(200, b"\0"), crc=0)
     raw = JournalHeader.build(fields)
@@ -187,7 +204,8 @@ class Transaction:
             raise JournalPendingError(f"{self.file.path}: an interrupted operation is pending; "
                                       f"run 'vdisk recover {self.file.path}' first")
         self._journal = ImageFile(self.path, create=True, lock=False)
-        head = _header(self.original_size, self.operation, self.file.path)
+        head = _header(self.original_size, os.fstat(self.file.fd).st_ino, image_identity(self.file),
+                       self.operation, self.file.path)
         self._journal.pwrite(head, 0)
         self._jpos = len(head)
         self._journal.sync()
@@ -433,6 +451,13 @@ def recover_file(file: ImageFile) -> Recovery:
         else:
             h = JournalHeader.parse(raw)
             op = h.operation.rstrip(b"\0").decode("utf-8", "replace")
+            now = image_identity(file)
+            if h.inode != os.fstat(file.fd).st_ino or (
+                    now != bytes(16) and h.identity != bytes(16) and now != h.identity):
+                raise JournalPendingError(
+                    f"{file.path}: the journal {os.path.basename(jpath)} was written for another file "
+                    f"(an interrupted {op} of an image that has since been replaced?); it was not applied. "
+                    f"Remove it if this image is the one you want")
             action, detail = _settle(file, _read_records(journal), h.original_size)
             result = Recovery(action, op, detail)
     finally:
