@@ -149,16 +149,15 @@ class ShadowedDisk(Disk):
             raise ReadOnlyError(f"{self.path}: opened read-only")
 
     def pwrite(self, data, offset: int) -> int:
-        n = memoryview(data).nbytes
+        n = len(data) if type(data) in (bytes, bytearray) else memoryview(data).nbytes
         ss = self.shadow_set
         with ss.lock:
-            # Fast path, a re-write: the block is already preserved in the newest store and the
-            # session is marked; Disk.pwrite checks the range and the mode itself.
-            store = ss.newest_store()
-            if store is not None and n and ss.session_open:
-                bs = ss.block_size
-                b = offset // bs
-                if b == (offset + n - 1) // bs and b in store.entries:
+            # Fast path, a re-write: the block is already in the newest store and the session is
+            # marked, so nothing needs doing; Disk.pwrite checks range and mode itself.
+            fast = ss.fast
+            if fast is not None and n:
+                b = offset // fast[1]
+                if b in fast[0] and (offset + n - 1) // fast[1] == b:
                     return Disk.pwrite(self, data, offset)
             self._guard(offset, n)
             if n:

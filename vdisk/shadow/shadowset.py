@@ -53,6 +53,8 @@ class ShadowSet:
         self.stores: dict[str, ShadowStore] = {}        # valid shadows only
         self.notes: list[str] = []
         self._session_open = False
+        #: (newest store's index, block size) while re-writes of preserved blocks need no work
+        self.fast: Optional[tuple] = None
         loaded = cat.load(self.folder) if os.path.isdir(self.folder) else None
         self.catalog = loaded or cat.Catalog()
         self._persisted = loaded is not None
@@ -102,6 +104,7 @@ class ShadowSet:
             store = self.stores.pop(rec.id, None)
             if store is not None:
                 store.close()
+        self._refresh_fast()
         if records:
             self.notes.append(f"{len(records)} shadow(s) are invalid: {reason}")
 
@@ -173,6 +176,12 @@ class ShadowSet:
                 raise VDiskError(f"{self.image_path}: shadow {shadow_id} is invalid: {rec.invalid_reason}")
             return [self.stores[i] for i in ids[ids.index(shadow_id):] if i in self.stores]
 
+    def _refresh_fast(self) -> None:
+        """Recompute :attr:`fast` after anything that changes the newest store or the session."""
+        store = self.newest_store()
+        self.fast = (store.entries, self.catalog.block_size) \
+            if store is not None and self._session_open and self.writable else None
+
     def newest_store(self) -> Optional[ShadowStore]:
         recs = self.catalog.shadows
         if recs and recs[-1].valid:
@@ -194,6 +203,7 @@ class ShadowSet:
             self.catalog.session = {"pid": os.getpid(), "started": cat.utc_now()}
             self._save()
             self._session_open = True
+            self._refresh_fast()
 
     def end_session(self, fingerprint: dict) -> None:
         """After the image is flushed and closed: remember what it looks like now."""
@@ -202,6 +212,7 @@ class ShadowSet:
             self.catalog.session = None
             self._save()
         self._session_open = False
+        self._refresh_fast()
 
     def create(self, description: str, fingerprint: dict) -> ShadowInfo:
         """Append a new, empty store; the live image must have been flushed by the caller."""
@@ -225,6 +236,8 @@ class ShadowSet:
                 self.catalog.shadows.pop()
                 self.stores.pop(sid).close()
                 raise
+            finally:
+                self._refresh_fast()
             return self.infos()[-1]
 
     def delete(self, shadow_id: str) -> None:
@@ -244,6 +257,8 @@ class ShadowSet:
             except BaseException:
                 self.catalog.shadows.insert(i, rec)
                 raise
+            finally:
+                self._refresh_fast()
             self.stores.pop(shadow_id, None)
             if store is not None:
                 store.unlink()
@@ -291,3 +306,4 @@ class ShadowSet:
         for store in self.stores.values():
             store.close()
         self.stores.clear()
+        self.fast = None
