@@ -29,6 +29,7 @@ from . import disk as _disk
 from .disk import Disk
 from .engine import ExtentKind
 from .errors import VDiskError
+from vdisk.formats.raw import FlatLayer
 
 #: Bytes read per request; big enough to amortise syscalls, small enough for bounded memory.
 CHUNK = 4 << 20
@@ -253,19 +254,46 @@ class _RawSink(_Sink):
 
 
 class _DiskSink(_Sink):
-    """A VHD or VDI output written through Disk.pwrite (allocating only what is written)."""
+    """A VHD or VDI output: a new image with no parent, allocating only what is written.
+
+    Whole blocks of a dynamic output go straight to the format Layer (``allocate``), and a
+    fixed VHD's data straight to its flat data area: the copy already knows these blocks are
+    new and not all zeros, so the checks Disk.pwrite makes for arbitrary writes (zero test,
+    parent lookup, copy-up) would only cost time. Anything else goes through Disk.pwrite.
+    """
 
     def __init__(self, disk: Disk):
         super().__init__()
         self.disk = disk
-        self.fd = disk.layers[0].file.fd
-        # The Disk serialises writes anyway; this lock also covers store_zero_blocks' look-then-
-        # allocate, so a block shared by two chunks is never allocated twice.
+        self.top = disk.layers[0]
+        self.fd = self.top.file.fd
+        self.size = disk.size
+        self.block = self.top.block_size
+        alone = len(disk.layers) == 1
+        self._by_block = alone and self.top.subtype == "dynamic"
+        self._flat = alone and isinstance(self.top, FlatLayer)
+        # Writes are serialised (as Disk.pwrite does); the lock also covers store_zero_blocks'
+        # look-then-allocate, so a block shared by two chunks is never allocated twice.
         self._write_lock = threading.Lock()
 
     def pwrite(self, view, offset: int) -> None:
+        n = len(view)
+        bs = self.block
         with self._write_lock:
-            self.disk.pwrite(view, offset)
+            if self._by_block and offset % bs == 0 and (n % bs == 0 or offset + n == self.size):
+                top = self.top
+                for i in range(0, n, bs):
+                    b = (offset + i) // bs
+                    piece = view[i:i + bs]
+                    at = int(top.block_map[b])
+                    if at >= 0:
+                        top.file.pwrite(piece, at)
+                    else:
+                        top.allocate(b, [(0, piece)])
+            elif self._flat:
+                self.top.file.pwrite(view, self.top.data_start + offset)
+            else:
+                self.disk.pwrite(view, offset)
 
     def store_zero_blocks(self, offset: int, length: int) -> None:
         """Allocate the still unallocated blocks of a range (written as zeros, so they are stored).
