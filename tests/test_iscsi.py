@@ -11,6 +11,7 @@ reservations and extended copy is selected and must pass; see ``EXCLUDED`` for t
 with its reason. The multipath tests get the same target twice (two sessions = two I_T nexuses).
 The suite runs twice: read-write against a dynamic VHD (the data-loss tests), and read-only
 against a raw image for ``SCSI.ReadOnly`` and the write-protect checks (``READ_ONLY_SELECTION``).
+The whole iSCSI family (protocol behaviour) runs as well and must pass.
 """
 from __future__ import annotations
 
@@ -82,8 +83,8 @@ def excluded(name: str) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in EXCLUDED)
 
 
-def parse_results(log: str) -> dict[str, str]:
-    """Test name -> its verbose-mode text, up to and including 'passed'/'FAILED'."""
+def parse_results(log: str, family: str = "SCSI") -> dict[str, str]:
+    """Test name -> its verbose-mode text (the tests' own messages and CUnit's verdict)."""
     results, suite, current = {}, None, None
     for line in log.splitlines():
         m = re.match(r"^Suite: (\S+)", line)
@@ -92,30 +93,42 @@ def parse_results(log: str) -> dict[str, str]:
             continue
         m = re.match(r"^  Test: (\S+) \.\.\.(.*)", line)
         if m:
-            current = f"SCSI.{suite}.{m.group(1)}"
+            current = f"{family}.{suite}.{m.group(1)}"
             results[current] = m.group(2)
         elif current is not None:
             results[current] += "\n" + line
     return results
 
 
-def run_test_cu(url: str, names: list[str], tmp_path, *, multipath: bool) -> str:
-    listing = tmp_path / "tests.txt"
-    listing.write_text("\n".join(names) + "\n")
-    cmd = [tool("iscsi-test-cu"), "--dataloss", "--verbose", f"--test={listing}", url]
+def verdict(text: str) -> str:
+    """CUnit prints 'passed' or 'FAILED' on its own after a test's messages ('[FAILED] ...'
+    lines are the test narrating an expected failure of the command it sent)."""
+    if re.search(r"(^|\n)FAILED\s*(\n|$)", text):
+        return "failed"
+    return "passed" if re.search(r"(^|\n)\s*passed", text) else "unknown"
+
+
+def run_test_cu(url: str, names, tmp_path, *, multipath: bool) -> str:
+    if isinstance(names, str):
+        selection = names                          # a family or suite name
+    else:
+        listing = tmp_path / "tests.txt"
+        listing.write_text("\n".join(names) + "\n")
+        selection = str(listing)
+    cmd = [tool("iscsi-test-cu"), "--dataloss", "--verbose", f"--test={selection}", url]
     if multipath:
         cmd.append(url)
     proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=600)
     return proc.stdout + proc.stderr
 
 
-def check_all_passed(log: str, names: list[str]) -> None:
-    results = parse_results(log)
+def check_all_passed(log: str, names: list[str], family: str = "SCSI") -> None:
+    results = parse_results(log, family)
     assert sorted(results) == sorted(names), "iscsi-test-cu did not run exactly the selection"
-    failed = [n for n, text in results.items() if "FAILED" in text or "passed" not in text]
+    failed = [n for n, text in results.items() if verdict(text) != "passed"]
     assert not failed, "failed: " + ", ".join(failed) + "\n" + log[-4000:]
     for name, text in results.items():
-        before = text.split("passed")[0]
+        before = re.split(r"(?:^|\n)\s*passed", text)[0]
         for skip in re.findall(r"\[SKIPPED\][^\n]*", before):
             assert any(ok in skip for ok in ALLOWED_PARTIAL_SKIPS), f"{name} skipped: {skip}"
     summary = re.search(r"tests\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", log)
@@ -170,6 +183,22 @@ def test_iscsi_test_cu_read_only(tmp_path):
     check_all_passed(log, selected)
     with open(path, "rb") as f:
         assert f.read() == content                 # nothing was written
+
+
+@pytest.mark.slow
+@needs_libiscsi
+def test_iscsi_test_cu_iscsi_family(tmp_path):
+    """The protocol family too: CmdSN window, DataSN errors, residuals of every kind, ABORT
+    TASK and LU RESET while commands are in flight."""
+    path = str(tmp_path / "lu.raw")
+    make_image(path, 16 * MiB, "raw")
+    out = subprocess.run([tool("iscsi-test-cu"), "-l"], capture_output=True, text=True).stdout
+    names = [line.strip() for line in out.splitlines()
+             if re.fullmatch(r"iSCSI\.[\w-]+\.[\w-]+", line.strip())]
+    assert len(names) >= 10
+    with start_iscsi_server(path, rw=True) as srv:
+        log = run_test_cu(srv.url, "iSCSI", tmp_path, multipath=False)
+    check_all_passed(log, names, family="iSCSI")
 
 
 @pytest.fixture

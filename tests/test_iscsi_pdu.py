@@ -235,6 +235,48 @@ def test_lun_reset_is_passed_on_and_answered():
     assert r.bhs[2] == 0x05
 
 
+def test_commands_outside_the_cmdsn_window_are_ignored():
+    conn = logged_in()
+    assert conn.receive(scsi_cmd(bytes(6), cmdsn=5)) == []          # too high
+    [task] = conn.receive(scsi_cmd(bytes(6), cmdsn=0))
+    conn.complete(task, 0, b"", b"")
+    assert conn.receive(scsi_cmd(bytes(6), cmdsn=0, itt=8)) == []   # too low: already used
+    assert conn.exp_cmd_sn == 1
+
+
+def test_a_data_sequence_error_fails_the_command_not_the_session():
+    conn = logged_in(data_out_length=lambda cdb: 8192)
+    r2t = one(conn.receive(scsi_cmd(b"\x2a" + bytes(9), write=True, edtl=8192, itt=30)))
+    r = one(conn.receive(pdu(0x05, 0x80, itt=30, data=bytes(4096),
+                             fields={20: r2t.u32(20), 36: 27})))          # DataSN 27, not 0
+    assert r.opcode == OP_SCSI_RSP and r.itt == 30 and r.bhs[3] == 0x02
+    assert r.data[2 + 2] & 0x0F == 0x0B and r.data[2 + 12] == 0x4B      # ABORTED COMMAND / 4B
+    [task] = conn.receive(scsi_cmd(bytes(6), itt=31, cmdsn=1))          # the session goes on
+    assert task.itt == 31
+
+
+def test_a_short_write_is_clipped_to_what_the_initiator_sends():
+    clipped = []
+
+    def clip(cdb, nbytes):
+        clipped.append(nbytes)
+        return b"clipped"
+
+    conn = logged_in(data_out_length=lambda cdb: 1024, clip_transfer=clip)
+    [task] = conn.receive(scsi_cmd(b"\x2a" + bytes(9), write=True, edtl=512, data=bytes(512)))
+    assert task.exec_cdb == b"clipped" and clipped == [512] and len(task.data_out) == 512
+    r = one(conn.complete(task, 0, b"", b""))
+    assert r.flags & 0x04 and r.u32(44) == 512                          # overflow residual
+
+
+def test_abort_of_a_finished_task_says_it_does_not_exist():
+    conn = logged_in()
+    [task] = conn.receive(scsi_cmd(bytes(6), itt=40))
+    conn.complete(task, 0, b"", b"")
+    r = one(conn.receive(pdu(0x02, 0x80 | 1, itt=41, immediate=True, fields={20: 40})))
+    assert r.opcode == OP_TMF_RSP and r.bhs[2] == 0x01
+
+
 def test_aborted_task_gets_no_response():
     conn = logged_in(data_out_length=lambda cdb: 8192)
     r2t = one(conn.receive(scsi_cmd(b"\x2a" + bytes(9), write=True, edtl=8192, itt=21)))

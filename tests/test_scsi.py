@@ -670,3 +670,12 @@ def test_an_internal_failure_is_a_check_condition_not_an_exception(disk):
     lu = ScsiDisk(BrokenDisk(disk))
     assert sense_of(lu.execute(read16(0, 1))) == (4, 0x44, 0)
     assert good(lu.execute(bytes(6))) == b""
+
+
+def test_clip_transfer_shortens_writes_only():
+    assert ScsiDisk.clip_transfer(rw10(0x2A, 7, 4), 1024) == rw10(0x2A, 7, 2)
+    assert ScsiDisk.clip_transfer(rw12(0xAE, 7, 4), 600) == rw12(0xAE, 7, 1)
+    assert ScsiDisk.clip_transfer(write16(7, 4), 0) == write16(7, 0)
+    assert ScsiDisk.clip_transfer(rw6(0x0A, 7, 4), 512) == rw6(0x0A, 7, 1)
+    assert ScsiDisk.clip_transfer(rw6(0x0A, 7, 4), 100) is None        # 0 would mean 256
+    assert ScsiDisk.clip_transfer(ws16(0, 4), 100) is None

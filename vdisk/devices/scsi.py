@@ -180,6 +180,29 @@ class ScsiDisk:
             return res
         return ScsiResult(CHECK_CONDITION, _EMPTY, fixed_sense(ILLEGAL_REQUEST, *ASC_LUN_NOT_SUPPORTED))
 
+    @staticmethod
+    def clip_transfer(cdb: bytes, nbytes: int) -> Optional[bytes]:
+        """The write CDB with its transfer length cut to the whole blocks in ``nbytes``.
+
+        For transports whose initiator announced less data than the CDB asks for (iSCSI
+        overflow): only what arrives is written. None when the command cannot be shortened.
+        """
+        if not cdb:
+            return None
+        op, blocks = cdb[0], nbytes >> _SHIFT
+        out = bytearray(cdb)
+        if op in (0x2A, 0x2E):
+            struct.pack_into(">H", out, 7, min(blocks, 0xFFFF))
+        elif op in (0xAA, 0xAE):
+            struct.pack_into(">I", out, 6, blocks)
+        elif op in (0x8A, 0x8E):
+            struct.pack_into(">I", out, 10, blocks)
+        elif op == 0x0A and 0 < blocks < 256:          # WRITE(6): 0 would mean 256
+            out[4] = blocks
+        else:
+            return None
+        return bytes(out)
+
     # -- unit attentions ---------------------------------------------------------------------
     def unit_attention(self, asc_ascq: tuple[int, int] = ASC_POWER_ON_RESET, *, nexus=None) -> None:
         """Queue a UNIT ATTENTION for one initiator, or (``nexus=None``) for every known one.

@@ -96,7 +96,8 @@ class IscsiServer:
         portal = f"{self.host}:{self.port}" if ":" not in self.host else f"[{self.host}]:{self.port}"
         tsih = next(self._tsih) % 0xFFFF or next(self._tsih)
         conn = TargetConnection(self.iqn, portal, data_out_length=self.lu.data_out_length,
-                                on_reset=self.lu.reset, tsih=tsih)
+                                clip_transfer=self.lu.clip_transfer, on_reset=self.lu.reset,
+                                tsih=tsih)
         nexus = object()                          # this session's I_T nexus, for unit attentions
         loop = asyncio.get_running_loop()
         try:
@@ -110,8 +111,9 @@ class IscsiServer:
                 for action in conn.receive(pdu):
                     if isinstance(action, ScsiTask):
                         res = await loop.run_in_executor(
-                            self._executor, functools.partial(self.lu.execute_lun, action.lun,
-                                                              action.cdb, action.data_out, nexus=nexus))
+                            self._executor, functools.partial(
+                                self.lu.execute_lun, action.lun, action.exec_cdb or action.cdb,
+                                action.data_out, nexus=nexus))
                         writer.writelines(conn.complete(action, res.status, res.data_in, res.sense))
                     else:
                         writer.write(action)

@@ -16,6 +16,10 @@ import struct
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Union
 
+from ..devices.scsi_sense import ABORTED_COMMAND, CHECK_CONDITION, fixed_sense
+
+ASC_DATA_PHASE_ERROR = (0x4B, 0x00)
+
 # -- opcodes ------------------------------------------------------------------------------------
 OP_NOP_OUT = 0x00
 OP_SCSI_CMD = 0x01
@@ -259,6 +263,8 @@ class ScsiTask:
     r2tsn: int = 0
     ttt: int = RESERVED_TAG
     burst_end: int = 0
+    next_datasn: int = 0
+    exec_cdb: Optional[bytes] = None   # the CDB to run, when the transfer had to be clipped
 
 
 Action = Union[bytes, ScsiTask]
@@ -270,12 +276,15 @@ class TargetConnection:
     """Target side of one iSCSI connection (= one session) for a single-LU target.
 
     ``data_out_length(cdb)`` (optional) tells how much data-out a command needs, so that we
-    solicit no more than that and can report residuals exactly; ``on_reset()`` is called for
-    LOGICAL UNIT RESET and target resets.
+    solicit no more than that and can report residuals exactly; ``clip_transfer(cdb, nbytes)``
+    (optional) shortens a write whose expected data transfer length is smaller than its CDB
+    asks for, so that only what was sent gets written (the iSCSI overflow rule, RFC 7143
+    §11.4.5.1); ``on_reset()`` is called for LOGICAL UNIT RESET and target resets.
     """
 
     def __init__(self, target_name: str, portal: str, *,
                  data_out_length: Optional[Callable[[bytes], Optional[int]]] = None,
+                 clip_transfer: Optional[Callable[[bytes, int], Optional[bytes]]] = None,
                  on_reset: Optional[Callable[[], None]] = None, tsih: int = 1):
         self.target_name = target_name
         self.portal = portal
@@ -288,9 +297,9 @@ class TargetConnection:
         self._tsih = tsih
         self._tasks: dict[int, ScsiTask] = {}        # ITT -> task waiting for data-out
         self._next_ttt = 1
-        self._aborted: set[int] = set()
         self._data_out_length = data_out_length
         self._on_reset = on_reset
+        self._clip_transfer = clip_transfer
         self._login_seen = False
         self._mrdsl_sent = False
 
@@ -311,13 +320,19 @@ class TargetConnection:
         struct.pack_into(">I", bhs, 16, itt)
         return bhs
 
-    def _command_sn(self, pdu: Pdu) -> None:
-        """Advance ExpCmdSN for a non-immediate command in order (one connection: in order)."""
+    def _command_sn(self, pdu: Pdu) -> bool:
+        """Consume the CmdSN of a command; False if it lies outside the window (ignore it).
+
+        One connection per session delivers commands in order, so a non-immediate command is
+        in the window exactly when its CmdSN is ExpCmdSN (RFC 7143 §3.2.2.1: others are
+        silently dropped).
+        """
         if pdu.immediate:
-            return
-        cmdsn = pdu.u32(24)
-        if cmdsn == self.exp_cmd_sn:
-            self.exp_cmd_sn = (self.exp_cmd_sn + 1) & 0xFFFFFFFF
+            return True
+        if pdu.u32(24) != self.exp_cmd_sn:
+            return False
+        self.exp_cmd_sn = (self.exp_cmd_sn + 1) & 0xFFFFFFFF
+        return True
 
     def reject(self, pdu: Pdu, reason: int) -> bytes:
         bhs = self._header(OP_REJECT, 0x80, RESERVED_TAG)
@@ -411,7 +426,8 @@ class TargetConnection:
     def _scsi_command(self, pdu: Pdu) -> list[Action]:
         if self.params.session_type != "Normal":
             return [self.reject(pdu, REJECT_PROTOCOL_ERROR)]
-        self._command_sn(pdu)
+        if not self._command_sn(pdu):
+            return []
         flags = pdu.flags
         edtl = pdu.u32(20)
         cdb = pdu.bhs[32:48]
@@ -431,6 +447,8 @@ class TargetConnection:
             need = self._data_out_length(cdb)
             if need is not None:
                 wanted = min(edtl, need)
+                if edtl < need and self._clip_transfer is not None:
+                    task.exec_cdb = self._clip_transfer(cdb, edtl)
         task.wanted = wanted
         task.buffer = bytearray(wanted)
         immediate = pdu.data[:wanted]
@@ -447,6 +465,7 @@ class TargetConnection:
         task.ttt = self._next_ttt
         self._next_ttt = (self._next_ttt % 0xFFFFFFFE) + 1
         task.burst_end = task.received + length
+        task.next_datasn = 0                           # DataSN restarts with every R2T
         bhs = self._header(OP_R2T, 0x80, task.itt)
         bhs[8:16] = encode_lun(task.lun)
         struct.pack_into(">I", bhs, 20, task.ttt)
@@ -461,6 +480,12 @@ class TargetConnection:
             return [self.reject(pdu, REJECT_PROTOCOL_ERROR)]
         offset = pdu.u32(40)
         end = offset + len(pdu.data)
+        if pdu.u32(36) != task.next_datasn:
+            # ErrorRecoveryLevel 0 cannot ask for the data again: fail this command only
+            del self._tasks[task.itt]
+            return self.complete(task, CHECK_CONDITION, b"",
+                                 fixed_sense(ABORTED_COMMAND, *ASC_DATA_PHASE_ERROR))
+        task.next_datasn += 1
         if offset != task.received or end > task.burst_end:   # DataPDUInOrder=Yes
             return [self.reject(pdu, REJECT_PROTOCOL_ERROR)]
         task.buffer[offset:end] = pdu.data
@@ -478,9 +503,6 @@ class TargetConnection:
 
     def complete(self, task: ScsiTask, status: int, data_in: bytes, sense: bytes) -> list[bytes]:
         """PDUs that report a finished task: Data-In (status may ride on the last) or a response."""
-        if task.itt in self._aborted:
-            self._aborted.discard(task.itt)
-            return []
         out: list[bytes] = []
         lun = encode_lun(task.lun)
         residual_flags, residual = 0, 0
@@ -537,7 +559,8 @@ class TargetConnection:
 
     # -- the rest -----------------------------------------------------------------------------
     def _nop_out(self, pdu: Pdu) -> list[Action]:
-        self._command_sn(pdu)
+        if pdu.itt != RESERVED_TAG and not self._command_sn(pdu):
+            return []
         if pdu.itt == RESERVED_TAG:
             return []                                  # a reply to a NOP-In of ours, or a ping without answer
         bhs = self._header(OP_NOP_IN, 0x80, pdu.itt)
@@ -569,11 +592,10 @@ class TargetConnection:
         function = pdu.flags & 0x7F
         response = 0x00                                # function complete
         if function == 1:                              # ABORT TASK
-            ref = pdu.u32(20)
-            if ref in self._tasks:
-                del self._tasks[ref]
-            else:
-                self._aborted.discard(ref)
+            # Commands run to completion before the next PDU is read, so the referenced task
+            # is either still waiting for data-out (abort it: it gets no response) or done.
+            if self._tasks.pop(pdu.u32(20), None) is None:
+                response = 0x01                        # task does not exist (any more)
         elif function in (2, 3):                       # ABORT TASK SET, CLEAR TASK SET
             self._tasks.clear()
         elif function in (5, 6, 7):                    # LOGICAL UNIT RESET, TARGET WARM/COLD RESET
