@@ -171,7 +171,7 @@ def _scan(sf: SparseFile, below: Optional[Engine], size: int, progress: Progress
                 new_map[b] = ZERO                     # hides non-zero parent data without storage
                 dropped[start] = True
         if progress and (i & 63 == 63 or i == total - 1):
-            progress(i + 1, total)
+            progress((i + 1) * bs, total * bs)      # bytes examined, as ProgressBar shows
     return _Scan(new_map, dropped)
 
 
