@@ -679,3 +679,19 @@ def test_clip_transfer_shortens_writes_only():
     assert ScsiDisk.clip_transfer(rw6(0x0A, 7, 4), 512) == rw6(0x0A, 7, 1)
     assert ScsiDisk.clip_transfer(rw6(0x0A, 7, 4), 100) is None        # 0 would mean 256
     assert ScsiDisk.clip_transfer(ws16(0, 4), 100) is None
+
+
+def test_physical_block_size_is_reported(disk):
+    lu = ScsiDisk(disk, physical_block_size=4096)
+    assert good(lu.execute(rc16()))[13] & 0x0F == 3                   # 8 logical per physical
+    assert struct.unpack(">H", good(lu.execute(inquiry(1, 0xB0)))[6:8])[0] == 8
+    assert good(ScsiDisk(disk).execute(rc16()))[13] & 0x0F == 0
+    for bad in (256, 1000, 65536):
+        with pytest.raises(ValueError):
+            ScsiDisk(disk, physical_block_size=bad)
+
+
+def test_write_same_and_compare_and_write_need_exact_data_out(vhd_lu):
+    assert sense_of(vhd_lu.execute(ws10(0, 1), bytes(256)))[0] == 5
+    assert sense_of(vhd_lu.execute(caw(0, 1), bytes(2048)))[0] == 5
+    assert sense_of(vhd_lu.execute(caw(0, 3), bytes(2048)))[0] == 5

@@ -83,8 +83,13 @@ class ScsiDisk:
 
     def __init__(self, disk, *, read_only: Optional[bool] = None, vendor: str = "VDISK",
                  product: Optional[str] = None, serial: Optional[str] = None,
-                 revision: str = "0001"):
+                 revision: str = "0001", physical_block_size: int = 512):
         self.disk = disk
+        exponent = (physical_block_size >> _SHIFT).bit_length() - 1
+        if physical_block_size < BLOCK_SIZE or physical_block_size != BLOCK_SIZE << exponent \
+                or exponent > 6:
+            raise ValueError("physical_block_size must be 512 times a power of two, at most 32 KiB")
+        self.physical_exponent = exponent   # READ CAPACITY(16): logical blocks per physical
         self.read_only = bool(getattr(disk, "read_only", False)) if read_only is None else bool(read_only)
         self.blocks = int(disk.size) >> _SHIFT
         uuid = getattr(disk, "uuid", None)
@@ -100,6 +105,7 @@ class ScsiDisk:
         if granularity <= 0 or granularity & (granularity - 1) or granularity > 1 << 20:
             granularity = 1
         self.limits = pages.Limits(
+            granularity=1 << exponent,
             max_transfer=MAX_TRANSFER_BLOCKS, optimal_transfer=256,
             max_unmap_lba_count=MAX_UNMAP_BLOCKS, max_unmap_descriptors=MAX_UNMAP_DESCRIPTORS,
             unmap_granularity=granularity, max_write_same=MAX_WRITE_SAME_BLOCKS,
@@ -248,12 +254,8 @@ class ScsiDisk:
                 bytchk = (cdb[1] >> 1) & 3
                 n = _u16(cdb, 7) if op == 0x2F else _u32(cdb, 6 if op == 0xAF else 10)
                 return {0: 0, 1: n << _SHIFT, 3: BLOCK_SIZE}.get(bytchk, 0)
-            if op == 0x41:
-                return BLOCK_SIZE
-            if op == 0x89:
-                return (cdb[13] << _SHIFT) * 2
-            if op == 0x93:
-                return 0 if cdb[1] & 0x01 else BLOCK_SIZE
+            if op in (0x41, 0x93, 0x89):
+                return None                       # exactly-sized: the device checks the length
             if op in (0x15,):
                 return cdb[4]
             if op in (0x55, 0x42):
@@ -428,7 +430,9 @@ class ScsiDisk:
             # SBC allows 0 as a no-op, but initiators (libiscsi among them) put 256 into this
             # one-byte field and get 0: refuse rather than report a compare that never happened
             raise illegal_field(13)
-        data = self._data(data_out, (n << _SHIFT) * 2, 13)
+        data = memoryview(data_out if data_out is not None else _EMPTY)
+        if len(data) != (n << _SHIFT) * 2:            # verify half + write half, exactly
+            raise illegal_field(13)
         with self._atomic:
             self._compare(lba, n, data[:n << _SHIFT], single=False)
             self._write_blocks(lba, data[n << _SHIFT:], fua=bool(flags & 0x08))
@@ -628,7 +632,7 @@ class ScsiDisk:
         sa = cdb[1] & 0x1F
         if sa == 0x10:
             alloc = _u32(cdb, 10)
-            data = struct.pack(">QIBB", max(self.blocks - 1, 0), BLOCK_SIZE, 0, 0)
+            data = struct.pack(">QIBB", max(self.blocks - 1, 0), BLOCK_SIZE, 0, self.physical_exponent)
             data += bytes((0xC0, 0x00)) + bytes(16)   # LBPME | LBPRZ, lowest aligned LBA 0
             return data[:alloc]
         if sa == 0x12:

@@ -32,6 +32,7 @@ class Identity:
 @dataclass(frozen=True)
 class Limits:
     """Block limits advertised in VPD 0xB0 (units: logical blocks)."""
+    granularity: int
     max_transfer: int
     optimal_transfer: int
     max_unmap_lba_count: int
@@ -102,7 +103,7 @@ def vpd_page(page: int, ident: Identity, limits: Limits, *, lbprz: bool = True) 
         payload = bytearray(0x3C)
         payload[0] = 0x01                                    # WSNZ: WRITE SAME needs a length
         payload[1] = limits.max_compare_and_write
-        struct.pack_into(">H", payload, 2, 1)                # optimal transfer granularity
+        struct.pack_into(">H", payload, 2, limits.granularity)   # optimal transfer granularity
         struct.pack_into(">I", payload, 4, limits.max_transfer)
         struct.pack_into(">I", payload, 8, limits.optimal_transfer)
         struct.pack_into(">I", payload, 16, limits.max_unmap_lba_count)

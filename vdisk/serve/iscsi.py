@@ -132,22 +132,32 @@ class IscsiServer:
                 pass
 
 
-def _open_lu(image: Union[str, os.PathLike, object], rw: bool) -> tuple[ScsiDisk, Callable[[], None], str]:
+def _open_lu(image: Union[str, os.PathLike, object], rw: bool,
+             lu_options: dict) -> tuple[ScsiDisk, Callable[[], None], str]:
     """(logical unit, closer, name for the default IQN) for a path or an open Disk."""
     if isinstance(image, (str, os.PathLike)):
         import vdisk
         disk = vdisk.open(os.fspath(image), "r+" if rw else "r")
-        return ScsiDisk(disk, read_only=not rw), disk.close, os.fspath(image)
+        try:
+            return ScsiDisk(disk, read_only=not rw, **lu_options), disk.close, os.fspath(image)
+        except BaseException:
+            disk.close()
+            raise
     disk = image
     read_only = bool(getattr(disk, "read_only", False)) or not rw
-    return ScsiDisk(disk, read_only=read_only), (lambda: None), str(getattr(disk, "path", "disk"))
+    return (ScsiDisk(disk, read_only=read_only, **lu_options), (lambda: None),
+            str(getattr(disk, "path", "disk")))
 
 
 async def run_iscsi_server(image, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
                            iqn: Optional[str] = None, rw: bool = False,
-                           on_ready: Optional[Callable[[IscsiServer], None]] = None) -> None:
-    """Serve ``image`` (a path or an open Disk) until cancelled; flushes and closes at the end."""
-    lu, closer, name = _open_lu(image, rw)
+                           on_ready: Optional[Callable[[IscsiServer], None]] = None,
+                           **lu_options) -> None:
+    """Serve ``image`` (a path or an open Disk) until cancelled; flushes and closes at the end.
+
+    ``lu_options`` go to :class:`ScsiDisk` (vendor, product, serial, physical_block_size).
+    """
+    lu, closer, name = _open_lu(image, rw, lu_options)
     server = IscsiServer(lu, iqn=iqn or default_iqn(name), host=host, port=port)
     try:
         await server.start()
@@ -164,7 +174,7 @@ async def run_iscsi_server(image, *, host: str = "127.0.0.1", port: int = DEFAUL
 
 
 def serve_iscsi(image_path_or_disk, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
-                iqn: Optional[str] = None, rw: bool = False) -> None:
+                iqn: Optional[str] = None, rw: bool = False, **lu_options) -> None:
     """Blocking entry point for ``vdisk serve iscsi``: prints the URL, stops on SIGINT/SIGTERM."""
 
     def ready(server: IscsiServer) -> None:
@@ -181,7 +191,7 @@ def serve_iscsi(image_path_or_disk, host: str = "127.0.0.1", port: int = DEFAULT
                 pass
         try:
             await run_iscsi_server(image_path_or_disk, host=host, port=port, iqn=iqn, rw=rw,
-                                   on_ready=ready)
+                                   on_ready=ready, **lu_options)
         except asyncio.CancelledError:
             pass
 
@@ -192,8 +202,8 @@ class BackgroundIscsiServer:
     """An iSCSI target on its own event-loop thread; ``stop()`` (or ``with``) ends it."""
 
     def __init__(self, image, *, host: str = "127.0.0.1", port: int = 0,
-                 iqn: Optional[str] = None, rw: bool = False):
-        self._args = dict(host=host, port=port, iqn=iqn, rw=rw)
+                 iqn: Optional[str] = None, rw: bool = False, **lu_options):
+        self._args = dict(host=host, port=port, iqn=iqn, rw=rw, **lu_options)
         self._image = image
         self._ready = threading.Event()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -253,6 +263,6 @@ class BackgroundIscsiServer:
 
 
 def start_iscsi_server(image, *, host: str = "127.0.0.1", port: int = 0, iqn: Optional[str] = None,
-                       rw: bool = False) -> BackgroundIscsiServer:
+                       rw: bool = False, **lu_options) -> BackgroundIscsiServer:
     """Start a target for ``image`` on a background thread (port 0 = a free port) and return it."""
-    return BackgroundIscsiServer(image, host=host, port=port, iqn=iqn, rw=rw).start()
+    return BackgroundIscsiServer(image, host=host, port=port, iqn=iqn, rw=rw, **lu_options).start()
