@@ -92,3 +92,20 @@ def test_a_commit_cut_at_any_write_recovers_to_before_or_after(tmp_path, fmt, in
                                         state, [os.path.basename(p) for p in (base, mid, top)],
                                         max_cuts=30)
     assert outcomes == {"before", "after"} and total > 5
+
+
+@pytest.mark.parametrize("fmt", ["vhd", "vdi"])
+def test_a_commit_into_a_fixed_parent_cut_at_any_write_recovers(tmp_path, fmt):
+    base = str(tmp_path / f"base.{fmt}")
+    with vdisk.create(base, 2 * MiB, format=fmt, subtype="fixed") as d:
+        d.pwrite(b"\x11" * MiB, 0)
+    top = str(tmp_path / f"top.{fmt}")
+    with vdisk.create(top, format=fmt, parent=base) as d:
+        d.write_zeroes(0, 256 * 1024)                 # zeros over parent data: must be undoable
+        d.pwrite(b"\x22" * 5000, MiB + 100)
+
+    def state():
+        return path_digest(top), path_digest(base)
+    total, outcomes = assert_crash_safe(tmp_path, lambda: commit(top), state,
+                                        [os.path.basename(p) for p in (base, top)], max_cuts=30)
+    assert outcomes == {"before", "after"}

@@ -28,6 +28,7 @@ from .layout import SparseFile, content_digest
 from .probe import open_layer
 from .relink import link_transaction_writes
 from vdisk.formats.base import ABSENT
+from vdisk.formats.raw import FlatLayer
 
 CHUNK = 8 << 20
 Progress = Optional[Callable[[int, int], None]]
@@ -110,6 +111,15 @@ def _merge_into(chain: list[str], t: int, size: int, search, registry, progress:
             top.file = tx.wrap(real)
             try:
                 writer = Engine(target_layers)
+                # A flat target (raw, fixed) would punch holes for zeros, bypassing the journal:
+                # write the zeros instead.
+                flat = isinstance(top, FlatLayer)
+
+                def zeroes(pos: int, m: int) -> None:
+                    if flat:
+                        writer.write(bytes(m), pos)
+                    else:
+                        writer.write_zeroes(pos, m)
                 runs = [(o, n, k) for o, n, k, level, _ in _resolve_chunks(view, size) if 0 <= level < t]
                 total = sum(n for _, n, _ in runs) or 1
                 for off, n, kind in runs:
@@ -120,9 +130,9 @@ def _merge_into(chain: list[str], t: int, size: int, search, registry, progress:
                             if np.frombuffer(data, dtype=np.uint8).any():
                                 writer.write(data, pos)
                             else:
-                                writer.write_zeroes(pos, m)
+                                zeroes(pos, m)
                         else:
-                            writer.write_zeroes(pos, m)
+                            zeroes(pos, m)
                         copied += m
                         if progress:
                             progress(copied, total)
