@@ -508,3 +508,10 @@ class JournaledFile:
 
     def truncate(self, size: int) -> None:
         self._tx.truncate(size)
+
+    def _check(self, kind: str, offset: int, length: int) -> None:
+        # Code that mutates the file by other means (e.g. punching a hole with fallocate) announces
+        # the range through the I/O seam first: journal its old bytes before letting it through.
+        if kind == "write" and length:
+            self._tx._append(self._tx._undo_records(offset, length, False, False, None))
+        self._file._check(kind, offset, length)
