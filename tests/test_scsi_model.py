@@ -1,5 +1,6 @@
-"""ScsiDisk against a model: random WRITE / WRITE SAME / UNMAP / SYNCHRONIZE CACHE / READ sequences
-agree byte for byte with a bytearray, on raw, dynamic VHD, dynamic VDI and a differencing VHD.
+"""ScsiDisk against a model: random WRITE / WRITE SAME / UNMAP / COMPARE AND WRITE / MODE SELECT
+(write cache) / SYNCHRONIZE CACHE / READ sequences agree byte for byte with a bytearray, on raw,
+dynamic VHD, dynamic VDI and a differencing VHD.
 
 UNMAP and WRITE SAME with UNMAP may deallocate; the LU reports LBPRZ=1, so the model says those
 blocks read back as zeros. Ranges that run past the end must fail with LBA OUT OF RANGE and
@@ -104,6 +105,29 @@ class ScsiModel(RuleBasedStateMachine):
         self._run(cdb, block, in_range=ok)
         if ok:
             self.model[lba * 512:(lba + n) * 512] = block * n
+
+    @rule(lba=lbas, n=st.integers(min_value=1, max_value=16), matches=st.booleans())
+    def compare_and_write(self, lba, n, matches):
+        ok = lba + n <= BLOCKS
+        current = bytes(self.model[lba * 512:(lba + n) * 512]) if ok else bytes(n * 512)
+        expected = current if matches else bytes(b ^ 0xFF for b in current)
+        new = self._data(n)
+        res = self.lu.execute(struct.pack(">BBQxxxBBB", 0x89, 0, lba, n, 0, 0), expected + new)
+        if not ok:
+            assert decode_sense(res.sense) == (5, 0x21, 0)
+        elif matches:
+            assert res.status == GOOD, decode_sense(res.sense)
+            self.model[lba * 512:(lba + n) * 512] = new
+        else:
+            assert decode_sense(res.sense) == (0xE, 0x1D, 0)            # and nothing written
+
+    @rule(write_cache=st.booleans())
+    def set_write_cache(self, write_cache):
+        page = bytearray(0x14)
+        page[0], page[1], page[2] = 0x08, 0x12, 0x04 if write_cache else 0
+        param = bytes(4) + bytes(page)
+        res = self.lu.execute(bytes((0x15, 0x10, 0, 0, len(param), 0)), param)
+        assert res.status == GOOD and self.lu.write_cache == write_cache
 
     @rule(lba=lbas, n=counts)
     def synchronize_cache(self, lba, n):
