@@ -304,3 +304,36 @@ def test_server_started_from_an_open_disk_leaves_it_open(tmp_path):
             out = run(tool("iscsi-readcapacity16"), srv.url)
             assert f"Total size:{4 * MiB}" in out
         assert d.pread(4096, 0) == content[:4096]
+
+
+def test_serve_iscsi_blocks_until_interrupted(tmp_path):
+    """The entry point behind `vdisk serve iscsi`: prints its URL, serves, stops on SIGINT."""
+    import signal
+    import socket
+    import sys
+    import time
+
+    path = str(tmp_path / "cli.vhd")
+    make_image(path, 4 * MiB, "vhd")
+    with socket.socket() as s:                      # a free port (the target rebinds it)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = ("import sys; from vdisk.serve.iscsi import serve_iscsi; "
+            f"serve_iscsi({path!r}, port={port}, iqn='iqn.2026-01.org.vdisk:cli', rw=True)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    try:
+        banner = proc.stderr.readline()
+        assert f"iscsi://127.0.0.1:{port}/iqn.2026-01.org.vdisk:cli/0" in banner
+        assert "read-write" in banner
+        url = f"iscsi://127.0.0.1:{port}/iqn.2026-01.org.vdisk:cli/0"
+        assert f"Total size:{4 * MiB}" in run(tool("iscsi-readcapacity16"), url)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0
+    with vdisk.open(path, "r+") as d:               # the lock was released
+        assert d.size == 4 * MiB
