@@ -99,15 +99,21 @@ def test_sizes_must_be_whole_sectors(tmp_path):
         resize(p, 16 * MiB + 3)
 
 
-def test_qemu_img_check_passes_on_resized_vdis(tmp_path):
+@pytest.mark.parametrize("subtype,size,label", [("dynamic", 3 << 30, "3 GiB"), ("fixed", 3 << 30, "3 GiB"),
+                                                ("dynamic", 300 << 30, "300 GiB")])   # map > 1 MiB: data shifts
+def test_qemu_img_check_and_compare_pass_on_resized_vdis(tmp_path, subtype, size, label):
     need("qemu-img")
-    for subtype in ("dynamic", "fixed"):
-        p = _image(tmp_path, "vdi", subtype)
-        resize(p, 3 << 30)
-        r = subprocess.run(["qemu-img", "check", "-f", "vdi", p], capture_output=True, text=True)
-        assert r.returncode == 0, r.stdout + r.stderr
-        info = subprocess.run(["qemu-img", "info", "-f", "vdi", p], capture_output=True, text=True).stdout
-        assert "3 GiB" in info
+    p = _image(tmp_path, "vdi", subtype)
+    ref = str(tmp_path / "ref.raw")
+    with open(ref, "wb") as f:
+        f.write(_prefix(p, 16 * MiB))
+    resize(p, size)
+    r = subprocess.run(["qemu-img", "check", "-f", "vdi", p], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    info = subprocess.run(["qemu-img", "info", "-f", "vdi", p], capture_output=True, text=True).stdout
+    assert label in info
+    cmp = subprocess.run(["qemu-img", "compare", "-f", "vdi", "-F", "raw", p, ref], capture_output=True, text=True)
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr
 
 
 @pytest.mark.parametrize("subtype", ["dynamic", "fixed"])
