@@ -93,7 +93,10 @@ class IscsiServer:
         sock = writer.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # one PDU = one round trip
-        portal = f"{self.host}:{self.port}" if ":" not in self.host else f"[{self.host}]:{self.port}"
+        # the address this initiator reached us on: meaningful in SendTargets even when bound
+        # to a wildcard address
+        local = writer.get_extra_info("sockname") or (self.host, self.port)
+        portal = f"[{local[0]}]:{local[1]}" if ":" in str(local[0]) else f"{local[0]}:{local[1]}"
         tsih = next(self._tsih) % 0xFFFF or next(self._tsih)
         conn = TargetConnection(self.iqn, portal, data_out_length=self.lu.data_out_length,
                                 clip_transfer=self.lu.clip_transfer, on_reset=self.lu.reset,
