@@ -25,7 +25,7 @@ from .filter import ShadowedDisk, ShadowView
 from .shadowset import ShadowInfo
 
 __all__ = ["ShadowedDisk", "ShadowView", "ShadowInfo", "open_shadowed", "open_shadow_view", "wrap_writable",
-           "export_shadow", "ExportResult", "has_shadows", "list_shadows", "shadow_views", "store_dir",
+           "export_shadow", "ExportResult", "has_shadows", "list_shadows", "shadow_views", "diff", "store_dir",
            "DEFAULT_BLOCK_SIZE", "DEFAULT_MAX_SHADOWS"]
 
 COPY_CHUNK = 4 << 20
@@ -130,6 +130,13 @@ def export_shadow(image_path, shadow_id: str, dst, *, format: Optional[str] = No
             raise
         os.replace(tmp, dst)
         return ExportResult(dst, fmt, sub, view.size, done)
+
+
+def diff(image_path, shadow_a: str, shadow_b: Optional[str] = "live", **kwargs) -> list[tuple[int, int]]:
+    """Changed-block tracking: byte ranges (offset, length), ascending, that differ between shadow
+    *shadow_a* and shadow *shadow_b* (or the live image); opens the image read-only."""
+    with open_shadowed(image_path, "r", **kwargs) as d:
+        return d.diff(shadow_a, shadow_b)
 
 
 def list_shadows(image_path) -> list[ShadowInfo]:
