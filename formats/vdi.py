@@ -43,6 +43,7 @@ class VdiLayer(Layer):
         self._dirty_entries: set[int] = set()
         self._header_dirty = False
         self._modified = False
+        self._truncate_pending: Optional[int] = None   # file end after discarding the last slot
         self._lock = threading.RLock()
 
     @property
@@ -68,6 +69,7 @@ class VdiLayer(Layer):
             self._touch()
             slot = self.allocated
             start = self.offset_data + slot * self.slot_size
+            self._truncate_pending = None                  # the freed tail is in use again
             # Anything past the last counted slot is a leftover of an interrupted allocation:
             # cut it so the parts of the new block we do not write read as zeros.
             if self.file.size() > start:
@@ -141,7 +143,7 @@ class VdiLayer(Layer):
                     if s is not None:
                         prev = s
                 self._dirty_entries.clear()
-            pending = getattr(self, "_truncate_pending", None)
+            pending = self._truncate_pending
             if pending is not None:
                 self.file.sync()
                 self.file.truncate(pending)

@@ -179,3 +179,13 @@ def test_bad_arguments(tmp_path):
     assert not (tmp_path / "x.vhd").exists()
     with pytest.raises(ValueError):
         vdisk.create(tmp_path / "x.qcow2", MiB, format="qcow2")
+
+
+def test_a_block_allocated_after_discarding_the_last_vdi_slot_survives_flush(tmp_path):
+    path = tmp_path / "d.vdi"
+    with vdisk.create(path, 4 * MiB, format="vdi") as d:
+        d.pwrite(b"\1" * 4096, 0)
+        d.discard(0, MiB)
+        d.pwrite(b"\2" * 4096, 0)
+    with vdisk.open(path) as d:
+        assert d.pread(4096, 0) == b"\2" * 4096
