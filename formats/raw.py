@@ -1,8 +1,6 @@
 """Raw images: the file is the disk. Holes (SEEK_HOLE) are reported as unallocated."""
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 from typing import Optional, Sequence
 
 from vdisk.io import ImageFile
@@ -21,7 +19,8 @@ def punch_hole(file: ImageFile, offset: int, length: int) -> bool:
     if length <= 0:
         return True
     if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        import ctypes                                  # only images that punch holes pay for it
+        _libc = ctypes.CDLL(None, use_errno=True)      # the C library this Python runs on
         _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     file._check("write", offset, length)
     return _libc.fallocate(file.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0
