@@ -2,6 +2,7 @@
 where qemu-img is right (docs/cli.md, "VHD sizes and qemu-img", says where and why it is not)."""
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import subprocess
@@ -29,6 +30,7 @@ def qemu_info(path, fmt: str) -> subprocess.CompletedProcess:
     return subprocess.run(["qemu-img", "info", "--output=json", "-f", fmt, str(path)], capture_output=True, text=True)
 
 
+@functools.lru_cache(maxsize=None)       # fixture_image() re-reads a tar.bz2's index on every call
 def _path(name: str):
     # The Windows differencing VHD's parent is not shipped: read it where it lies.
     return FIXTURES / name if name == "dfvfs_fat-differential.vhd" else fixture_image(name)
