@@ -268,3 +268,79 @@ def test_the_catalog_is_documented_json(image):
     assert cat["block_size"] == 64 << 10 and cat["max_shadows"] == 64
     assert cat["session"] is None and cat["fingerprint"]["files"][0]["path"] == os.path.basename(image)
     assert cat["shadows"][0]["id"] == sid and cat["shadows"][0]["store"] == f"{sid}.store"
+
+
+def test_module_level_diff_opens_the_image_read_only(image):
+    import vdisk.shadow
+    with open_shadowed(image, "r+") as d:
+        sid = d.create_shadow().id
+        d.pwrite(b"\x02" * 600, 10_000)
+        expect = d.diff(sid)
+    assert vdisk.shadow.diff(image, sid) == expect == [(9728, 1024)]
+
+
+class _Cut(Exception):
+    pass
+
+
+@pytest.mark.parametrize("action", ["delete-middle", "delete-newest", "write", "discard", "create"])
+def test_a_cut_at_any_write_keeps_every_shadow_exact(image, action):
+    """Interrupt the operation at each of its writes in turn, reopen: every shadow still reads
+    the bytes of its creation (the operation itself happened entirely or not at all)."""
+    import vdisk.io
+
+    def setup():
+        with open_shadowed(image, "r+") as d:
+            d.delete_all_shadows()
+            d.pwrite(b"\x11" * MiB, 0)
+            d.write_zeroes(MiB, 3 * MiB)
+            views = {}
+            for i in range(3):
+                sid = d.create_shadow(str(i)).id
+                views[sid] = d.pread(d.size, 0)
+                d.pwrite(bytes([0x20 + i]) * (200 << 10), i * (150 << 10))
+            return views
+
+    cut = 0
+    while True:
+        cut += 1
+        views = setup()
+        ids = list(views)
+        d = open_shadowed(image, "r+")
+        calls = [0]
+
+        def hook(kind, file, offset, length):
+            calls[0] += 1
+            if calls[0] >= cut:
+                raise _Cut()
+
+        ops = {"delete-middle": lambda: d.delete_shadow(ids[1]), "delete-newest": lambda: d.delete_shadow(ids[2]),
+               "write": lambda: d.pwrite(b"\x77" * (300 << 10), 100_000),
+               "discard": lambda: d.discard(0, 2 * MiB), "create": lambda: d.create_shadow("new")}
+        vdisk.io.fault_hook = hook
+        try:
+            ops[action]()
+            done = True
+        except _Cut:
+            done = False
+        finally:
+            vdisk.io.fault_hook = None
+        if done:
+            d.close()
+        else:
+            for layer in d.layers:                       # the process dies here
+                layer.file.close()
+            d.shadow_set.close()
+        with open_shadowed(image, "r+") as d:
+            alive = [s.id for s in d.shadows]
+            assert all(s.valid for s in d.shadows)
+            for sid in alive:
+                if sid in views:
+                    assert d.shadow_view(sid).pread(d.size, 0) == views[sid], (action, cut, sid)
+            if action.startswith("delete"):
+                assert set(ids) - set(alive) <= {ids[1] if action == "delete-middle" else ids[2]}
+            else:
+                assert set(ids) <= set(alive)
+        if done:
+            break
+        assert cut < 200

@@ -119,22 +119,32 @@ def sync_dir(folder: str) -> None:
         os.close(fd)
 
 
-def fingerprint(disk) -> dict:
+def fingerprint(disk, *, reopen: bool = False) -> dict:
     """What the image chain looks like now: every file's size and mtime, the top block map's hash.
 
     vdisk records this whenever a write session ends; a mismatch on the next open means something
-    else changed the image and the shadows no longer describe it.
+    else changed the image and the shadows no longer describe it. With *reopen* the top image is
+    opened afresh (after the disk was closed), so the block map is exactly what the next open will
+    compute — for raw and fixed images it is derived from the file's holes, not stored.
     """
     files = []
     for layer in disk.layers:
         st = os.stat(layer.path)
         files.append({"path": os.path.basename(layer.path), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
     top = disk.layers[0]
-    h = hashlib.sha256(top.block_map.tobytes())
-    header = getattr(top, "header", None)
-    if isinstance(header, dict) and "uuid_modify" in header:
-        h.update(bytes(header["uuid_modify"]))
-    return {"files": files, "top_uuid": str(disk.uuid) if disk.uuid else None, "top_map_sha256": h.hexdigest()}
+    if reopen:
+        from vdisk.probe import open_layer
+        top = open_layer(top.path, fmt=top.format, lock=False)
+    try:
+        h = hashlib.sha256(top.block_map.tobytes())
+        header = getattr(top, "header", None)
+        if isinstance(header, dict) and "uuid_modify" in header:
+            h.update(bytes(header["uuid_modify"]))
+        uuid = str(top.uuid) if top.uuid else None
+    finally:
+        if reopen:
+            top.close()
+    return {"files": files, "top_uuid": uuid, "top_map_sha256": h.hexdigest()}
 
 
 def describe_change(old: dict, new: dict) -> str:

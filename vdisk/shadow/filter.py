@@ -225,7 +225,7 @@ class ShadowedDisk(Disk):
             raise
         try:
             if not self.read_only:
-                self.shadow_set.end_session(fingerprint(self))
+                self.shadow_set.end_session(fingerprint(self, reopen=True))
         finally:
             self.shadow_set.close()
 
