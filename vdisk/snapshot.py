@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import uuid as uuidlib
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -127,12 +126,10 @@ def _file(image: str, node: Snapshot) -> str:
     return os.path.join(snapshot_dir(image), node.file)
 
 
-@contextmanager
-def _exclusive(image: str):
-    """Refuse to change a tree while any process has the current state open read-write."""
+def _not_in_use(image: str) -> None:
+    """Refuse to change a tree while any process has the current state open (LockError)."""
     if os.path.exists(image):
-        ImageFile(image, writable=True).close()        # LockError names the image in use
-    yield
+        ImageFile(image, writable=True).close()
 
 
 def _open(path: str, mode: str = "r"):
@@ -204,55 +201,55 @@ def _remove_orphans(image: str, tree: Tree) -> None:
 def take(image, *, name: Optional[str] = None, description: str = "") -> Snapshot:
     """Freeze the current state of *image* as a new snapshot; *image* continues as its child."""
     image = os.fspath(image)
-    with _exclusive(image):
-        tree = _begin(image)
-        _refuse_shadows(image)
-        from .probe import probe
-        fmt = probe(image)
-        if fmt == "raw":
-            raise UnsupportedError(f"{image}: a raw image cannot have differencing children; convert it first")
-        name = name or f"Snapshot {len(tree.snapshots) + 1}"
-        if any(s.name == name for s in tree.snapshots):
-            raise VDiskError(f"{image}: there is already a snapshot named {name!r}")
-        sid = str(uuidlib.uuid4())
-        node = Snapshot(sid, name, utc_now(), f"{sid}.{fmt}", tree.current, description)
-        tree.pending = {"op": "take", "snapshot": node.to_dict(), "format": fmt}
-        _save(image, tree)
-        _finish(image, tree)
-        return node
+    _not_in_use(image)
+    tree = _begin(image)
+    _refuse_shadows(image)
+    from .probe import probe
+    fmt = probe(image)
+    if fmt == "raw":
+        raise UnsupportedError(f"{image}: a raw image cannot have differencing children; convert it first")
+    name = name or f"Snapshot {len(tree.snapshots) + 1}"
+    if any(s.name == name for s in tree.snapshots):
+        raise VDiskError(f"{image}: there is already a snapshot named {name!r}")
+    sid = str(uuidlib.uuid4())
+    node = Snapshot(sid, name, utc_now(), f"{sid}.{fmt}", tree.current, description)
+    tree.pending = {"op": "take", "snapshot": node.to_dict(), "format": fmt}
+    _save(image, tree)
+    _finish(image, tree)
+    return node
 
 
 def revert(image, ref: str, *, force: bool = False) -> Snapshot:
     """Make *image* a new empty child of snapshot *ref*; its current changes need *force*."""
     image = os.fspath(image)
-    with _exclusive(image):
-        tree = _begin(image)
-        _refuse_shadows(image)
-        node = _resolve(tree, ref)
-        if not force and os.path.exists(image) and _has_changes(image, tree):
-            raise VDiskError(f"{image}: the current state has changes that are in no snapshot; "
-                             f"revert --force discards them")
-        tree.pending = {"op": "revert", "id": node.id, "replacing": _uuid_of(image)}
-        _save(image, tree)
-        _finish(image, tree)
-        return node
+    _not_in_use(image)
+    tree = _begin(image)
+    _refuse_shadows(image)
+    node = _resolve(tree, ref)
+    if not force and os.path.exists(image) and _has_changes(image, tree):
+        raise VDiskError(f"{image}: the current state has changes that are in no snapshot; "
+                         f"revert --force discards them")
+    tree.pending = {"op": "revert", "id": node.id, "replacing": _uuid_of(image)}
+    _save(image, tree)
+    _finish(image, tree)
+    return node
 
 
 def delete(image, ref: str) -> Snapshot:
     """Delete snapshot *ref*, merging its data into its only dependent (snapshot or current state)."""
     image = os.fspath(image)
-    with _exclusive(image):
-        tree = _begin(image)
-        _refuse_shadows(image)
-        node = _resolve(tree, ref)
-        dependents = [c.id for c in tree.children(node.id)] + (["current"] if tree.current == node.id else [])
-        if len(dependents) > 1:
-            raise UnsupportedError(f"{image}: snapshot {node.name!r} has {len(dependents)} dependents "
-                                   f"({', '.join(dependents)}); only a snapshot with at most one can be deleted")
-        tree.pending = {"op": "delete", "id": node.id, "dependent": dependents[0] if dependents else None}
-        _save(image, tree)
-        _finish(image, tree)
-        return node
+    _not_in_use(image)
+    tree = _begin(image)
+    _refuse_shadows(image)
+    node = _resolve(tree, ref)
+    dependents = [c.id for c in tree.children(node.id)] + (["current"] if tree.current == node.id else [])
+    if len(dependents) > 1:
+        raise UnsupportedError(f"{image}: snapshot {node.name!r} has {len(dependents)} dependents "
+                               f"({', '.join(dependents)}); only a snapshot with at most one can be deleted")
+    tree.pending = {"op": "delete", "id": node.id, "dependent": dependents[0] if dependents else None}
+    _save(image, tree)
+    _finish(image, tree)
+    return node
 
 
 def snapshot_list(image) -> tuple[list[Snapshot], Optional[str]]:
@@ -260,8 +257,8 @@ def snapshot_list(image) -> tuple[list[Snapshot], Optional[str]]:
     image = os.fspath(image)
     tree = _load(image)
     if tree.pending is not None:
-        with _exclusive(image):
-            tree = _begin(image)
+        _not_in_use(image)
+        tree = _begin(image)
     return tree.snapshots, tree.current
 
 
