@@ -344,3 +344,18 @@ def test_a_cut_at_any_write_keeps_every_shadow_exact(image, action):
         if done:
             break
         assert cut < 200
+
+
+def test_a_shadow_is_a_write_protected_scsi_disk(image):
+    import struct
+
+    from vdisk.devices.scsi import ScsiDisk
+    from vdisk.devices.scsi_sense import decode_sense
+    with open_shadowed(image, "r+") as d:
+        lu = ScsiDisk(d.shadow_view(d.create_shadow().id))
+        d.pwrite(b"\x44" * 512, 0)
+        read = lu.execute(struct.pack(">BBIBHB", 0x28, 0, 0, 0, 1, 0))
+        assert read.status == 0 and read.data_in == b"\x11" * 512
+        write = lu.execute(struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 1, 0), b"\x55" * 512)
+        assert decode_sense(write.sense) == (7, 0x27, 0)      # DATA PROTECT, WRITE PROTECTED
+        assert d.pread(512, 0) == b"\x44" * 512
