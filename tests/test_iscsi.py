@@ -16,7 +16,6 @@ The whole iSCSI family (protocol behaviour) runs as well and must pass.
 from __future__ import annotations
 
 import fnmatch
-import os
 import re
 import shutil
 import subprocess
@@ -311,7 +310,6 @@ def test_serve_iscsi_blocks_until_interrupted(tmp_path):
     import signal
     import socket
     import sys
-    import time
 
     path = str(tmp_path / "cli.vhd")
     make_image(path, 4 * MiB, "vhd")

@@ -190,7 +190,7 @@ def serve_iscsi(image_path_or_disk, host: str = "127.0.0.1", port: int = DEFAULT
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 loop.add_signal_handler(sig, task.cancel)
-            except (NotImplementedError, RuntimeError, ValueError):
+            except (RuntimeError, ValueError):      # not the main thread: no signal handling
                 pass
         try:
             await run_iscsi_server(image_path_or_disk, host=host, port=port, iqn=iqn, rw=rw,
