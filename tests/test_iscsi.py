@@ -2,7 +2,8 @@
 iscsi-readcapacity16, iscsi-ls, and qemu-img / qemu-io through QEMU's libiscsi driver.
 
 Everything binds to 127.0.0.1 on a free port. The tools come from Debian's libiscsi-bin,
-qemu-utils and qemu-block-extra; a test is skipped only when its tool is missing.
+qemu-utils and qemu-block-extra (QEMU's iscsi:// driver); a test is skipped only when its tool
+is missing.
 
 iscsi-test-cu selection
 -----------------------
@@ -74,6 +75,15 @@ def tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
         pytest.skip(f"{name} is not installed")
+    return path
+
+
+def qemu_with_iscsi(name: str) -> str:
+    """qemu-img / qemu-io with the iscsi:// driver (Debian: qemu-block-extra), or skip."""
+    path = tool(name)
+    formats = subprocess.run([tool("qemu-img"), "--help"], capture_output=True, text=True).stdout
+    if " iscsi" not in formats:
+        pytest.skip("qemu has no iscsi driver (install qemu-block-extra)")
     return path
 
 
@@ -264,7 +274,7 @@ def test_discovery_lists_the_target(served):
 def test_full_read_with_qemu_img_equals_the_image(served, tmp_path):
     srv, _, content = served
     out = tmp_path / "copy.raw"
-    run(tool("qemu-img"), "convert", "-f", "raw", "-O", "raw", srv.url, str(out), timeout=120)
+    run(qemu_with_iscsi("qemu-img"), "convert", "-f", "raw", "-O", "raw", srv.url, str(out), timeout=120)
     assert out.read_bytes() == content
 
 
@@ -272,9 +282,9 @@ def test_qemu_io_writes_land_in_the_image(tmp_path):
     path = str(tmp_path / "rw.vdi")
     make_image(path, 8 * MiB, "vdi")
     with start_iscsi_server(path, rw=True) as srv:
-        run(tool("qemu-io"), "-f", "raw", "-c", "write -P 0xab 1M 64k", "-c", "discard 2M 1M",
+        run(qemu_with_iscsi("qemu-io"), "-f", "raw", "-c", "write -P 0xab 1M 64k", "-c", "discard 2M 1M",
             "-c", "write -z 3M 512", "-c", "flush", srv.url)
-        run(tool("qemu-io"), "-f", "raw", "-c", "read -P 0xab 1M 64k", "-c", "read -P 0 2M 1M", srv.url)
+        run(qemu_with_iscsi("qemu-io"), "-f", "raw", "-c", "read -P 0xab 1M 64k", "-c", "read -P 0 2M 1M", srv.url)
     with vdisk.open(path) as d:
         assert d.pread(64 << 10, MiB) == b"\xab" * (64 << 10)
         assert d.pread(MiB, 2 * MiB) == bytes(MiB)
@@ -283,7 +293,7 @@ def test_qemu_io_writes_land_in_the_image(tmp_path):
 
 def test_read_only_target_refuses_writes(served):
     srv, path, content = served
-    proc = subprocess.run([tool("qemu-io"), "-f", "raw", "-c", "write -P 0x1 0 4k", srv.url],
+    proc = subprocess.run([qemu_with_iscsi("qemu-io"), "-f", "raw", "-c", "write -P 0x1 0 4k", srv.url],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 or "failed" in (proc.stdout + proc.stderr).lower()
 
