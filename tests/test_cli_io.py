@@ -75,3 +75,68 @@ def test_serve_iscsi_answers_an_inquiry(image):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture
+def shadowed(tmp_path):
+    """An image whose shadow copy holds 'before' while the live image holds 'after'."""
+    path = tmp_path / "s.vhd"
+    with vdisk.create(path, 3 * MiB, format="vhd") as d:
+        d.pwrite(b"before" * 1000, MiB)
+    r = _cli("shadow", "create", path, "--description", "cli test")
+    assert r.returncode == 0, r.stderr
+    shadow_id = r.stdout.strip().splitlines()[-1]
+    with vdisk.open(path, "r+") as d:
+        d.pwrite(b"after!" * 1000, MiB)
+    return path, shadow_id
+
+
+def test_mount_shows_each_shadow_copy_read_only(tmp_path, shadowed):
+    need("fusermount3")
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("no /dev/fuse")
+    path, shadow_id = shadowed
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = _cli("mount", path, mnt)
+    assert r.returncode == 0, r.stderr
+    try:
+        with open(mnt / "disk", "rb") as f:
+            f.seek(MiB)
+            assert f.read(6000) == b"after!" * 1000
+        with open(mnt / "shadows" / shadow_id / "disk", "rb") as f:
+            f.seek(MiB)
+            assert f.read(6000) == b"before" * 1000
+        with pytest.raises(OSError):
+            open(mnt / "shadows" / shadow_id / "disk", "r+b")
+    finally:
+        u = _cli("umount", mnt)
+    assert u.returncode == 0, u.stderr
+
+
+def test_serve_nbd_exports_a_shadow_copy_as_image_at_id(tmp_path, shadowed):
+    need("qemu-img")
+    path, shadow_id = shadowed
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "vdisk.cli", "serve", "nbd", f"{path}@{shadow_id}", str(path),
+                             "--port", str(port)], stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        assert f"{port}" in line, line
+        out = tmp_path / "out.raw"
+        for name, want in ((f"s.vhd@{shadow_id}", b"before"), ("s.vhd", b"after!")):
+            subprocess.run(["qemu-img", "convert", "-O", "raw", f"nbd://127.0.0.1:{port}/{name}", str(out)],
+                           check=True, timeout=60)
+            data = out.read_bytes()
+            assert data[MiB:MiB + 6000] == want * 1000
+            out.unlink()
+    finally:
+        proc.send_signal(2)
+        proc.wait(20)
+
+
+def test_serve_nbd_refuses_an_unknown_shadow(shadowed):
+    path, _ = shadowed
+    r = _cli("serve", "nbd", f"{path}@no-such-shadow", "--port", str(_free_port()))
+    assert r.returncode != 0
+    assert r.stderr.startswith("vdisk: error:") and "Traceback" not in r.stderr

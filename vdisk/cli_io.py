@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .errors import VDiskError
@@ -29,8 +30,12 @@ def _library(module: str, *names: str):
 # -- mount / umount -----------------------------------------------------------------------------
 def cmd_mount(args) -> int:
     (mount_image,) = _library("vdisk.mount", "mount_image")
+    from .shadow import has_shadows, shadow_views
+    # An image with shadow copies also shows each one read-only as shadows/<id>/disk, p1, ...
+    views = shadow_views if has_shadows(args.image) else None
     pid = mount_image(args.image, args.mountpoint, rw=args.rw, foreground=args.foreground,
-                      allow_other=args.allow_other, parent_search=tuple(args.parent_search))
+                      allow_other=args.allow_other, parent_search=tuple(args.parent_search),
+                      extra_views=views)
     if pid is not None:
         mode = "read-write" if args.rw else "read-only"
         print(f"mounted {args.image} on {args.mountpoint} ({mode}, process {pid}); "
@@ -63,11 +68,48 @@ def _needs_own_open(args) -> bool:
     return bool(args.format or args.parent_search or args.size_policy != "current")
 
 
+def split_shadow_ref(ref: str):
+    """'IMAGE@ID' -> (IMAGE, ID) when IMAGE exists and ID is one of its shadows; else (ref, None)."""
+    if os.path.exists(ref) or "@" not in ref:
+        return ref, None
+    image, shadow_id = ref.rsplit("@", 1)
+    if not os.path.isfile(image):
+        return ref, None
+    from .shadow import has_shadows
+    if not has_shadows(image):
+        raise VDiskError(f"{image}: has no shadow copies (asked for shadow {shadow_id!r})")
+    return image, shadow_id
+
+
+def _open_exports(args):
+    """(exports, names, Disks to close): paths as they are, or Disks opened here when a shadow
+    (IMAGE@ID) or open options are involved. A shadow's default name is 'file.vhd@ID'."""
+    refs = [split_shadow_ref(r) for r in args.images]
+    if not any(sid for _, sid in refs) and not _needs_own_open(args):
+        return list(args.images), args.name, []
+    from .cli import open_image
+    from .shadow import open_shadow_view
+    opened = []
+    try:
+        for image, sid in refs:
+            if sid is None:
+                opened.append(open_image(args, image, "r+" if args.rw else "r"))
+            else:                                  # a shadow is a read-only point in time
+                opened.append(open_shadow_view(image, sid, parent_search=tuple(args.parent_search)))
+    except BaseException:
+        for d in opened:
+            d.close()
+        raise
+    names = args.name
+    if names is None:
+        names = [os.path.basename(image) + (f"@{sid}" if sid else "") for image, sid in refs]
+    return opened, names, opened
+
+
 def cmd_serve_nbd(args) -> int:
     (serve_nbd,) = _library("vdisk.serve.nbd", "serve_nbd")
-    names = args.name
-    if names is not None and len(names) != len(args.images):
-        raise VDiskError(f"{len(names)} --name for {len(args.images)} image(s): give one --name per image")
+    if args.name is not None and len(args.name) != len(args.images):
+        raise VDiskError(f"{len(args.name)} --name for {len(args.images)} image(s): give one --name per image")
 
     def ready(server) -> None:
         uris = getattr(server, "uris", None) or []
@@ -76,17 +118,13 @@ def cmd_serve_nbd(args) -> int:
             print(f"serving {uri} ({mode})", file=sys.stderr, flush=True)
         print("Ctrl-C stops", file=sys.stderr, flush=True)
 
-    if _needs_own_open(args):
-        disks = _open_all(args, args.images, args.rw)
-        try:
-            serve_nbd(disks, host=args.bind, port=args.port, names=names, rw=args.rw,
-                      shared=args.shared, ready=ready)
-        finally:
-            for d in disks:
-                d.close()
-    else:
-        serve_nbd(list(args.images), host=args.bind, port=args.port, names=names, rw=args.rw,
+    exports, names, opened = _open_exports(args)
+    try:
+        serve_nbd(exports, host=args.bind, port=args.port, names=names, rw=args.rw,
                   shared=args.shared, ready=ready)
+    finally:
+        for d in opened:
+            d.close()
     return 0
 
 
