@@ -3,17 +3,13 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := qemu-utils qemu-system-x86 libvhdi-utils fuse3 libnbd-bin python3-libnbd nbdkit libiscsi-bin hdparm \
-                e2fsprogs fdisk gdisk xz-utils bzip2 tar
-# Binaries that prove each package is present (checked before calling apt).
-APT_PROBES := qemu-img qemu-system-x86_64 vhdiinfo fusermount3 nbdinfo iscsi-test-cu hdparm debugfs sfdisk sgdisk xz bzip2 nbdkit
+APT_PACKAGES := qemu-utils qemu-block-extra qemu-system-x86 libvhdi-utils fuse3 libnbd-bin python3-libnbd nbdkit libiscsi-bin hdparm \
+                e2fsprogs fdisk gdisk xz-utils bzip2 tar python3-venv
 
 .PHONY: demo test bench deps venv clean
 
 deps:
-	@missing=0; for b in $(APT_PROBES); do command -v $$b >/dev/null 2>&1 || missing=1; done; \
-	[ -e /usr/lib/python3/dist-packages/nbd.py ] || missing=1; \
-	if [ $$missing = 1 ]; then \
+	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing apt packages: $(APT_PACKAGES)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \

@@ -44,14 +44,18 @@ def fixture_image(name: str) -> Path:
         return src
     CACHE.mkdir(exist_ok=True)
     if name.endswith(".tar.bz2"):
-        with tarfile.open(src, "r:bz2") as tar:
-            member = next(m for m in tar.getmembers() if m.isfile())
-            dst = CACHE / member.name
-            if not dst.exists() or dst.stat().st_size != member.size:
-                tmp = dst.with_suffix(".partial")
-                _write_sparse(tar.extractfile(member), tmp)
-                tmp.rename(dst)
-            return dst
+        # Listing a tar.bz2 decompresses all of it: remember which file it held.
+        marker = CACHE / (name + ".member")
+        if marker.exists() and (CACHE / marker.read_text()).exists():
+            return CACHE / marker.read_text()
+        with tarfile.open(src, "r|bz2") as tar:
+            member = next(m for m in tar if m.isfile())
+            dst = CACHE / os.path.basename(member.name)
+            tmp = dst.with_suffix(".partial")
+            _write_sparse(tar.extractfile(member), tmp)
+            tmp.rename(dst)
+        marker.write_text(dst.name)
+        return dst
     opener = bz2.open if name.endswith(".bz2") else lzma.open
     dst = CACHE / name.rsplit(".", 1)[0]
     if not dst.exists():

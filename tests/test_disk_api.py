@@ -189,3 +189,9 @@ def test_a_block_allocated_after_discarding_the_last_vdi_slot_survives_flush(tmp
         d.pwrite(b"\2" * 4096, 0)
     with vdisk.open(path) as d:
         assert d.pread(4096, 0) == b"\2" * 4096
+
+
+def test_a_differencing_image_takes_its_parents_format_by_default(tmp_path):
+    vdisk.create(tmp_path / "b.vdi", MiB, format="vdi").close()
+    with vdisk.create(tmp_path / "c.vdi", parent=tmp_path / "b.vdi") as c:
+        assert (c.format, c.subtype) == ("vdi", "differencing")

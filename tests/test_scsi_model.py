@@ -38,9 +38,7 @@ def make_image(kind: str, folder: str) -> str:
         vdisk.create(path, format="vhd", parent=parent).close()
         return path
     path = os.path.join(folder, f"disk.{kind}")
-    # VDI keeps VirtualBox's 1 MiB blocks: with 64 KiB blocks, UNMAP of a whole block followed
-    # by a write and a flush loses the write in the core today (reported to the lead).
-    grain = {"raw": {}, "vhd": {"block_size": GRAIN}, "vdi": {}}[kind]
+    grain = {"raw": {}, "vhd": {"block_size": GRAIN}, "vdi": {"block_size": GRAIN}}[kind]
     vdisk.create(path, SIZE, format=kind, **grain).close()
     return path
 

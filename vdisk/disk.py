@@ -12,7 +12,7 @@ from .chain import LayerInfo, layer_info, open_chain
 from .engine import Engine, ExtentKind
 from .errors import RangeError, ReadOnlyError, UnsupportedError, VDiskError
 from .io import ImageFile
-from .probe import open_layer
+from .probe import open_layer, probe
 from vdisk.formats.raw import create_raw
 from vdisk.formats.vdi import create_vdi
 from vdisk.formats.vhd import create_vhd
@@ -253,13 +253,16 @@ def open(path, mode: str = "r", *, parent_search: Sequence[str] = (), vbox_regis
     return disk
 
 
-def create(path, size: Optional[int] = None, *, format: str = "vhd", subtype: str = "dynamic",
+def create(path, size: Optional[int] = None, *, format: Optional[str] = None, subtype: str = "dynamic",
            parent=None, block_size: Optional[int] = None, size_policy: str = "exact") -> Disk:
     """Create a new image and return it opened read-write.
 
-    ``parent=`` makes a differencing image (its size is the parent's). The file must not exist.
+    ``parent=`` makes a differencing image (its size and, by default, its format are the
+    parent's). *format* defaults to "vhd" for a base image. The file must not exist.
     """
     path = os.fspath(path)
+    if format is None:
+        format = "vhd" if parent is None else probe(os.fspath(parent))
     if format not in ("vhd", "vdi", "raw"):
         raise ValueError(f"format must be 'vhd', 'vdi' or 'raw', not {format!r}")
     parent_layer = None
