@@ -48,7 +48,9 @@ def fixture_image(name: str) -> Path:
         marker = CACHE / (name + ".member")
         if marker.exists() and (CACHE / marker.read_text()).exists():
             return CACHE / marker.read_text()
-        with tarfile.open(src, "r|bz2") as tar:
+        # tarfile's own bz2 stream re-slices a growing buffer (quadratic on highly compressed
+        # data); BZ2File decompresses in bounded steps.
+        with bz2.open(src, "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
             member = next(m for m in tar if m.isfile())
             dst = CACHE / os.path.basename(member.name)
             tmp = dst.with_suffix(".partial")
