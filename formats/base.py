@@ -114,6 +114,19 @@ class Layer:
         return {}
 
 
+def write_table_entries(file: ImageFile, table: bytes, table_offset: int, dirty: set) -> None:
+    """Write the 512-byte sectors of a u32 table (BAT, VDI block map) holding the dirty entries."""
+    sectors = sorted({index * 4 // SECTOR for index in dirty})
+    start = prev = sectors[0]
+    for s in sectors[1:] + [None]:
+        if s is not None and s == prev + 1:
+            prev = s
+            continue
+        lo, hi = start * SECTOR, min((prev + 1) * SECTOR, len(table))
+        file.pwrite(table[lo:hi], table_offset + lo)
+        start = prev = s
+
+
 def data_runs_from_holes(file: ImageFile, data_start: int, length: int, block_size: int) -> np.ndarray:
     """Identity block map over [data_start, data_start+length), ABSENT where the file has a hole.
 

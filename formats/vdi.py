@@ -9,7 +9,7 @@ import numpy as np
 
 from vdisk.errors import FormatError, UnsupportedError
 from vdisk.io import ImageFile
-from .base import ABSENT, SECTOR, ZERO, Layer, new_uuid
+from .base import ABSENT, SECTOR, ZERO, Layer, new_uuid, write_table_entries
 from .vdi_structs import (BLOCK_FREE, BLOCK_ZERO, HEADER_V0_END, HEADER_V1, HEADER_V1_PLUS, PRE_HEADER_SIZE,
                           SIGNATURE, SUBTYPE_NAMES, TEXT, TYPE_DIFF, TYPE_FIXED, TYPE_NORMAL, V1_FIELD_OFFSETS,
                           VERSION_0, VERSION_1_1, HeaderV0, HeaderV1, PreHeader)
@@ -131,17 +131,7 @@ class VdiLayer(Layer):
                 self.file.pwrite(self.header_bytes(), PRE_HEADER_SIZE)
                 self._header_dirty = False
             if self._dirty_entries:
-                table = self.map_entries().tobytes()
-                sectors = sorted({b * 4 // SECTOR for b in self._dirty_entries})
-                start = prev = sectors[0]
-                for s in sectors[1:] + [None]:
-                    if s is None or s != prev + 1:
-                        lo, hi = start * SECTOR, min((prev + 1) * SECTOR, len(table))
-                        self.file.pwrite(table[lo:hi], self.offset_blocks + lo)
-                        if s is not None:
-                            start = s
-                    if s is not None:
-                        prev = s
+                write_table_entries(self.file, self.map_entries().tobytes(), self.offset_blocks, self._dirty_entries)
                 self._dirty_entries.clear()
             pending = self._truncate_pending
             if pending is not None:

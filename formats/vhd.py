@@ -13,7 +13,7 @@ import numpy as np
 from vdisk.errors import ChecksumError, FormatError, UnsupportedError
 from vdisk.geometry import MAX_GEOMETRY, chs_bytes, chs_for_sectors, chs_round_up
 from vdisk.io import ImageFile
-from .base import ABSENT, SECTOR, Layer, ParentHint, data_runs_from_holes, new_uuid
+from .base import ABSENT, SECTOR, Layer, ParentHint, data_runs_from_holes, new_uuid, write_table_entries
 from .raw import FlatLayer
 from .vhd_structs import (BAT_UNUSED, DISK_DIFFERENCING, DISK_DYNAMIC, DISK_FIXED, FEATURES_RESERVED,
                           FOOTER_CHECKSUM_OFFSET, FOOTER_COOKIE, FOOTER_FIELD_OFFSETS, FOOTER_SIZE,
@@ -227,11 +227,7 @@ class SparseVhdLayer(Layer):
                 self.file.pwrite(packed.tobytes(), self._bitmap_at(block))
             self._dirty_bitmaps.clear()
             if self._dirty_bat:
-                table = self.bat_bytes()
-                sectors = sorted({b * 4 // SECTOR for b in self._dirty_bat})
-                for run_start, run_end in _runs(sectors):
-                    lo, hi = run_start * SECTOR, min((run_end + 1) * SECTOR, len(table))
-                    self.file.pwrite(table[lo:hi], self.bat_offset + lo)
+                write_table_entries(self.file, self.bat_bytes(), self.bat_offset, self._dirty_bat)
                 self._dirty_bat.clear()
             self.file.sync()
 
@@ -245,16 +241,6 @@ class SparseVhdLayer(Layer):
                      parent_name=_decode_utf16(h.parent_unicode_name, "utf-16-be"),
                      parent_timestamp=h.parent_timestamp + VHD_EPOCH)
         return d
-
-
-def _runs(sorted_ints: list[int]):
-    start = prev = sorted_ints[0]
-    for v in sorted_ints[1:]:
-        if v != prev + 1:
-            yield start, prev
-            start = v
-        prev = v
-    yield start, prev
 
 
 def _footer_info(f) -> dict:

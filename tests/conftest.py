@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import bz2
 import csv
-import hashlib
 import lzma
 import os
 import shutil
@@ -11,6 +10,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
+
+from vdisk.layout import content_digest
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
@@ -68,23 +69,9 @@ def fixture_image(name: str) -> Path:
     return dst
 
 
-def disk_sha256(disk, chunk: int = 8 << 20) -> str:
-    """SHA-256 of a Disk's whole virtual content (unallocated runs hashed as zeros without reading)."""
-    h = hashlib.sha256()
-    zero = bytes(chunk)
-    buf = bytearray(chunk)
-    for ext in disk.extents():
-        pos, end = ext.offset, ext.offset + ext.length
-        while pos < end:
-            n = min(chunk, end - pos)
-            if ext.kind != 0:
-                h.update(zero[:n] if n < chunk else zero)
-            else:
-                view = memoryview(buf)[:n]
-                disk.readinto(view, pos)
-                h.update(view)
-            pos += n
-    return h.hexdigest()
+def disk_sha256(disk) -> str:
+    """SHA-256 of a Disk's whole virtual content (unallocated runs hashed without reading)."""
+    return content_digest(disk)
 
 
 def need(*tools: str) -> None:
