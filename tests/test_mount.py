@@ -521,13 +521,9 @@ def _stat_errno(path) -> int:
 
 
 def _check_clean(image, fmt):
-    try:
-        from vdisk.check import check
-    except ImportError:
-        check = None
-    if check is not None:
-        report = check(str(image))
-        assert report.clean, report.summary()
+    from vdisk.check import check
+    report = check(str(image))
+    assert report.clean, report.summary()
     if fmt == "vdi":
         chk = subprocess.run(["qemu-img", "check", "-q", "-f", "vdi", str(image)], capture_output=True, text=True)
         assert chk.returncode == 0, chk.stdout + chk.stderr

@@ -417,10 +417,6 @@ def _vdisk_command():
 def test_vdisk_serve_nbd_command(tmp_path):
     """The `vdisk serve nbd` command line, as users run it: --name, --rw, --port, SIGTERM."""
     need("qemu-io", "qemu-img")
-    try:
-        import vdisk.cli  # noqa: F401
-    except ImportError:
-        pytest.skip("the vdisk CLI is not there yet")
     from test_nbd_support import free_port
     path, model = build_chain(tmp_path, "cli", "vdi", 2, size=8 << 20, seed=21)
     port = free_port()
