@@ -7,6 +7,7 @@ import lzma
 import os
 import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,21 @@ def fixture_image(name: str) -> Path:
 def disk_sha256(disk) -> str:
     """SHA-256 of a Disk's whole virtual content (unallocated runs hashed without reading)."""
     return content_digest(disk)
+
+
+# fsync is free on tmpfs: crash models live at the I/O seam, so tests there lose nothing.
+FAST_TMP = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+
+
+@pytest.fixture
+def tmpfs_path(tmp_path):
+    """A temporary folder on tmpfs when there is one (pytest's own otherwise)."""
+    if FAST_TMP is None:
+        yield tmp_path
+        return
+    folder = tempfile.mkdtemp(prefix="vdisk-test-", dir=FAST_TMP)
+    yield Path(folder)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def need(*tools: str) -> None:

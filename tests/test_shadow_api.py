@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
-import shutil
-import tempfile
 
 import pytest
 
@@ -15,19 +12,10 @@ from vdisk.shadow import (ShadowedDisk, export_shadow, list_shadows, open_shadow
 
 MiB = 1 << 20
 
-# fsync is free on tmpfs: the crash model lives at the I/O seam, so tests lose nothing there.
-FAST_TMP = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-
-
 @pytest.fixture
-def tmp_path(tmp_path):
-    """A temporary folder on tmpfs when there is one (pytest's own otherwise)."""
-    if FAST_TMP is None:
-        yield tmp_path
-        return
-    folder = tempfile.mkdtemp(prefix="vdisk-test-", dir=FAST_TMP)
-    yield pathlib.Path(folder)
-    shutil.rmtree(folder, ignore_errors=True)
+def tmp_path(tmpfs_path):
+    """These tests fsync a lot: run them on tmpfs when there is one."""
+    return tmpfs_path
 
 
 @pytest.fixture(params=["vhd", "vdi", "raw"])

@@ -12,7 +12,7 @@ import vdisk
 from vdisk.cli import main
 
 MiB = 1 << 20
-FAST_TMP = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+from conftest import FAST_TMP
 
 
 @pytest.fixture

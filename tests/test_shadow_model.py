@@ -18,8 +18,7 @@ from vdisk.shadow import ShadowedDisk, open_shadow_view, open_shadowed
 
 SIZE = 1 << 20
 
-# fsync is free on tmpfs: the crash model lives at the I/O seam, so tests lose nothing there.
-FAST_TMP = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+from conftest import FAST_TMP
 
 
 class Crash(Exception):

@@ -21,8 +21,7 @@ from vdisk.check import check
 SIZE = 4 << 20
 PAGE = 4096           # 4 KiB-aligned writes: libvhdi mis-reads partly set VHD bitmap bytes
 
-# fsync is free on tmpfs: the crash model lives at the I/O seam, so tests lose nothing there.
-FAST_TMP = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+from conftest import FAST_TMP
 
 
 def open_in_tree(image: str, path: str, mode: str = "r"):
