@@ -29,8 +29,10 @@ test: deps venv
 demo: deps venv
 	@bash scripts/demo.sh
 
+# Every benchmark, each against its anchor tool in the same run (several minutes; not a test).
+BENCHES := core convert compact mount nbd scsi shadow
 bench: deps venv
-	$(BIN)/python bench/bench_core.py
+	@for b in $(BENCHES); do echo "== bench/bench_$$b.py"; $(BIN)/python bench/bench_$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
