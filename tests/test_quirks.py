@@ -69,3 +69,20 @@ def test_windows_locators_with_data_space_in_bytes(tmp_path):
         vdisk.open(tmp_path / "dfvfs_fat-differential.vhd")
     assert "C:" not in str(err.value)                          # drive letters dropped
     assert "\\" not in str(err.value)                          # separators mapped
+
+
+def test_damage_that_still_reads_is_reported_once_by_the_cli_and_never_printed_by_the_library(tmp_path):
+    import sys
+    path = tmp_path / "w.vhd"
+    with vdisk.create(path, 4 * MiB, format="vhd") as d:
+        d.pwrite(b"\x42" * 512, 0)
+    with open(path, "r+b") as f:                 # spoil the trailing footer; the copy at 0 is intact
+        f.seek(-300, os.SEEK_END)
+        f.write(b"\x11")
+    lib = subprocess.run([sys.executable, "-c", f"import vdisk; vdisk.open({str(path)!r}).pread(512, 0)"],
+                         capture_output=True, text=True)
+    assert lib.returncode == 0 and lib.stderr == ""
+    cli = subprocess.run([sys.executable, "-m", "vdisk.cli", "info", str(path)], capture_output=True, text=True)
+    assert cli.returncode == 0
+    lines = cli.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vdisk: warning: ") and "copy at offset 0" in lines[0]

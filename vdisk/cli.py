@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import os
 import re
 import signal
@@ -150,8 +151,6 @@ def cmd_info(args) -> int:
             details = dict(layer["details"], allocated_blocks=layer["allocated_blocks"])
             for line in table(sorted(details.items())).splitlines():
                 print("  " + line)
-    for w in info["warnings"]:
-        print(f"warning: {w}")
     return 0
 
 
@@ -332,6 +331,17 @@ def _on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
 
 
+def _show_library_warnings() -> None:
+    """Print what the library logs as warnings, once each, as `vdisk: warning: <what>` on stderr."""
+    logger = logging.getLogger("vdisk")
+    if not any(getattr(h, "_vdisk_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("vdisk: warning: %(message)s"))
+        handler.setLevel(logging.WARNING)
+        handler._vdisk_cli = True
+        logger.addHandler(handler)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status (the console script exits with it)."""
     try:
@@ -339,6 +349,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError:                                 # not the main thread (embedded use)
         pass
     args = None
+    _show_library_warnings()
     try:
         parser = build_parser()
         try:
