@@ -6,6 +6,7 @@ import csv
 import lzma
 import os
 import shutil
+import subprocess
 import tarfile
 import tempfile
 from pathlib import Path
@@ -88,6 +89,16 @@ def tmpfs_path(tmp_path):
     folder = tempfile.mkdtemp(prefix="vdisk-test-", dir=FAST_TMP)
     yield Path(folder)
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def interrupt(proc, timeout: float = 20) -> None:
+    """Stop a server subprocess as a user would (Ctrl-C), killing it if it does not exit in time."""
+    proc.send_signal(2)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def need(*tools: str) -> None:

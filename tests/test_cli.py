@@ -15,6 +15,8 @@ from vdisk.cli import main, parse_size
 from vdisk.info import CHAIN_KEYS, INFO_KEYS, MAP_KEYS
 from vdisk.progress import ProgressBar, human_bytes
 
+from conftest import interrupt
+
 MiB = 1 << 20
 
 
@@ -400,12 +402,7 @@ def test_serve_nbd_exports_the_image(tmp_path, small_vhd):
                            capture_output=True, text=True, timeout=30)
         assert json.loads(r.stdout)["virtual-size"] == 3 * MiB + 512
     finally:
-        proc.send_signal(2)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        interrupt(proc)
     assert proc.returncode in (0, 130)
 
 

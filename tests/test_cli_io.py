@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import vdisk
-from conftest import need
+from conftest import interrupt, need
 
 MiB = 1 << 20
 
@@ -69,12 +69,7 @@ def test_serve_iscsi_answers_an_inquiry(image):
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stdout + r.stderr
     finally:
-        proc.send_signal(2)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        interrupt(proc)
 
 
 @pytest.fixture
@@ -131,8 +126,7 @@ def test_serve_nbd_exports_a_shadow_copy_as_image_at_id(tmp_path, shadowed):
             assert data[MiB:MiB + 6000] == want * 1000
             out.unlink()
     finally:
-        proc.send_signal(2)
-        proc.wait(20)
+        interrupt(proc)
 
 
 def test_serve_nbd_refuses_an_unknown_shadow(shadowed):
