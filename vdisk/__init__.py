@@ -4,11 +4,11 @@
     with vdisk.open("disk.vhd") as d:
         head = d.pread(512, 0)
 """
+import importlib
 import logging
 
 from .errors import (ChecksumError, FormatError, JournalPendingError, LockError, ParentError,
                      RangeError, ReadOnlyError, UnsupportedError, VDiskError)
-from .disk import Disk, Extent, ExtentKind, create, open
 
 __all__ = [
     "open", "create", "Disk", "Extent", "ExtentKind",
@@ -16,6 +16,30 @@ __all__ = [
     "UnsupportedError", "LockError", "JournalPendingError",
 ]
 __version__ = "0.1.0"
+
+# The block-device API lives in vdisk.disk, which pulls in numpy and every format. It is loaded on
+# first use, so that commands which never open an image (--help, --version, argument errors)
+# start at once, and the CLI can configure numpy before it is imported.
+_FROM_DISK = ("open", "create", "Disk", "Extent", "ExtentKind")
+
+
+def __getattr__(name: str):
+    if name in _FROM_DISK:
+        disk = importlib.import_module(".disk", __name__)
+        for attr in _FROM_DISK:
+            globals()[attr] = getattr(disk, attr)
+        return globals()[name]
+    try:
+        return importlib.import_module(f".{name}", __name__)     # vdisk.<submodule>
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__name__}.{name}":
+            raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
 
 # A library reports, it does not print: warnings (checksum mismatches, repairable damage) go to the
 # "vdisk" logger and to Disk.warnings; the CLI shows them as `vdisk: warning: ...`.
