@@ -245,7 +245,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"vdisk: error: {message}{hint}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: Commands defined in this module; running one of them needs none of the optional modules.
+CORE_COMMANDS = frozenset({"info", "create", "convert", "map", "compare"})
+
+
+def build_parser(load_optional: bool = True) -> argparse.ArgumentParser:
+    """The argument parser; *load_optional* adds the commands of OPTIONAL_MODULES too."""
     parser = _Parser(prog="vdisk", description="Virtual disk images: VHD, VDI and raw.")
     from . import __version__
     parser.add_argument("--version", action="version", version=f"vdisk {__version__}")
@@ -309,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_compare, error_status=2)
 
-    for name in OPTIONAL_MODULES:
+    for name in OPTIONAL_MODULES if load_optional else ():
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
@@ -344,6 +349,10 @@ def _show_library_warnings() -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status (the console script exits with it)."""
+    # numpy's OpenBLAS starts a spinning thread per core when numpy is imported (lazily, by the
+    # command that needs it). vdisk never multiplies matrices, and those threads would take CPU
+    # from the copy on a small machine.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         signal.signal(signal.SIGTERM, _on_sigterm)     # clean up temporary files like Ctrl-C does
     except ValueError:                                 # not the main thread (embedded use)
@@ -351,9 +360,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = None
     _show_library_warnings()
     try:
-        parser = build_parser()
+        words = list(sys.argv[1:] if argv is None else argv)
+        command = next((w for w in words if not w.startswith("-")), None)
+        parser = build_parser(load_optional=command not in CORE_COMMANDS)
         try:
-            args = parser.parse_args(argv)
+            args = parser.parse_args(words)
         except SystemExit as exc:           # usage error (2) or --help / --version (0)
             return exc.code if isinstance(exc.code, int) else 2
         status = args.func(args)
@@ -372,6 +383,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (VDiskError, OSError, ValueError) as exc:
         print(f"vdisk: error: {_message(exc)}", file=sys.stderr)
         return getattr(args, "error_status", 1) if args is not None else 1
+
+
+def run() -> None:
+    """Console-script entry point: main(), then exit at once.
+
+    Everything is closed and flushed when main() returns, so the interpreter's clean-up (tearing
+    down every module, numpy's included) would only add tens of milliseconds to each command.
+    """
+    status = main()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
 
 
 def _message(exc: BaseException) -> str:
