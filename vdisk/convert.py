@@ -222,6 +222,9 @@ class _RawSink(_Sink):
         super().__init__()
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         self.name = name                  # the destination name, for error messages
+        # One writer at a time: concurrent buffered writes to one file contend for its inode
+        # lock in the kernel, where the waiters spin and burn the CPU the copy needs.
+        self._write_lock = threading.Lock()
         try:
             os.ftruncate(self.fd, size)
         except OSError as exc:
@@ -231,9 +234,10 @@ class _RawSink(_Sink):
     def pwrite(self, view, offset: int) -> None:
         view = memoryview(view)
         try:
-            while len(view):
-                n = os.pwrite(self.fd, view, offset)
-                view, offset = view[n:], offset + n
+            with self._write_lock:
+                while len(view):
+                    n = os.pwrite(self.fd, view, offset)
+                    view, offset = view[n:], offset + n
         except OSError as exc:
             raise VDiskError(f"{self.name}: write failed: {exc.strerror}") from None
 
