@@ -265,13 +265,11 @@ def _apply(sf: SparseFile, layer, new_map: np.ndarray, moves, dropped: dict, liv
             if pending >= MOVE_BATCH:
                 tx.copy_many(batch)
                 batch, pending = [], 0
-        if batch:
-            tx.copy_many(batch)
         meta = sf.table_writes(layer.block_map, new_map)
         if sf.format == "vdi":
             used = int((new_map >= 0).sum())
             meta.append(sf.vdi_header(blocks_allocated=used))
-        tx.write_many(meta)
+        tx.copy_many(batch, then_write=meta)        # the last moves and the new tables: one barrier
         redo = [(new_end, layer.footer_raw)] if sf.format == "vhd" else []
         tx.commit(final_size=final_size, redo=redo)
     layer.block_map[:] = new_map

@@ -45,6 +45,9 @@ class ImageFile:
             raise VDiskError(f"{self.path}: {exc.strerror}") from None
         self._closed = False
         self._size_lock = threading.Lock()
+        # Set by every mutation, cleared by sync(): a barrier with nothing new to make durable
+        # (a close after a journaled operation already synced) costs no device flush.
+        self._unsynced = False
         if lock:
             try:
                 fcntl.flock(self.fd, (fcntl.LOCK_EX if self.writable else fcntl.LOCK_SH) | fcntl.LOCK_NB)
@@ -93,6 +96,8 @@ class ImageFile:
             raise VDiskError(f"{self.path}: internal error: write to a read-only file")
         if fault_hook is not None:
             fault_hook(kind, self, offset, length)
+        if kind != "sync":
+            self._unsynced = True
 
     def pwrite(self, data, offset: int) -> None:
         view = memoryview(data).cast("B")
@@ -126,12 +131,14 @@ class ImageFile:
 
     def sync(self) -> None:
         """Barrier: everything written so far reaches stable storage before what follows."""
-        if not self.writable:
+        if not self.writable or not self._unsynced:
             return
         self._check("sync", 0, 0)
+        self._unsynced = False         # before the flush: a write racing with it sets it again
         try:
             os.fdatasync(self.fd)
         except OSError as exc:
+            self._unsynced = True
             raise _io_error(self.path, exc) from None
 
     def close(self) -> None:

@@ -180,6 +180,7 @@ class Transaction:
         self._covered = _Ranges()
         self._journal: Optional[ImageFile] = None
         self._jpos = 0
+        self._header_durable = False
         self.done = False
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -208,8 +209,9 @@ class Transaction:
                        self.operation, self.file.path)
         self._journal.pwrite(head, 0)
         self._jpos = len(head)
-        self._journal.sync()
-        _fsync_dir(self.path)
+        # Made durable (with the directory entry) by the first _append, which every image write
+        # waits for: one barrier instead of two.
+        self._header_durable = False
 
     def _close_journal(self) -> None:
         if self._journal is not None:
@@ -242,7 +244,11 @@ class Transaction:
             blob = b"".join(records)
             self._journal.pwrite(blob, self._jpos)
             self._jpos += len(blob)
+        if records or not self._header_durable:
             self._journal.sync()
+        if not self._header_durable:
+            _fsync_dir(self.path)
+            self._header_durable = True
 
     def write_many(self, writes: Iterable[tuple], *, old_zero: bool = False,
                    unreferenced: bool = False) -> None:
@@ -265,16 +271,26 @@ class Transaction:
         for item in writes:
             self.file.pwrite(item[1], item[0])
 
-    def copy_many(self, copies: Iterable[tuple[int, int, int, str]]) -> None:
+    def copy_many(self, copies: Iterable[tuple[int, int, int, str]],
+                  then_write: Sequence[tuple] = ()) -> None:
         """Journal the targets, then copy ranges inside the image: items (src, dst, length, mode),
-        mode as in :meth:`write_many`. The kernel copies (copy_file_range) where it can."""
+        mode as in :meth:`write_many`. The kernel copies (copy_file_range) where it can.
+
+        *then_write*: items as for :meth:`write_many`, written after the copies and journaled
+        with them, behind the same single barrier.
+        """
         copies = list(copies)
         recs: list[bytes] = []
         for src, dst, n, mode in copies:
             recs += self._undo_records(dst, n, mode == "zero", mode == "unreferenced", None)
+        for item in then_write:
+            mode = item[2] if len(item) > 2 else "read"
+            recs += self._undo_records(item[0], len(item[1]), mode == "zero", mode == "unreferenced", None)
         self._append(recs)
         for src, dst, n, mode in copies:
             _copy_range(self.file, src, dst, n)
+        for item in then_write:
+            self.file.pwrite(item[1], item[0])
 
     def write(self, offset: int, data: bytes, *, old_zero: bool = False, unreferenced: bool = False) -> None:
         """Journal then write one range (see :meth:`write_many`)."""
@@ -441,7 +457,8 @@ def recover_file(file: ImageFile) -> Recovery:
     journal = ImageFile(jpath, lock=False)
     try:
         raw = journal.pread(HEADER_SIZE, 0)
-        if raw[:8] != MAGIC[:len(raw[:8])]:
+        # Zeros where the magic belongs: the header never reached the disk (see below).
+        if raw[:8] != MAGIC[:len(raw[:8])] and any(raw[:8]):
             raise VDiskError(f"{jpath}: not a vdisk journal; move it away to use the image")
         ok = len(raw) == HEADER_SIZE and zlib.crc32(raw[:-4]) & 0xFFFFFFFF == JournalHeader.parse(raw).crc
         if not ok:
