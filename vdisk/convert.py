@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import ctypes
-import ctypes.util
 import errno
 import os
 import secrets
@@ -29,6 +27,7 @@ from . import disk as _disk
 from .disk import Disk
 from .engine import ExtentKind
 from .errors import VDiskError
+from .io import start_writeback
 from vdisk.formats.raw import FlatLayer
 
 #: Bytes read per request; big enough to amortise syscalls, small enough for bounded memory.
@@ -152,22 +151,6 @@ def nonzero_runs(buf, n: int, granule: int) -> list[tuple[int, int]]:
     return [(int(a) * granule, min(n, int(b) * granule)) for a, b in zip(edges[0::2], edges[1::2])]
 
 
-_libc = None
-
-
-def _start_writeback(fd: int) -> None:
-    """Ask the kernel to start writing a file's dirty pages now (sync_file_range, no waiting)."""
-    global _libc
-    if _libc is None:
-        try:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-        except (OSError, AttributeError):
-            _libc = False
-    if _libc:
-        _libc.sync_file_range(fd, 0, 0, 2)     # SYNC_FILE_RANGE_WRITE: start, do not wait
-
-
 class _Sink:
     """Where converted data goes.
 
@@ -197,7 +180,7 @@ class _Sink:
                 return
             fd = self.fd
             if fd >= 0:
-                _start_writeback(fd)
+                start_writeback(fd)
 
     def stop_writeback(self) -> None:
         self._done = True

@@ -30,6 +30,7 @@ from __future__ import annotations
 import bisect
 import os
 import struct
+import threading
 import zlib
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
@@ -37,7 +38,7 @@ from typing import Iterable, Optional, Sequence
 from construct import Bytes, Int32ul, Int64ul, Struct
 
 from .errors import JournalPendingError, VDiskError
-from .io import ImageFile
+from .io import ImageFile, start_writeback
 
 SUFFIX = ".vdisk-journal"
 MAGIC = b"VDJRNL01"
@@ -312,8 +313,18 @@ class Transaction:
     # -- the end ------------------------------------------------------------------------------
     def commit(self, final_size: Optional[int] = None, redo: Sequence[tuple[int, bytes]] = ()) -> None:
         """Make the operation durable: image barrier, COMMIT record, REDO writes, truncation, cleanup."""
-        self.file.sync()
         size = self.file.size() if final_size is None else final_size
+        # The cached pages of a tail about to be cut off are dropped while the barrier waits for
+        # the device, instead of by the truncation afterwards (it changes no byte of the file).
+        dropper = None
+        if size < self.file.size() and hasattr(os, "posix_fadvise"):
+            dropper = threading.Thread(target=_drop_cache, args=(self.file.fd, size), daemon=True)
+            dropper.start()
+        try:
+            self.file.sync()
+        finally:
+            if dropper is not None:
+                dropper.join()
         payload = b"".join(_REDO_ITEM.pack(off, len(data)) + bytes(data) for off, data in redo)
         self._append([_record(REC_COMMIT, size, len(redo), payload)])
         _finish(self.file, list(redo), size)
@@ -340,8 +351,23 @@ class Transaction:
 
 
 def _copy_range(file: ImageFile, src: int, dst: int, n: int) -> None:
-    """Copy [src, src+n) to dst within one image file, through the I/O seam's fault hook."""
+    """Copy [src, src+n) to dst within one image file, through the I/O seam's fault hook.
+
+    The device starts writing the copy at once, so the barrier before COMMIT finds little left.
+    """
     file._check("write", dst, n)
+    _copy_bytes(file, src, dst, n)
+    start_writeback(file.fd, dst, n)
+
+
+def _drop_cache(fd: int, offset: int) -> None:
+    try:
+        os.posix_fadvise(fd, offset, 0, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
+
+
+def _copy_bytes(file: ImageFile, src: int, dst: int, n: int) -> None:
     copy = getattr(os, "copy_file_range", None)
     done = 0
     if copy is not None:
