@@ -11,7 +11,7 @@ Note: vdisk compact makes the journal and the image durable (fdatasync) before i
 qemu-img convert's default cache mode (unsafe) never syncs. `--qemu-cache writeback` makes qemu
 flush too.
 
-    .venv/bin/python bench/bench_compact.py [--runs 3] [--qemu-cache unsafe]
+    .venv/bin/python bench/bench_compact.py [--runs 5] [--qemu-cache unsafe]
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def fresh_copy(src: Path, dst: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--qemu-cache", default="unsafe", help="qemu-img convert -t MODE (default unsafe)")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
