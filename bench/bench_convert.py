@@ -12,8 +12,9 @@ Two pairings per case, because the tools differ in what they promise when they r
               flushes). Shown for completeness; here vdisk's fixed start-up (Python, numpy:
               about 0.12 s) is a large share of a 0.3-0.4 s job.
 
-Each command runs `--runs` times after one untimed warm-up, all commands of a case alternating,
-with `sync` before every timed run so that one run's write-back does not land in the next.
+Each command runs `--runs` times after one untimed warm-up, all commands of a case alternating
+(order reversed every other round), with `sync` before every run so that one run's write-back
+does not land in the next, and each output deleted as soon as its run ends.
 Prints median wall times, the ratio vdisk/qemu (target <= 1.0) and peak RSS of each child
 (wait4; target for vdisk <= 100 MiB). The outputs are checked equal with `qemu-img compare`.
 
@@ -84,20 +85,30 @@ def main() -> None:
         times: dict[str, list[float]] = {k: [] for k in cmds}
         cpu: dict[str, list[float]] = {k: [] for k in cmds}
         rss = {k: 0 for k in cmds}
-        for i in range(args.runs + 1):
-            for k, cmd in cmds.items():
-                if out[k].exists():
-                    out[k].unlink()
-                wall, peak, used = run_child(cmd)
-                rss[k] = max(rss[k], peak)
-                if i:                                    # the first round warms the page cache
-                    times[k].append(wall)
-                    cpu[k].append(used)
+        for p in out.values():
+            if p.exists():
+                p.unlink()
+        # Warm-up round (untimed): fills the page cache with the source; its outputs are compared.
+        for k, cmd in cmds.items():
+            rss[k] = max(rss[k], run_child(cmd)[1])
         same = all(subprocess.run(["qemu-img", "compare", "-f", QEMU_FMT[dfmt], "-F", QEMU_FMT[dfmt],
                                    str(out["q-fast"]), str(out[k])], capture_output=True).returncode == 0
                    for k in ("v-durable", "v-fast"))
         for p in out.values():
             p.unlink()
+        # Timed rounds. Each output is deleted as soon as its run ends, so every run starts the
+        # same way: right after a 768 MiB output was freed, with nothing left to write back (an
+        # output left in place would make the next run's `sync` flush it, and that run would
+        # start with memory freed long before, which a VM's host may have taken back and must
+        # hand out again, page by page). The order is reversed every other round.
+        order = list(cmds)
+        for i in range(args.runs):
+            for k in order if i % 2 == 0 else order[::-1]:
+                wall, peak, used = run_child(cmds[k])
+                out[k].unlink()
+                rss[k] = max(rss[k], peak)
+                times[k].append(wall)
+                cpu[k].append(used)
         med = {k: statistics.median(v) for k, v in times.items()}
         mcpu = {k: statistics.median(v) for k, v in cpu.items()}
         for pairing in ("durable", "fast"):
