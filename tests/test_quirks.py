@@ -86,3 +86,45 @@ def test_damage_that_still_reads_is_reported_once_by_the_cli_and_never_printed_b
     assert cli.returncode == 0
     lines = cli.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("vdisk: warning: ") and "copy at offset 0" in lines[0]
+
+
+# -- sector bitmaps of differencing VHDs: where libvhdi 20260901 reads wrong ---------------------
+# Two patterns libvhdi (vhdiinfo, pyvhdi, vhdimount) misreads, found while checking our chains
+# against it: (1) a run of present sectors that ends at bit 6 of a bitmap byte makes it return
+# zeros for the byte's last two sectors instead of the parent's data; (2) with blocks other than
+# 2 MiB, one read across two blocks can return the parent's data for the second block's present
+# sectors. These tests pin what the specification says: the bits vdisk writes (MSB first, set
+# only for written sectors) and what it reads back, judged by the parent's and child's own bytes.
+def _bitmap(path, block: int) -> bytes:
+    with vdisk.open(path) as d:
+        layer = d.layers[0]
+        data_at = int(layer.block_map[block])
+        with open(path, "rb") as f:
+            f.seek(data_at - layer.bitmap_bytes)
+            return f.read(layer.block_size // 512 // 8)
+
+
+def test_a_present_run_ending_inside_a_bitmap_byte_reads_the_rest_of_the_byte_from_the_parent(tmp_path):
+    base, child = tmp_path / "base.vhd", tmp_path / "child.vhd"
+    with vdisk.create(base, 4 << 20, format="vhd") as d:
+        d.pwrite(b"\xbb" * 8192, 0)
+    with vdisk.create(child, format="vhd", parent=base) as d:
+        d.pwrite(b"\xcc" * (6 * 512), 0)                # sectors 0-5
+    assert _bitmap(child, 0)[:2] == b"\xfc\x00"          # bits 0-5 set, MSB first
+    with vdisk.open(child) as d:
+        assert d.pread(8192, 0) == b"\xcc" * 3072 + b"\xbb" * 5120
+
+
+def test_a_read_across_two_256k_blocks_keeps_each_blocks_own_sectors(tmp_path):
+    bs = 256 << 10
+    base, child = tmp_path / "base.vhd", tmp_path / "child.vhd"
+    with vdisk.create(base, 4 * bs, format="vhd", block_size=bs) as d:
+        d.pwrite(b"\xbb" * (2 * bs), 0)
+    with vdisk.create(child, format="vhd", parent=base, block_size=bs) as d:
+        d.pwrite(b"\xcc" * 512, 0)                       # first sector of block 0
+        d.pwrite(b"\xdd" * 512, 2 * bs - 512)            # last sector of block 1
+    assert _bitmap(child, 0)[0] == 0x80 and not any(_bitmap(child, 0)[1:])
+    assert _bitmap(child, 1)[-1] == 0x01 and not any(_bitmap(child, 1)[:-1])
+    with vdisk.open(child) as d:
+        both = d.pread(2 * bs, 0)
+    assert both == b"\xcc" * 512 + b"\xbb" * (2 * bs - 1024) + b"\xdd" * 512
