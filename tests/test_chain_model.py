@@ -1,7 +1,8 @@
 """Differencing chains against a bytearray model: every byte, after every kind of operation.
 
 No independent tool reads VHD and VDI chains correctly, so a plain bytearray is the judge; VHD
-chains are additionally read by libvhdi (pyvhdi) with 4 KiB-aligned writes.
+chains are additionally read by libvhdi (pyvhdi) with 4 KiB-aligned writes and 2 MiB blocks, the
+layouts libvhdi reads right (test_quirks.py shows the two it gets wrong).
 """
 from __future__ import annotations
 
