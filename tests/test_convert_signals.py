@@ -31,9 +31,16 @@ def big_source(tmp_path_factory):
     return path
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    # A command started from a terminal gets Ctrl-C's default handling. A test run started in
+    # the background of a script (job control off) inherits "ignore SIGINT", and passes it on.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(src, dst) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "vdisk.cli", "convert", "--no-progress", str(src), str(dst)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_ctrl_c_as_in_a_terminal)
 
 
 def _wait_for_temp(folder, proc, timeout: float = 60.0) -> None:
