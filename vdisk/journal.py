@@ -261,16 +261,19 @@ class Transaction:
         choose per write.
         """
         writes = list(writes)
+        self._append(self._write_undo(writes, old_zero, unreferenced))
+        for item in writes:
+            self.file.pwrite(item[1], item[0])
+
+    def _write_undo(self, writes: Sequence[tuple], old_zero: bool = False,
+                    unreferenced: bool = False) -> list[bytes]:
         recs: list[bytes] = []
         for item in writes:
-            offset, data = item[0], item[1]
             zero, unref = old_zero, unreferenced
             if len(item) > 2:                  # per-write mode: "read", "zero" or "unreferenced"
                 zero, unref = item[2] == "zero", item[2] == "unreferenced"
-            recs += self._undo_records(offset, len(data), zero, unref, None)
-        self._append(recs)
-        for item in writes:
-            self.file.pwrite(item[1], item[0])
+            recs += self._undo_records(item[0], len(item[1]), zero, unref, None)
+        return recs
 
     def copy_many(self, copies: Iterable[tuple[int, int, int, str]],
                   then_write: Sequence[tuple] = ()) -> None:
@@ -284,9 +287,7 @@ class Transaction:
         recs: list[bytes] = []
         for src, dst, n, mode in copies:
             recs += self._undo_records(dst, n, mode == "zero", mode == "unreferenced", None)
-        for item in then_write:
-            mode = item[2] if len(item) > 2 else "read"
-            recs += self._undo_records(item[0], len(item[1]), mode == "zero", mode == "unreferenced", None)
+        recs += self._write_undo(then_write)
         self._append(recs)
         for src, dst, n, mode in copies:
             _copy_range(self.file, src, dst, n)
