@@ -112,6 +112,90 @@ def _sized(n: Optional[int]) -> Optional[str]:
     return None if n is None else f"{human_bytes(n)} ({n} bytes)"
 
 
+# -- qemu-img spellings ------------------------------------------------------------------------
+# What qemu-img users type, accepted beside vdisk's own options (and shown in --help). They are
+# added to every command by _add_qemu_spellings once all commands are registered, so commands of
+# the optional modules get them too.
+#: qemu-img's format names that mean one of ours.
+FORMAT_ALIASES = {"vpc": "vhd"}
+_FORMATS = {"vhd", "vdi", "raw"}
+
+
+def format_name(text: str) -> str:
+    """A format as typed (vhd, vdi, raw, or qemu-img's vpc) -> vdisk's name."""
+    name = text.strip().lower()
+    return FORMAT_ALIASES.get(name, name)
+
+
+class _OutputAction(argparse.Action):
+    """qemu-img's ``--output=json|human``: the same switch as ``--json``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values == "json")
+
+
+#: ``-o`` keys: qemu-img's vpc ``subformat``, vdi ``static``, and a block size.
+CREATE_OPTIONS = ("subformat=fixed|dynamic", "static=on|off", "block_size=SIZE")
+
+
+class _CreateOptionsAction(argparse.Action):
+    """qemu-img's ``-o key=value,...`` for create/convert: sets --subtype and --block-size."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for item in filter(None, (part.strip() for part in str(values).split(","))):
+            key, sep, value = item.partition("=")
+            key, value = key.strip().lower().replace("-", "_"), value.strip()
+            if key == "subformat" and value.lower() in ("fixed", "dynamic"):
+                namespace.subtype = value.lower()
+            elif key == "static" and value.lower() in ("on", "off"):
+                namespace.subtype = "fixed" if value.lower() == "on" else "dynamic"
+            elif key in ("block_size", "blocksize") and sep:
+                try:
+                    namespace.block_size = parse_size(value)
+                except ValueError as exc:
+                    parser.error(f"-o {item}: {exc}")
+            else:
+                parser.error(f"-o {item!r}: unknown option (accepted: {', '.join(CREATE_OPTIONS)})")
+
+
+def add_create_options_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", metavar="OPTIONS", action=_CreateOptionsAction, default=argparse.SUPPRESS,
+                        help="qemu-img spelling: -o subformat=fixed|dynamic,block_size=SIZE "
+                             "(also static=on|off) sets --subtype and --block-size")
+
+
+def _subparsers_of(parser: argparse.ArgumentParser):
+    seen = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                if id(child) not in seen:
+                    seen.add(id(child))
+                    yield child
+
+
+def _add_qemu_spellings(parser: argparse.ArgumentParser) -> None:
+    """Give every command (recursively) the qemu-img spellings of the options it has."""
+    options = parser._option_string_actions
+    for action in list(parser._actions):
+        if action.choices is not None and set(action.choices) == _FORMATS and action.option_strings:
+            action.type = format_name             # `vpc` becomes `vhd` before choices are checked
+            action.metavar = "{" + ",".join(action.choices) + ",vpc}"
+            if action.help and "vpc" not in action.help:
+                action.help += "; vpc is qemu-img's name for vhd"
+    json_action = options.get("--json")
+    if json_action is not None and "--output" not in options:
+        parser.add_argument("--output", choices=("human", "json"), dest=json_action.dest,
+                            action=_OutputAction, default=argparse.SUPPRESS,
+                            help="qemu-img spelling: --output=json is --json")
+    progress = options.get("--progress")
+    if progress is not None and "-p" not in options:
+        parser.add_argument("-p", dest=progress.dest, action="store_const", const=True,
+                            default=argparse.SUPPRESS, help="qemu-img spelling of --progress")
+    for child in _subparsers_of(parser):
+        _add_qemu_spellings(child)
+
+
 # -- info ---------------------------------------------------------------------------------------
 def cmd_info(args) -> int:
     from .info import info_for_path
@@ -261,7 +345,8 @@ def build_parser(load_optional: bool = True) -> argparse.ArgumentParser:
     p.add_argument("image")
     add_open_options(p)
     p.add_argument("--json", action="store_true", help="machine-readable output (see docs/cli.md)")
-    p.add_argument("--chain", action="store_true", help="also list every layer's format details")
+    p.add_argument("--chain", "--backing-chain", action="store_true",
+                   help="also list every layer's format details (--backing-chain: qemu-img's spelling)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("create", help="create a new image (base or differencing)")
@@ -276,6 +361,7 @@ def build_parser(load_optional: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=_size_arg, metavar="N", help="allocation unit (dynamic images)")
     p.add_argument("--size-policy", choices=("exact", "chs"), default="exact",
                    help="VHD: keep the size exact (default) or round it up to whole CHS geometry")
+    add_create_options_option(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_create)
 
@@ -287,6 +373,7 @@ def build_parser(load_optional: bool = True) -> argparse.ArgumentParser:
                    help="output format (default: from DST's name: .vhd, .vdi, else raw)")
     p.add_argument("--subtype", choices=("fixed", "dynamic"), help="output subtype (default dynamic)")
     p.add_argument("--block-size", type=_size_arg, metavar="N", help="output allocation unit")
+    add_create_options_option(p)
     p.add_argument("--target", choices=("azure", "hyper-v", "virtualbox"),
                    help="azure: fixed VHD, whole MiB; hyper-v: dynamic VHD; virtualbox: dynamic VDI")
     p.add_argument("--no-zero-detect", dest="zero_detect", action="store_false",
@@ -329,6 +416,7 @@ def build_parser(load_optional: bool = True) -> argparse.ArgumentParser:
             module.register(sub)
         except Exception as exc:
             print(f"vdisk: warning: cannot load {name}: register() failed: {exc}", file=sys.stderr)
+    _add_qemu_spellings(parser)
     return parser
 
 
