@@ -1,6 +1,6 @@
 """The `vdisk` command line: a thin shell over library calls.
 
-Commands here: ``info``, ``create``, ``convert``, ``map``, ``compare``. More come from optional
+Commands here: ``info``, ``create``, ``convert``, ``map``, ``measure``, ``compare``. More come from optional
 modules, each a small file exposing ``register(subparsers)`` that adds its subcommands:
 
 - ``vdisk.cli_io``     mount, umount, serve nbd, serve iscsi
@@ -304,6 +304,26 @@ def cmd_map(args) -> int:
     return 0
 
 
+# -- measure ------------------------------------------------------------------------------------
+def cmd_measure(args) -> int:
+    from .measure import measure
+    if (args.image is None) == (args.size is None):
+        raise VDiskError("measure: give an IMAGE or --size N (one of them)")
+    options = dict(format=args.output_format or ("raw" if args.target is None else None),
+                   subtype=args.subtype, block_size=args.block_size, target=args.target)
+    if args.image is None:
+        result = measure(size=args.size, **options)
+    else:
+        with open_image(args, args.image) as src:
+            result = measure(src, **options)
+    if args.json:
+        emit_json(result.as_dict())
+    else:                                  # qemu-img measure's two lines
+        print(f"required size: {result.required}")
+        print(f"fully allocated size: {result.fully_allocated}")
+    return 0
+
+
 # -- compare ------------------------------------------------------------------------------------
 def cmd_compare(args) -> int:
     from .compare import compare
@@ -330,7 +350,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 #: Commands defined in this module; running one of them needs none of the optional modules.
-CORE_COMMANDS = frozenset({"info", "create", "convert", "map", "compare"})
+CORE_COMMANDS = frozenset({"info", "create", "convert", "map", "measure", "compare"})
 
 
 def build_parser(load_optional: bool = True) -> argparse.ArgumentParser:
@@ -390,6 +410,18 @@ def build_parser(load_optional: bool = True) -> argparse.ArgumentParser:
     add_open_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_map)
+
+    p = sub.add_parser("measure", help="file size a convert (of IMAGE) or a create (of --size N) would produce")
+    p.add_argument("image", nargs="?", help="the image to convert (or give --size)")
+    p.add_argument("--size", type=_size_arg, metavar="N", help="measure a new empty image of N bytes")
+    add_open_options(p)
+    p.add_argument("-O", "--output-format", choices=("vhd", "vdi", "raw"), help="output format (default raw)")
+    p.add_argument("--subtype", choices=("fixed", "dynamic"), help="output subtype (default dynamic)")
+    p.add_argument("--block-size", type=_size_arg, metavar="N", help="output allocation unit")
+    add_create_options_option(p)
+    p.add_argument("--target", choices=("azure", "hyper-v", "virtualbox"), help="as for convert")
+    p.add_argument("--json", action="store_true", help='{"required", "fully-allocated", format, subtype, ...}')
+    p.set_defaults(func=cmd_measure)
 
     p = sub.add_parser("compare", help="compare the contents of two images (exit 0 same, 1 different, 2 error)")
     p.add_argument("a")
