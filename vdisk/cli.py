@@ -220,6 +220,7 @@ def cmd_info(args) -> int:
         ("parent uuid", info["parent_uuid"]),
         ("creator", repr(info["creator"]) if info["creator"] else None),
         ("geometry", f"{geo['cylinders']}/{geo['heads']}/{geo['sectors_per_track']} (C/H/S)" if geo else None),
+        ("allocation", _density_row(args) if sys.stdout.isatty() else None),
     ]
     print(table(rows))
     chain = info["chain"]
@@ -236,6 +237,19 @@ def cmd_info(args) -> int:
             for line in table(sorted(details.items())).splitlines():
                 print("  " + line)
     return 0
+
+
+def _density_row(args) -> Optional[str]:
+    """`info` on a terminal: one line of how densely each stretch of the disk holds data."""
+    from .svgmap import allocation_cells, density_strip
+    try:
+        with open_image(args, args.image) as d:
+            cells = allocation_cells(d, max_cells=64)
+    except VDiskError:                     # e.g. a missing parent: info still describes the image
+        return None
+    if not cells.count:
+        return None
+    return f"|{density_strip(cells)}| {human_bytes(cells.cell_bytes)} per character, blank: no data"
 
 
 # -- create -------------------------------------------------------------------------------------
@@ -290,6 +304,8 @@ def cmd_convert(args) -> int:
 
 # -- map ----------------------------------------------------------------------------------------
 def cmd_map(args) -> int:
+    if getattr(args, "svg", None):
+        return _map_svg(args)
     from .info import image_map
     with open_image(args, args.image) as d:
         runs = image_map(d)
@@ -301,6 +317,15 @@ def cmd_map(args) -> int:
         layer = "-" if r["layer"] is None else str(r["layer"])
         off = "-" if r["offset"] is None else f"{r['offset']:#x}"
         print(f"{r['start']:#18x} {r['length']:#18x}  {r['kind']:<11} {layer:>5} {off:>18}  {r['file'] or '-'}")
+    return 0
+
+
+def _map_svg(args) -> int:
+    """`vdisk map IMAGE --svg FILE`: the allocation drawn as a grid (vdisk.svgmap)."""
+    from .svgmap import write_svg_map
+    with open_image(args, args.image) as d:
+        cells = write_svg_map(d, args.svg, max_cells=args.cells)
+    print(f"wrote {args.svg}: {cells.count} cells of {human_bytes(cells.cell_bytes)}", file=sys.stderr)
     return 0
 
 
@@ -408,6 +433,8 @@ def build_parser(load_optional: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser("map", help="list data / zero / unallocated runs and where they are stored")
     p.add_argument("image")
     add_open_options(p)
+    p.add_argument("--svg", metavar="FILE", help="draw the allocation (by kind, layer, partition) as an SVG picture")
+    p.add_argument("--cells", type=int, default=512, metavar="N", help="with --svg: at most N cells (default 512)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_map)
 
