@@ -270,6 +270,26 @@ def open_vdi(file: ImageFile, strict: bool = False) -> VdiLayer:
     return layer
 
 
+def data_offset(blocks: int) -> int:
+    """Where the first block of a new VDI goes: after the block map at ALIGN, both aligned."""
+    return _align(ALIGN + 4 * blocks, ALIGN)
+
+
+def new_file_size(size: int, subtype: str, block_size: Optional[int], blocks_stored: int,
+                  where: str = "the output") -> int:
+    """File size of a base VDI made by :func:`create_vdi` once *blocks_stored* blocks are allocated
+    (a fixed VDI has all of them from the start). Every stored block takes a whole slot."""
+    bs = block_size or DEFAULT_BLOCK_SIZE
+    if bs < MIN_BLOCK or bs > MAX_BLOCK or bs & (bs - 1):
+        raise ValueError(f"block size {bs} must be a power of two between {MIN_BLOCK} and {MAX_BLOCK}")
+    if subtype not in ("fixed", "dynamic"):
+        raise ValueError(f"unknown VDI subtype {subtype!r}")
+    n = -(-size // bs)
+    if n > MAX_BLOCKS:
+        raise UnsupportedError(f"{where}: {size} bytes need more blocks than a VDI can address")
+    return data_offset(n) + (n if subtype == "fixed" else blocks_stored) * bs
+
+
 def create_vdi(file: ImageFile, size: int, subtype: str, *, block_size: Optional[int] = None,
                parent: Optional[VdiLayer] = None) -> VdiLayer:
     if parent is not None:
@@ -289,7 +309,7 @@ def create_vdi(file: ImageFile, size: int, subtype: str, *, block_size: Optional
     if itype is None:
         raise ValueError(f"unknown VDI subtype {subtype!r}")
     ob = ALIGN
-    od = _align(ob + 4 * n, ALIGN)
+    od = data_offset(n)
     header = dict(header_size=HEADER_V1_PLUS, image_type=itype, image_flags=0, comment=bytes(256),
                   offset_blocks=ob, offset_data=od, legacy_geometry=[0, 0, 0, SECTOR], unused1=0,
                   disk_size=size, block_size=bs, block_extra=0, blocks_in_image=n,

@@ -470,6 +470,36 @@ def plan_size(size: int, size_policy: str) -> tuple[int, tuple, bytes]:
     return size, geometry, CREATOR_EXACT
 
 
+def dynamic_layout(size: int, block_size: int, where: str) -> tuple[int, int, int]:
+    """(blocks, BAT offset, BAT bytes) of a new dynamic or differencing VHD; raises if impossible.
+
+    The BAT follows the footer copy and the header; parent locators (if any), then the blocks
+    (each its sector bitmap and data), then the footer follow the BAT.
+    """
+    bs = block_size
+    if bs < SECTOR or bs & (bs - 1) or bs > MAX_BLOCK_SIZE:
+        raise ValueError(f"block size {bs} must be a power of two between 512 and {MAX_BLOCK_SIZE}")
+    if size > MAX_DYNAMIC_SIZE:
+        raise UnsupportedError(f"{where}: a dynamic VHD holds at most 2040 GiB ({MAX_DYNAMIC_SIZE} bytes)")
+    n = -(-size // bs)
+    return n, FOOTER_SIZE + HEADER_SIZE, -(-n * 4 // SECTOR) * SECTOR
+
+
+def new_file_size(size: int, subtype: str, block_size: Optional[int], blocks_stored: int,
+                  where: str = "the output") -> int:
+    """File size of a base VHD made by :func:`create_vhd` once *blocks_stored* blocks are allocated.
+
+    *size* is the exact virtual size (size policy ``exact``); a fixed VHD is its data and a footer.
+    """
+    if subtype == "fixed":
+        return size + FOOTER_SIZE
+    if subtype != "dynamic":
+        raise ValueError(f"unknown VHD subtype {subtype!r}")
+    bs = block_size or DEFAULT_BLOCK_SIZE
+    _n, table_offset, bat_len = dynamic_layout(size, bs, where)
+    return table_offset + bat_len + blocks_stored * (_bitmap_bytes(bs) + bs) + FOOTER_SIZE
+
+
 def create_vhd(file: ImageFile, size: int, subtype: str, *, block_size: Optional[int] = None,
                size_policy: str = "exact", parent: Optional[Layer] = None,
                parent_path: Optional[str] = None) -> Layer:
@@ -491,13 +521,7 @@ def create_vhd(file: ImageFile, size: int, subtype: str, *, block_size: Optional
     if subtype not in ("dynamic", "differencing"):
         raise ValueError(f"unknown VHD subtype {subtype!r}")
     bs = block_size or (parent.block_size if parent is not None and parent.format == "vhd" else DEFAULT_BLOCK_SIZE)
-    if bs < SECTOR or bs & (bs - 1) or bs > MAX_BLOCK_SIZE:
-        raise ValueError(f"block size {bs} must be a power of two between 512 and {MAX_BLOCK_SIZE}")
-    if size > MAX_DYNAMIC_SIZE:
-        raise UnsupportedError(f"{file.path}: a dynamic VHD holds at most 2040 GiB ({MAX_DYNAMIC_SIZE} bytes)")
-    n = -(-size // bs)
-    table_offset = FOOTER_SIZE + HEADER_SIZE
-    bat_len = -(-n * 4 // SECTOR) * SECTOR
+    n, table_offset, bat_len = dynamic_layout(size, bs, file.path)
     end = table_offset + bat_len
     disk_type = DISK_DIFFERENCING if parent is not None else DISK_DYNAMIC
     locators = []

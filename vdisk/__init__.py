@@ -6,6 +6,7 @@
 """
 import importlib
 import logging
+from typing import TYPE_CHECKING
 
 from .errors import (ChecksumError, FormatError, JournalPendingError, LockError, ParentError,
                      RangeError, ReadOnlyError, UnsupportedError, VDiskError)
@@ -21,6 +22,8 @@ __version__ = "0.1.0"
 # first use, so that commands which never open an image (--help, --version, argument errors)
 # start at once, and the CLI can configure numpy before it is imported.
 _FROM_DISK = ("open", "create", "Disk", "Extent", "ExtentKind")
+if TYPE_CHECKING:          # what the lazy names are, for type checkers (the package ships py.typed)
+    from .disk import Disk, Extent, ExtentKind, create, open
 
 
 def __getattr__(name: str):

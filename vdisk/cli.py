@@ -1,6 +1,6 @@
 """The `vdisk` command line: a thin shell over library calls.
 
-Commands here: ``info``, ``create``, ``convert``, ``map``, ``compare``. More come from optional
+Commands here: ``info``, ``create``, ``convert``, ``map``, ``measure``, ``compare``. More come from optional
 modules, each a small file exposing ``register(subparsers)`` that adds its subcommands:
 
 - ``vdisk.cli_io``     mount, umount, serve nbd, serve iscsi
@@ -112,6 +112,90 @@ def _sized(n: Optional[int]) -> Optional[str]:
     return None if n is None else f"{human_bytes(n)} ({n} bytes)"
 
 
+# -- qemu-img spellings ------------------------------------------------------------------------
+# What qemu-img users type, accepted beside vdisk's own options (and shown in --help). They are
+# added to every command by _add_qemu_spellings once all commands are registered, so commands of
+# the optional modules get them too.
+#: qemu-img's format names that mean one of ours.
+FORMAT_ALIASES = {"vpc": "vhd"}
+_FORMATS = {"vhd", "vdi", "raw"}
+
+
+def format_name(text: str) -> str:
+    """A format as typed (vhd, vdi, raw, or qemu-img's vpc) -> vdisk's name."""
+    name = text.strip().lower()
+    return FORMAT_ALIASES.get(name, name)
+
+
+class _OutputAction(argparse.Action):
+    """qemu-img's ``--output=json|human``: the same switch as ``--json``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values == "json")
+
+
+#: ``-o`` keys: qemu-img's vpc ``subformat``, vdi ``static``, and a block size.
+CREATE_OPTIONS = ("subformat=fixed|dynamic", "static=on|off", "block_size=SIZE")
+
+
+class _CreateOptionsAction(argparse.Action):
+    """qemu-img's ``-o key=value,...`` for create/convert: sets --subtype and --block-size."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for item in filter(None, (part.strip() for part in str(values).split(","))):
+            key, sep, value = item.partition("=")
+            key, value = key.strip().lower().replace("-", "_"), value.strip()
+            if key == "subformat" and value.lower() in ("fixed", "dynamic"):
+                namespace.subtype = value.lower()
+            elif key == "static" and value.lower() in ("on", "off"):
+                namespace.subtype = "fixed" if value.lower() == "on" else "dynamic"
+            elif key in ("block_size", "blocksize") and sep:
+                try:
+                    namespace.block_size = parse_size(value)
+                except ValueError as exc:
+                    parser.error(f"-o {item}: {exc}")
+            else:
+                parser.error(f"-o {item!r}: unknown option (accepted: {', '.join(CREATE_OPTIONS)})")
+
+
+def add_create_options_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", metavar="OPTIONS", action=_CreateOptionsAction, default=argparse.SUPPRESS,
+                        help="qemu-img spelling: -o subformat=fixed|dynamic,block_size=SIZE "
+                             "(also static=on|off) sets --subtype and --block-size")
+
+
+def _subparsers_of(parser: argparse.ArgumentParser):
+    seen = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                if id(child) not in seen:
+                    seen.add(id(child))
+                    yield child
+
+
+def _add_qemu_spellings(parser: argparse.ArgumentParser) -> None:
+    """Give every command (recursively) the qemu-img spellings of the options it has."""
+    options = parser._option_string_actions
+    for action in list(parser._actions):
+        if action.choices is not None and set(action.choices) == _FORMATS and action.option_strings:
+            action.type = format_name             # `vpc` becomes `vhd` before choices are checked
+            action.metavar = "{" + ",".join(action.choices) + ",vpc}"
+            if action.help and "vpc" not in action.help:
+                action.help += "; vpc is qemu-img's name for vhd"
+    json_action = options.get("--json")
+    if json_action is not None and "--output" not in options:
+        parser.add_argument("--output", choices=("human", "json"), dest=json_action.dest,
+                            action=_OutputAction, default=argparse.SUPPRESS,
+                            help="qemu-img spelling: --output=json is --json")
+    progress = options.get("--progress")
+    if progress is not None and "-p" not in options:
+        parser.add_argument("-p", dest=progress.dest, action="store_const", const=True,
+                            default=argparse.SUPPRESS, help="qemu-img spelling of --progress")
+    for child in _subparsers_of(parser):
+        _add_qemu_spellings(child)
+
+
 # -- info ---------------------------------------------------------------------------------------
 def cmd_info(args) -> int:
     from .info import info_for_path
@@ -136,6 +220,7 @@ def cmd_info(args) -> int:
         ("parent uuid", info["parent_uuid"]),
         ("creator", repr(info["creator"]) if info["creator"] else None),
         ("geometry", f"{geo['cylinders']}/{geo['heads']}/{geo['sectors_per_track']} (C/H/S)" if geo else None),
+        ("allocation", _density_row(args) if sys.stdout.isatty() else None),
     ]
     print(table(rows))
     chain = info["chain"]
@@ -152,6 +237,19 @@ def cmd_info(args) -> int:
             for line in table(sorted(details.items())).splitlines():
                 print("  " + line)
     return 0
+
+
+def _density_row(args) -> Optional[str]:
+    """`info` on a terminal: one line of how densely each stretch of the disk holds data."""
+    from .svgmap import allocation_cells, density_strip
+    try:
+        with open_image(args, args.image) as d:
+            cells = allocation_cells(d, max_cells=64)
+    except VDiskError:                     # e.g. a missing parent: info still describes the image
+        return None
+    if not cells.count:
+        return None
+    return f"|{density_strip(cells)}| {human_bytes(cells.cell_bytes)} per character, blank: no data"
 
 
 # -- create -------------------------------------------------------------------------------------
@@ -206,6 +304,8 @@ def cmd_convert(args) -> int:
 
 # -- map ----------------------------------------------------------------------------------------
 def cmd_map(args) -> int:
+    if getattr(args, "svg", None):
+        return _map_svg(args)
     from .info import image_map
     with open_image(args, args.image) as d:
         runs = image_map(d)
@@ -217,6 +317,35 @@ def cmd_map(args) -> int:
         layer = "-" if r["layer"] is None else str(r["layer"])
         off = "-" if r["offset"] is None else f"{r['offset']:#x}"
         print(f"{r['start']:#18x} {r['length']:#18x}  {r['kind']:<11} {layer:>5} {off:>18}  {r['file'] or '-'}")
+    return 0
+
+
+def _map_svg(args) -> int:
+    """`vdisk map IMAGE --svg FILE`: the allocation drawn as a grid (vdisk.svgmap)."""
+    from .svgmap import write_svg_map
+    with open_image(args, args.image) as d:
+        cells = write_svg_map(d, args.svg, max_cells=args.cells)
+    print(f"wrote {args.svg}: {cells.count} cells of {human_bytes(cells.cell_bytes)}", file=sys.stderr)
+    return 0
+
+
+# -- measure ------------------------------------------------------------------------------------
+def cmd_measure(args) -> int:
+    from .measure import measure
+    if (args.image is None) == (args.size is None):
+        raise VDiskError("measure: give an IMAGE or --size N (one of them)")
+    options = dict(format=args.output_format or ("raw" if args.target is None else None),
+                   subtype=args.subtype, block_size=args.block_size, target=args.target)
+    if args.image is None:
+        result = measure(size=args.size, **options)
+    else:
+        with open_image(args, args.image) as src:
+            result = measure(src, **options)
+    if args.json:
+        emit_json(result.as_dict())
+    else:                                  # qemu-img measure's two lines
+        print(f"required size: {result.required}")
+        print(f"fully allocated size: {result.fully_allocated}")
     return 0
 
 
@@ -246,7 +375,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 #: Commands defined in this module; running one of them needs none of the optional modules.
-CORE_COMMANDS = frozenset({"info", "create", "convert", "map", "compare"})
+CORE_COMMANDS = frozenset({"info", "create", "convert", "map", "measure", "compare"})
 
 
 def build_parser(load_optional: bool = True) -> argparse.ArgumentParser:
@@ -261,7 +390,8 @@ def build_parser(load_optional: bool = True) -> argparse.ArgumentParser:
     p.add_argument("image")
     add_open_options(p)
     p.add_argument("--json", action="store_true", help="machine-readable output (see docs/cli.md)")
-    p.add_argument("--chain", action="store_true", help="also list every layer's format details")
+    p.add_argument("--chain", "--backing-chain", action="store_true",
+                   help="also list every layer's format details (--backing-chain: qemu-img's spelling)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("create", help="create a new image (base or differencing)")
@@ -276,6 +406,7 @@ def build_parser(load_optional: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=_size_arg, metavar="N", help="allocation unit (dynamic images)")
     p.add_argument("--size-policy", choices=("exact", "chs"), default="exact",
                    help="VHD: keep the size exact (default) or round it up to whole CHS geometry")
+    add_create_options_option(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_create)
 
@@ -287,6 +418,7 @@ def build_parser(load_optional: bool = True) -> argparse.ArgumentParser:
                    help="output format (default: from DST's name: .vhd, .vdi, else raw)")
     p.add_argument("--subtype", choices=("fixed", "dynamic"), help="output subtype (default dynamic)")
     p.add_argument("--block-size", type=_size_arg, metavar="N", help="output allocation unit")
+    add_create_options_option(p)
     p.add_argument("--target", choices=("azure", "hyper-v", "virtualbox"),
                    help="azure: fixed VHD, whole MiB; hyper-v: dynamic VHD; virtualbox: dynamic VDI")
     p.add_argument("--no-zero-detect", dest="zero_detect", action="store_false",
@@ -301,8 +433,22 @@ def build_parser(load_optional: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser("map", help="list data / zero / unallocated runs and where they are stored")
     p.add_argument("image")
     add_open_options(p)
+    p.add_argument("--svg", metavar="FILE", help="draw the allocation (by kind, layer, partition) as an SVG picture")
+    p.add_argument("--cells", type=int, default=512, metavar="N", help="with --svg: at most N cells (default 512)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_map)
+
+    p = sub.add_parser("measure", help="file size a convert (of IMAGE) or a create (of --size N) would produce")
+    p.add_argument("image", nargs="?", help="the image to convert (or give --size)")
+    p.add_argument("--size", type=_size_arg, metavar="N", help="measure a new empty image of N bytes")
+    add_open_options(p)
+    p.add_argument("-O", "--output-format", choices=("vhd", "vdi", "raw"), help="output format (default raw)")
+    p.add_argument("--subtype", choices=("fixed", "dynamic"), help="output subtype (default dynamic)")
+    p.add_argument("--block-size", type=_size_arg, metavar="N", help="output allocation unit")
+    add_create_options_option(p)
+    p.add_argument("--target", choices=("azure", "hyper-v", "virtualbox"), help="as for convert")
+    p.add_argument("--json", action="store_true", help='{"required", "fully-allocated", format, subtype, ...}')
+    p.set_defaults(func=cmd_measure)
 
     p = sub.add_parser("compare", help="compare the contents of two images (exit 0 same, 1 different, 2 error)")
     p.add_argument("a")
@@ -329,6 +475,7 @@ def build_parser(load_optional: bool = True) -> argparse.ArgumentParser:
             module.register(sub)
         except Exception as exc:
             print(f"vdisk: warning: cannot load {name}: register() failed: {exc}", file=sys.stderr)
+    _add_qemu_spellings(parser)
     return parser
 
 
