@@ -28,7 +28,7 @@ from typing import Callable, Optional, Union
 
 from ..devices.scsi import ScsiDisk
 from ..errors import VDiskError
-from .iscsi_pdu import (BHS_LEN, MAX_ACCEPTED_DSL, Pdu, ProtocolError, PduReader, ScsiTask,
+from .iscsi_pdu import (BHS_LEN, MAX_ACCEPTED_DSL, DataOutBudget, Pdu, ProtocolError, PduReader, ScsiTask,
                         TargetConnection, pad4)
 
 __all__ = ["IscsiServer", "BackgroundIscsiServer", "serve_iscsi", "run_iscsi_server",
@@ -60,6 +60,7 @@ class IscsiServer:
                                                                thread_name_prefix="vdisk-iscsi")
         self._tsih = itertools.count(1)
         self._writers: set[asyncio.StreamWriter] = set()
+        self._budget = DataOutBudget()            # data-out memory of all sessions together
 
     @property
     def url(self) -> str:
@@ -98,10 +99,12 @@ class IscsiServer:
         local = writer.get_extra_info("sockname") or (self.host, self.port)
         portal = f"[{local[0]}]:{local[1]}" if ":" in str(local[0]) else f"{local[0]}:{local[1]}"
         tsih = next(self._tsih) % 0xFFFF or next(self._tsih)
+        nexus = object()                          # this session's I_T nexus, for unit attentions
         conn = TargetConnection(self.iqn, portal, data_out_length=self.lu.data_out_length,
                                 clip_transfer=self.lu.clip_transfer, on_reset=self.lu.reset,
-                                tsih=tsih)
-        nexus = object()                          # this session's I_T nexus, for unit attentions
+                                refuse_before_data=functools.partial(self.lu.refuse_before_data,
+                                                                     nexus=nexus),
+                                tsih=tsih, budget=self._budget)
         loop = asyncio.get_running_loop()
         try:
             while not conn.closed:
@@ -126,6 +129,7 @@ class IscsiServer:
         except Exception:                         # a bug ends this session, not the server
             _log.exception("iSCSI session from %s failed", writer.get_extra_info("peername"))
         finally:
+            conn.release()
             self.lu.forget_nexus(nexus)
             self._writers.discard(writer)
             writer.close()
