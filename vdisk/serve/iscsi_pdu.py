@@ -6,9 +6,9 @@ data-out) must be executed; the caller runs it and hands the :class:`~vdisk.devi
 back to :meth:`TargetConnection.complete`. Sockets, threads and the event loop live in
 :mod:`vdisk.serve.iscsi`.
 
-The subset: one connection per session, no authentication, no digests, ErrorRecoveryLevel 0,
-InitialR2T=Yes with ImmediateData=Yes, one outstanding R2T, in-order data; discovery sessions
-answer ``SendTargets``.
+The subset: one connection per session, CHAP or no authentication (:mod:`.iscsi_auth`), no
+digests, ErrorRecoveryLevel 0, InitialR2T=Yes with ImmediateData=Yes, one outstanding R2T,
+in-order data; discovery sessions answer ``SendTargets``.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Union
 
 from ..devices.scsi_sense import ABORTED_COMMAND, CHECK_CONDITION, TASK_SET_FULL, fixed_sense
+from .iscsi_auth import AuthPolicy, LoginAuthenticator, is_security_key
 
 ASC_DATA_PHASE_ERROR = (0x4B, 0x00)
 
@@ -54,6 +55,7 @@ TARGET_FIRST_BURST = 262144
 MAX_ACCEPTED_DSL = TARGET_MAX_RECV_DSL   # what we declared: a longer data segment is a violation
 MAX_EDTL = 64 << 20               # bounds one command's data-out buffer
 CMD_WINDOW = 32
+MAX_LOGIN_PDUS = 16               # a login that has not ended after this many requests never will
 # Data-out memory: writes whose data is still arriving, per connection and for the whole target.
 # A write that would exceed either gets TASK SET FULL (the initiator retries later), so what the
 # target holds never depends on what initiators announce.
@@ -215,7 +217,9 @@ def _number(value: str) -> int:
 
 
 def negotiate(pairs: list[tuple[str, str]], params: SessionParams) -> list[tuple[str, str]]:
-    """Answer the initiator's login keys and record the outcome in ``params``."""
+    """Answer the initiator's operational login keys and record the outcome in ``params``.
+
+    AuthMethod and CHAP_* belong to :class:`~vdisk.serve.iscsi_auth.LoginAuthenticator`."""
     answers: list[tuple[str, str]] = []
     for key, value in pairs:
         if key in ("InitiatorName", "InitiatorAlias", "TargetName", "SessionType"):
@@ -226,10 +230,7 @@ def negotiate(pairs: list[tuple[str, str]], params: SessionParams) -> list[tuple
             elif key == "SessionType":
                 params.session_type = value
             continue                                   # declarative: no answer
-        if key == "AuthMethod":
-            choices = value.split(",")
-            answers.append((key, "None" if "None" in choices else "Reject"))
-        elif key in ("HeaderDigest", "DataDigest"):
+        if key in ("HeaderDigest", "DataDigest"):
             answers.append((key, "None" if "None" in value.split(",") else "Reject"))
         elif key == "MaxRecvDataSegmentLength":
             try:
@@ -298,6 +299,18 @@ class ScsiTask:
 
 Action = Union[bytes, ScsiTask]
 
+
+@dataclass(frozen=True)
+class LoginResult:
+    """How a login ended, for the log: never holds a secret."""
+    accepted: bool
+    reason: str                        # why it was refused ("" when accepted)
+    initiator: str
+    chap_user: Optional[str]
+    session_type: str
+    mutual: bool
+    abandoned: bool = False            # the initiator left (or timed out) before it ended
+
 LOGIN_STAGE_SECURITY, LOGIN_STAGE_OPERATIONAL, LOGIN_STAGE_FULL = 0, 1, 3
 
 
@@ -311,7 +324,9 @@ class TargetConnection:
     §11.4.5.1); ``refuse_before_data(lun, cdb)`` (optional) returns the result of a command
     that fails whatever data comes (an object with ``status``, ``data_in``, ``sense``), so that
     its data is never solicited; ``on_reset()`` is called for LOGICAL UNIT RESET and target
-    resets. ``budget`` is the target-wide :class:`DataOutBudget` (default: one of its own).
+    resets. ``budget`` is the target-wide :class:`DataOutBudget` (default: one of its own);
+    ``auth`` the :class:`~vdisk.serve.iscsi_auth.AuthPolicy` a login must satisfy (default: no
+    authentication, any initiator).
     """
 
     def __init__(self, target_name: str, portal: str, *,
@@ -319,7 +334,7 @@ class TargetConnection:
                  clip_transfer: Optional[Callable[[bytes, int], Optional[bytes]]] = None,
                  refuse_before_data: Optional[Callable[[int, bytes], Optional[object]]] = None,
                  on_reset: Optional[Callable[[], None]] = None, tsih: int = 1,
-                 budget: Optional[DataOutBudget] = None):
+                 budget: Optional[DataOutBudget] = None, auth: Optional[AuthPolicy] = None):
         self.target_name = target_name
         self.portal = portal
         self.params = SessionParams()
@@ -338,6 +353,10 @@ class TargetConnection:
         self._budget = budget if budget is not None else DataOutBudget()
         self._reserved = 0                           # this connection's share of the budget
         self._login_seen = False
+        self._login_pdus = 0
+        self._auth = LoginAuthenticator(auth if auth is not None else AuthPolicy())
+        self.login_result: Optional[LoginResult] = None   # set when the login ends, either way
+        self._login_ended = False
         self._mrdsl_sent = False
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -412,44 +431,72 @@ class TargetConnection:
         bhs[36], bhs[37] = status
         return encode_pdu(bhs, data)
 
+    def unfinished_login(self, reason: str) -> Optional[LoginResult]:
+        """For a connection that ends now: how its login was left, if it had begun and not ended."""
+        if not self._login_seen or self.full_feature or self._login_ended:
+            return None
+        self._login_ended = True
+        return LoginResult(False, reason, self.params.initiator_name, self._auth.user,
+                           self.params.session_type, self._auth.mutual, abandoned=True)
+
+    def _refuse_login(self, pdu: Pdu, status: tuple[int, int], reason: str) -> bytes:
+        """A login response with an error status; the connection ends after it."""
+        self.closed = True
+        if not self._login_ended:
+            self._login_ended = True
+            self.login_result = LoginResult(False, reason, self.params.initiator_name,
+                                            self._auth.user, self.params.session_type,
+                                            self._auth.mutual)
+        return self._login_response(pdu, 0, status, b"")
+
     def _login(self, pdu: Pdu) -> bytes:
         flags = pdu.flags
         transit, csg, nsg = bool(flags & 0x80), (flags >> 2) & 3, flags & 3
         first = not self._login_seen
         self._login_seen = True
+        self._login_pdus += 1
         if first:
             self.stat_sn = pdu.u32(28)             # start StatSN at the initiator's ExpStatSN
         self.exp_cmd_sn = pdu.u32(24)              # login is immediate: CmdSN is not consumed
         if pdu.bhs[3] > 0:                         # VersionMin: we speak version 0 only
-            self.closed = True
-            return self._login_response(pdu, 0, (0x02, 0x05), b"")
+            return self._refuse_login(pdu, (0x02, 0x05), "unsupported iSCSI version")
+        if self._login_pdus > MAX_LOGIN_PDUS:
+            return self._refuse_login(pdu, (0x02, 0x00), "login does not end")
+        if csg == 2 or (transit and nsg == 2) or csg < self.login_stage:
+            return self._refuse_login(pdu, (0x02, 0x00), "invalid login stage")
         try:
             pairs = parse_text(pdu.data)
         except ProtocolError:
-            self.closed = True
-            return self._login_response(pdu, 0, (0x02, 0x00), b"")         # initiator error
-        answers = negotiate(pairs, self.params)
+            return self._refuse_login(pdu, (0x02, 0x00), "malformed login keys")
+        security = [(k, v) for k, v in pairs if is_security_key(k)]
+        answers = negotiate([(k, v) for k, v in pairs if not is_security_key(k)], self.params)
         if first:
             if self.params.session_type == "Normal":
                 if self.params.target_name != self.target_name:
-                    self.closed = True
-                    return self._login_response(pdu, 0, (0x02, 0x03), b"")  # target not found
+                    return self._refuse_login(pdu, (0x02, 0x03), "no such target")
             elif self.params.session_type != "Discovery":
-                self.closed = True
-                return self._login_response(pdu, 0, (0x02, 0x07), b"")     # session type unsupported
+                return self._refuse_login(pdu, (0x02, 0x07), "unsupported session type")
             if not self.params.initiator_name:
-                self.closed = True
-                return self._login_response(pdu, 0, (0x02, 0x07), b"")     # missing parameter
+                return self._refuse_login(pdu, (0x02, 0x07), "no InitiatorName")
+            self._auth.check_initiator(self.params.initiator_name)
             answers.append(("TargetPortalGroupTag", "1"))
-        if ("AuthMethod", "Reject") in answers:
-            self.closed = True
-            return self._login_response(pdu, 0, (0x02, 0x01), b"")         # authentication failure
+        if security:
+            if csg != LOGIN_STAGE_SECURITY:
+                return self._refuse_login(pdu, (0x02, 0x00), "security keys outside the security stage")
+            answers += self._auth.receive(security)
+        if self._auth.failure is None and not self._auth.complete and (
+                csg != LOGIN_STAGE_SECURITY or (transit and not security)):
+            # leaving (or never entering) the security stage before authenticating
+            self._auth.fail("authentication skipped")
+        if self._auth.failure is not None:
+            status_class, detail, reason = self._auth.failure
+            return self._refuse_login(pdu, (status_class, detail), reason)
         if csg == LOGIN_STAGE_OPERATIONAL and not self._mrdsl_sent:
             answers.append(("MaxRecvDataSegmentLength", str(TARGET_MAX_RECV_DSL)))
             self._mrdsl_sent = True
         out_flags = (csg << 2)
         tsih = 0
-        if transit and nsg > csg:
+        if transit and nsg > csg and self._auth.complete:
             out_flags |= 0x80 | nsg
             self.login_stage = nsg
             if nsg == LOGIN_STAGE_FULL:
@@ -457,6 +504,9 @@ class TargetConnection:
         resp = self._login_response(pdu, out_flags, (0, 0), build_text(answers), tsih)
         if out_flags & 0x80 and nsg == LOGIN_STAGE_FULL:
             self.full_feature = True
+            self._login_ended = True
+            self.login_result = LoginResult(True, "", self.params.initiator_name, self._auth.user,
+                                            self.params.session_type, self._auth.mutual)
         return resp
 
     # -- SCSI commands ------------------------------------------------------------------------
