@@ -17,10 +17,11 @@ import pytest
 import vdisk
 from vdisk.serve.iscsi import start_iscsi_server
 from vdisk.serve.iscsi_auth import policy_from_files
+from vdisk.serve.iscsi_pdu import parse_text
 
 from test_iscsi import (EXCLUDED, all_scsi_tests, check_all_passed, make_image, qemu_with_iscsi,
                         run_test_cu, tool)
-from test_iscsi_support import RawInitiator
+from test_iscsi_support import RawInitiator, chap_response
 
 MiB = 1 << 20
 USER, SECRET = "alice", "correct-horse-battery"
@@ -222,3 +223,54 @@ def test_cli_serves_with_chap_on_any_address_and_logs_each_login(tmp_path, secre
     for text in (banner, accepted, refused, rest):
         assert SECRET not in text and "wrong-horse" not in text
     assert proc.returncode == 0
+
+
+# -- hostile initiators over TCP -----------------------------------------------------------------
+def chap_until_challenge(ini: RawInitiator, iqn: str) -> tuple[int, bytes]:
+    r = ini.login_pdu([("InitiatorName", "iqn.2026-01.org.example:raw"), ("SessionType", "Normal"),
+                       ("TargetName", iqn), ("AuthMethod", "CHAP")], 0, 1, transit=False)
+    assert r.bhs[36] == 0
+    r = ini.login_pdu([("CHAP_A", "5")], 0, 1, transit=False)
+    keys = dict(parse_text(r.data))
+    return int(keys["CHAP_I"]), bytes.fromhex(keys["CHAP_C"][2:])
+
+
+def test_a_recorded_response_replayed_on_the_wire_is_refused(chap_target):
+    srv, _, lines = chap_target
+    with RawInitiator(srv.port) as first:
+        ident, challenge = chap_until_challenge(first, srv.iqn)
+        recorded = [("CHAP_N", USER), ("CHAP_R", "0x" + chap_response(ident, SECRET.encode(), challenge).hex())]
+        assert first.login_pdu(recorded, 0, 1, transit=True).bhs[36] == 0
+    for _ in range(3):
+        with RawInitiator(srv.port) as replay:
+            chap_until_challenge(replay, srv.iqn)
+            r = replay.login_pdu(recorded, 0, 1, transit=True)
+            assert (r.bhs[36], r.bhs[37]) == (0x02, 0x01)
+            assert replay.recv() is None                        # and the connection is closed
+    assert sum("wrong CHAP name or response" in line for line in lines) == 3
+
+
+def test_a_login_that_never_ends_is_dropped(monkeypatch, tmp_path, secret_files):
+    import vdisk.serve.iscsi as iscsi
+
+    monkeypatch.setattr(iscsi, "LOGIN_TIMEOUT", 1.0)
+    path = str(tmp_path / "slow.raw")
+    make_image(path, MiB, "raw")
+    lines: list[str] = []
+    with start_iscsi_server(path, auth=policy_from_files(USER, secret_files[0]),
+                            on_login=lines.append) as srv:
+        with RawInitiator(srv.port, timeout=10) as silent, RawInitiator(srv.port, timeout=10) as stalled:
+            chap_until_challenge(stalled, srv.iqn)              # challenged, never answers
+            assert silent.recv() is None and stalled.recv() is None   # closed by the target
+        with RawInitiator(srv.port) as ok:
+            assert ok.login(srv.iqn, user=USER, secret=SECRET.encode()) == (0, 0)
+    assert sum("abandoned" in line and "login not finished within 1 s" in line for line in lines) == 1
+    assert lines[-1].startswith("iscsi login accepted")
+
+
+def test_libiscsi_sees_a_non_rotating_disk_with_a_large_optimal_transfer(chap_target):
+    srv, _, _ = chap_target
+    out = attempt(tool("iscsi-inq"), "-e", "1", "-c", "177", with_creds(srv.url))
+    assert out.returncode == 0 and "Medium Rotation Rate:1RPM" in out.stdout, out.stderr
+    out = attempt(tool("iscsi-inq"), "-e", "1", "-c", "176", with_creds(srv.url))
+    assert "optimal transfer length:4096" in out.stdout                # the VHD's 2 MiB blocks
