@@ -7,7 +7,6 @@ MD5(identifier || secret || challenge); real initiators judge the same code in t
 from __future__ import annotations
 
 import base64
-import struct
 
 import pytest
 from hypothesis import HealthCheck, given, settings

@@ -21,7 +21,7 @@ from vdisk.serve.iscsi import start_iscsi_server
 from vdisk.serve.iscsi_pdu import (MAX_CONNECTION_DATA_OUT, OP_R2T, OP_SCSI_RSP, DataOutBudget,
                                    PduReader, ScsiTask, TargetConnection)
 
-from test_iscsi_pdu import IQN, logged_in, pdu, scsi_cmd
+from test_iscsi_pdu import logged_in, pdu, scsi_cmd
 from test_iscsi_support import RawInitiator
 
 MiB = 1 << 20
