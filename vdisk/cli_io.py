@@ -129,15 +129,21 @@ def cmd_serve_nbd(args) -> int:
 
 
 def cmd_serve_iscsi(args) -> int:
-    (serve_iscsi,) = _library("vdisk.serve.iscsi", "serve_iscsi")
+    serve_iscsi, check_exposure = _library("vdisk.serve.iscsi", "serve_iscsi", "check_exposure")
+    (policy_from_files,) = _library("vdisk.serve.iscsi_auth", "policy_from_files")
+    auth = policy_from_files(args.chap_user, args.chap_secret_file, args.mutual_chap_user,
+                             args.mutual_chap_secret_file, args.allow_initiator)
+    check_exposure(args.bind, auth, args.insecure)
+    options = dict(host=args.bind, port=args.port, iqn=args.iqn, rw=args.rw, auth=auth,
+                   insecure=args.insecure)
     if _needs_own_open(args):
         (disk,) = _open_all(args, [args.image], args.rw)
         try:
-            serve_iscsi(disk, host=args.bind, port=args.port, iqn=args.iqn, rw=args.rw)
+            serve_iscsi(disk, **options)
         finally:
             disk.close()
     else:
-        serve_iscsi(args.image, host=args.bind, port=args.port, iqn=args.iqn, rw=args.rw)
+        serve_iscsi(args.image, **options)
     return 0
 
 
@@ -189,5 +195,16 @@ def register(subparsers) -> None:
     p.add_argument("--port", type=_port, default=3260)
     p.add_argument("--iqn", help="target name (default iqn.2026-01.org.vdisk:<image name>)")
     p.add_argument("--rw", action="store_true", help="writable LUN")
+    p.add_argument("--chap-user", metavar="USER", help="initiators must log in with CHAP as USER")
+    p.add_argument("--chap-secret-file", metavar="FILE",
+                   help="file holding USER's CHAP secret: 12-255 bytes, no trailing newline")
+    p.add_argument("--mutual-chap-user", metavar="USER",
+                   help="name the target answers mutual CHAP with (needs --chap-user)")
+    p.add_argument("--mutual-chap-secret-file", metavar="FILE",
+                   help="file holding the target's own CHAP secret (must differ from the initiator's)")
+    p.add_argument("--allow-initiator", metavar="IQN", action="append", default=[],
+                   help="only this initiator name may log in (repeatable; default: any)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --bind without CHAP (every host there can log in)")
     add_open_options(p)
     p.set_defaults(func=cmd_serve_iscsi)

@@ -32,6 +32,7 @@ from .scsi_sense import (ASC_CAPACITY_CHANGED, ASC_INTERNAL_FAILURE, ASC_INVALID
                          ILLEGAL_REQUEST, MEDIUM_ERROR, MISCOMPARE, UNIT_ATTENTION, ScsiResult,
                          SenseError, decode_sense, descriptor_sense, fixed_sense, illegal_field,
                          illegal_param)
+from .scsi_sense import ASC_MEDIUM_NOT_PRESENT, NOT_READY
 
 __all__ = ["ScsiDisk", "ScsiResult", "SenseError", "BLOCK_SIZE", "cdb_length"]
 
@@ -41,6 +42,7 @@ BLOCK_SIZE = pages.BLOCK
 _SHIFT = 9
 
 MAX_TRANSFER_BLOCKS = 65536          # 32 MiB per READ/WRITE: bounds one command's memory
+MIN_OPTIMAL_TRANSFER_BLOCKS = 2048   # 1 MiB: Linux sizes its requests by this (io_opt)
 MAX_UNMAP_DESCRIPTORS = 255
 MAX_UNMAP_BLOCKS = 0xFFFFFFFF
 MAX_WRITE_SAME_BLOCKS = 0x400000     # 2 GiB per WRITE SAME
@@ -53,6 +55,15 @@ _GROUP_LENGTH = {0: 6, 1: 10, 2: 10, 4: 16, 5: 12}
 _EMPTY = b""
 _NO_UNIT_ATTENTION = frozenset((0x12, 0xA0, 0x03))   # INQUIRY, REPORT LUNS, REQUEST SENSE
 _GOOD_EMPTY = ScsiResult(GOOD, b"", b"")
+# commands whose data-out grows with their transfer length (see refuse_before_data)
+_BULK_DATA_OUT = frozenset((0x0A, 0x2A, 0xAA, 0x8A, 0x2E, 0xAE, 0x8E, 0x2F, 0xAF, 0x8F))
+
+
+class _AwaitingData(Exception):
+    """Raised where a command first needs its data-out, when it is checked before the data."""
+
+
+_AWAITING_DATA = object()           # the data_out of a command checked before its data arrives
 
 
 # (flags, LBA, transfer length) of the 10/12/16-byte READ/WRITE/VERIFY layouts, in one unpack
@@ -92,6 +103,10 @@ class ScsiDisk:
         self.physical_exponent = exponent   # READ CAPACITY(16): logical blocks per physical
         self.read_only = bool(getattr(disk, "read_only", False)) if read_only is None else bool(read_only)
         self.blocks = int(disk.size) >> _SHIFT
+        if self.blocks == 0:
+            name = getattr(disk, "path", None) or "the image"
+            raise VDiskError(f"{name}: {int(disk.size)} bytes is less than one {BLOCK_SIZE}-byte "
+                             "logical block; a SCSI disk needs at least one")
         uuid = getattr(disk, "uuid", None)
         unique = pages.unique_id_for(uuid.bytes if uuid is not None else None,
                                      str(getattr(disk, "path", "") or id(disk)))
@@ -104,9 +119,12 @@ class ScsiDisk:
         granularity = int(getattr(disk, "block_size", 0) or 0) >> _SHIFT
         if granularity <= 0 or granularity & (granularity - 1) or granularity > 1 << 20:
             granularity = 1
+        # the image block size (whole blocks allocate and copy at once), at least 1 MiB, at most
+        # one command: a guest that splits its I/O below this wastes round trips
+        optimal = min(max(granularity, MIN_OPTIMAL_TRANSFER_BLOCKS), MAX_TRANSFER_BLOCKS)
         self.limits = pages.Limits(
             granularity=1 << exponent,
-            max_transfer=MAX_TRANSFER_BLOCKS, optimal_transfer=256,
+            max_transfer=MAX_TRANSFER_BLOCKS, optimal_transfer=optimal,
             max_unmap_lba_count=MAX_UNMAP_BLOCKS, max_unmap_descriptors=MAX_UNMAP_DESCRIPTORS,
             unmap_granularity=granularity, max_write_same=MAX_WRITE_SAME_BLOCKS,
             max_compare_and_write=MAX_COMPARE_AND_WRITE_BLOCKS)
@@ -163,6 +181,8 @@ class ScsiDisk:
             return ScsiResult(GOOD, data, _EMPTY) if data else _GOOD_EMPTY
         except SenseError as exc:
             return ScsiResult(CHECK_CONDITION, _EMPTY, exc.sense())
+        except _AwaitingData:
+            return None                            # refuse_before_data: every check passed
         except Exception:                          # a bug must not take the HBA down with it
             _log.exception("SCSI command %s failed inside the device", bytes(cdb[:16]).hex())
             return ScsiResult(CHECK_CONDITION, _EMPTY, fixed_sense(HARDWARE_ERROR, *ASC_INTERNAL_FAILURE))
@@ -185,6 +205,19 @@ class ScsiDisk:
                 return ScsiResult(GOOD, b"\x7f" + res.data_in[1:], _EMPTY)
             return res
         return ScsiResult(CHECK_CONDITION, _EMPTY, fixed_sense(ILLEGAL_REQUEST, *ASC_LUN_NOT_SUPPORTED))
+
+    def refuse_before_data(self, lun: int, cdb: bytes, *, nexus=0) -> Optional[ScsiResult]:
+        """The result of a data-out command that fails whatever data comes; None if it may go on.
+
+        A transport calls this before it collects the data of a WRITE, WRITE AND VERIFY or
+        VERIFY with BYTCHK: a write to a write-protected LU, outside the disk, or longer than one
+        command may move fails here with the sense :meth:`execute_lun` would give, so no buffer
+        is filled for it. A pending unit attention is reported (and consumed) as by a command.
+        No I/O is done.
+        """
+        if not cdb or cdb[0] not in _BULK_DATA_OUT or not self.data_out_length(cdb):
+            return None
+        return self.execute_lun(lun, cdb, _AWAITING_DATA, nexus=nexus)
 
     @staticmethod
     def clip_transfer(cdb: bytes, nbytes: int) -> Optional[bytes]:
@@ -308,6 +341,8 @@ class ScsiDisk:
     @staticmethod
     def _data(data_out: Optional[bytes], need: int, length_field: int) -> memoryview:
         """The first ``need`` bytes of data-out; a short buffer is a CDB/transfer mismatch."""
+        if data_out is _AWAITING_DATA:
+            raise _AwaitingData
         view = memoryview(data_out if data_out is not None else _EMPTY)
         if len(view) < need:
             raise illegal_field(length_field)
@@ -622,17 +657,23 @@ class ScsiDisk:
             raise illegal_field(2)
         return data[:alloc]
 
+    def _last_block(self) -> int:
+        """LBA of the last block; a disk shrunk to nothing under us reports no medium."""
+        if self.blocks <= 0:
+            raise SenseError(NOT_READY, ASC_MEDIUM_NOT_PRESENT)
+        return self.blocks - 1
+
     def _read_capacity10(self, cdb, data_out):
         if not cdb[8] & 0x01 and _u32(cdb, 2):
             raise illegal_field(2)                # LBA without PMI
-        last = self.blocks - 1
+        last = self._last_block()
         return struct.pack(">II", last if last < 0xFFFFFFFF else 0xFFFFFFFF, BLOCK_SIZE)
 
     def _service_action_in16(self, cdb, data_out):
         sa = cdb[1] & 0x1F
         if sa == 0x10:
             alloc = _u32(cdb, 10)
-            data = struct.pack(">QIBB", max(self.blocks - 1, 0), BLOCK_SIZE, 0, self.physical_exponent)
+            data = struct.pack(">QIBB", self._last_block(), BLOCK_SIZE, 0, self.physical_exponent)
             data += bytes((0xC0, 0x00)) + bytes(16)   # LBPME | LBPRZ, lowest aligned LBA 0
             return data[:alloc]
         if sa == 0x12:

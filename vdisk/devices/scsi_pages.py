@@ -113,7 +113,9 @@ def vpd_page(page: int, ident: Identity, limits: Limits, *, lbprz: bool = True) 
         struct.pack_into(">Q", payload, 32, limits.max_write_same)
         return _vpd(0xB0, bytes(payload))
     if page == 0xB1:
-        return _vpd(0xB1, bytes(0x3C))                      # rotation rate / form factor unreported
+        payload = bytearray(0x3C)
+        struct.pack_into(">H", payload, 0, 0x0001)           # medium rotation rate: non-rotating
+        return _vpd(0xB1, bytes(payload))                    # (form factor: not reported)
     if page == 0xB2:
         b1 = 0x80 | 0x40 | 0x20 | (0x04 if lbprz else 0)   # LBPU, LBPWS, LBPWS10, LBPRZ
         return _vpd(0xB2, bytes((0x00, b1, 0x02, 0x00)))  # provisioning type 2: thin

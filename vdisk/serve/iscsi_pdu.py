@@ -6,9 +6,9 @@ data-out) must be executed; the caller runs it and hands the :class:`~vdisk.devi
 back to :meth:`TargetConnection.complete`. Sockets, threads and the event loop live in
 :mod:`vdisk.serve.iscsi`.
 
-The subset: one connection per session, no authentication, no digests, ErrorRecoveryLevel 0,
-InitialR2T=Yes with ImmediateData=Yes, one outstanding R2T, in-order data; discovery sessions
-answer ``SendTargets``.
+The subset: one connection per session, CHAP or no authentication (:mod:`.iscsi_auth`), no
+digests, ErrorRecoveryLevel 0, InitialR2T=Yes with ImmediateData=Yes, one outstanding R2T,
+in-order data; discovery sessions answer ``SendTargets``.
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import struct
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Union
 
-from ..devices.scsi_sense import ABORTED_COMMAND, CHECK_CONDITION, fixed_sense
+from ..devices.scsi_sense import ABORTED_COMMAND, CHECK_CONDITION, TASK_SET_FULL, fixed_sense
+from .iscsi_auth import AuthPolicy, LoginAuthenticator, is_security_key
 
 ASC_DATA_PHASE_ERROR = (0x4B, 0x00)
 
@@ -51,13 +52,42 @@ REJECT_INVALID_PDU_FIELD = 0x09
 TARGET_MAX_RECV_DSL = 262144
 TARGET_MAX_BURST = 1 << 20
 TARGET_FIRST_BURST = 262144
-MAX_ACCEPTED_DSL = 1 << 24        # refuse absurd data segments instead of buffering them
+MAX_ACCEPTED_DSL = TARGET_MAX_RECV_DSL   # what we declared: a longer data segment is a violation
 MAX_EDTL = 64 << 20               # bounds one command's data-out buffer
 CMD_WINDOW = 32
+MAX_LOGIN_PDUS = 16               # a login that has not ended after this many requests never will
+# Data-out memory: writes whose data is still arriving, per connection and for the whole target.
+# A write that would exceed either gets TASK SET FULL (the initiator retries later), so what the
+# target holds never depends on what initiators announce.
+MAX_PENDING_WRITES = 16
+MAX_CONNECTION_DATA_OUT = 64 << 20
+MAX_TARGET_DATA_OUT = 256 << 20
+MAX_RESIDUAL = 0xFFFFFFFF         # the residual count is 32 bits; larger ones saturate
 
 
 class ProtocolError(Exception):
     """The initiator broke the protocol in a way that ends the connection."""
+
+
+class DataOutBudget:
+    """Bytes of data-out that may be reserved at once, shared by the connections of a target.
+
+    A write reserves what it will solicit before its first R2T and gives it back when it
+    completes or is aborted; buffers grow only as data arrives, so they never exceed this.
+    """
+
+    def __init__(self, limit: int = MAX_TARGET_DATA_OUT):
+        self.limit = limit
+        self.used = 0
+
+    def take(self, nbytes: int) -> bool:
+        if self.used + nbytes > self.limit:
+            return False
+        self.used += nbytes
+        return True
+
+    def give(self, nbytes: int) -> None:
+        self.used -= nbytes
 
 
 @dataclass
@@ -187,7 +217,9 @@ def _number(value: str) -> int:
 
 
 def negotiate(pairs: list[tuple[str, str]], params: SessionParams) -> list[tuple[str, str]]:
-    """Answer the initiator's login keys and record the outcome in ``params``."""
+    """Answer the initiator's operational login keys and record the outcome in ``params``.
+
+    AuthMethod and CHAP_* belong to :class:`~vdisk.serve.iscsi_auth.LoginAuthenticator`."""
     answers: list[tuple[str, str]] = []
     for key, value in pairs:
         if key in ("InitiatorName", "InitiatorAlias", "TargetName", "SessionType"):
@@ -198,10 +230,7 @@ def negotiate(pairs: list[tuple[str, str]], params: SessionParams) -> list[tuple
             elif key == "SessionType":
                 params.session_type = value
             continue                                   # declarative: no answer
-        if key == "AuthMethod":
-            choices = value.split(",")
-            answers.append((key, "None" if "None" in choices else "Reject"))
-        elif key in ("HeaderDigest", "DataDigest"):
+        if key in ("HeaderDigest", "DataDigest"):
             answers.append((key, "None" if "None" in value.split(",") else "Reject"))
         elif key == "MaxRecvDataSegmentLength":
             try:
@@ -265,9 +294,22 @@ class ScsiTask:
     burst_end: int = 0
     next_datasn: int = 0
     exec_cdb: Optional[bytes] = None   # the CDB to run, when the transfer had to be clipped
+    reserved: int = 0                  # bytes of the data-out budget this task holds
 
 
 Action = Union[bytes, ScsiTask]
+
+
+@dataclass(frozen=True)
+class LoginResult:
+    """How a login ended, for the log: never holds a secret."""
+    accepted: bool
+    reason: str                        # why it was refused ("" when accepted)
+    initiator: str
+    chap_user: Optional[str]
+    session_type: str
+    mutual: bool
+    abandoned: bool = False            # the initiator left (or timed out) before it ended
 
 LOGIN_STAGE_SECURITY, LOGIN_STAGE_OPERATIONAL, LOGIN_STAGE_FULL = 0, 1, 3
 
@@ -279,13 +321,20 @@ class TargetConnection:
     solicit no more than that and can report residuals exactly; ``clip_transfer(cdb, nbytes)``
     (optional) shortens a write whose expected data transfer length is smaller than its CDB
     asks for, so that only what was sent gets written (the iSCSI overflow rule, RFC 7143
-    §11.4.5.1); ``on_reset()`` is called for LOGICAL UNIT RESET and target resets.
+    §11.4.5.1); ``refuse_before_data(lun, cdb)`` (optional) returns the result of a command
+    that fails whatever data comes (an object with ``status``, ``data_in``, ``sense``), so that
+    its data is never solicited; ``on_reset()`` is called for LOGICAL UNIT RESET and target
+    resets. ``budget`` is the target-wide :class:`DataOutBudget` (default: one of its own);
+    ``auth`` the :class:`~vdisk.serve.iscsi_auth.AuthPolicy` a login must satisfy (default: no
+    authentication, any initiator).
     """
 
     def __init__(self, target_name: str, portal: str, *,
                  data_out_length: Optional[Callable[[bytes], Optional[int]]] = None,
                  clip_transfer: Optional[Callable[[bytes, int], Optional[bytes]]] = None,
-                 on_reset: Optional[Callable[[], None]] = None, tsih: int = 1):
+                 refuse_before_data: Optional[Callable[[int, bytes], Optional[object]]] = None,
+                 on_reset: Optional[Callable[[], None]] = None, tsih: int = 1,
+                 budget: Optional[DataOutBudget] = None, auth: Optional[AuthPolicy] = None):
         self.target_name = target_name
         self.portal = portal
         self.params = SessionParams()
@@ -300,7 +349,14 @@ class TargetConnection:
         self._data_out_length = data_out_length
         self._on_reset = on_reset
         self._clip_transfer = clip_transfer
+        self._refuse_before_data = refuse_before_data
+        self._budget = budget if budget is not None else DataOutBudget()
+        self._reserved = 0                           # this connection's share of the budget
         self._login_seen = False
+        self._login_pdus = 0
+        self._auth = LoginAuthenticator(auth if auth is not None else AuthPolicy())
+        self.login_result: Optional[LoginResult] = None   # set when the login ends, either way
+        self._login_ended = False
         self._mrdsl_sent = False
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -375,44 +431,72 @@ class TargetConnection:
         bhs[36], bhs[37] = status
         return encode_pdu(bhs, data)
 
+    def unfinished_login(self, reason: str) -> Optional[LoginResult]:
+        """For a connection that ends now: how its login was left, if it had begun and not ended."""
+        if not self._login_seen or self.full_feature or self._login_ended:
+            return None
+        self._login_ended = True
+        return LoginResult(False, reason, self.params.initiator_name, self._auth.user,
+                           self.params.session_type, self._auth.mutual, abandoned=True)
+
+    def _refuse_login(self, pdu: Pdu, status: tuple[int, int], reason: str) -> bytes:
+        """A login response with an error status; the connection ends after it."""
+        self.closed = True
+        if not self._login_ended:
+            self._login_ended = True
+            self.login_result = LoginResult(False, reason, self.params.initiator_name,
+                                            self._auth.user, self.params.session_type,
+                                            self._auth.mutual)
+        return self._login_response(pdu, 0, status, b"")
+
     def _login(self, pdu: Pdu) -> bytes:
         flags = pdu.flags
         transit, csg, nsg = bool(flags & 0x80), (flags >> 2) & 3, flags & 3
         first = not self._login_seen
         self._login_seen = True
+        self._login_pdus += 1
         if first:
             self.stat_sn = pdu.u32(28)             # start StatSN at the initiator's ExpStatSN
         self.exp_cmd_sn = pdu.u32(24)              # login is immediate: CmdSN is not consumed
         if pdu.bhs[3] > 0:                         # VersionMin: we speak version 0 only
-            self.closed = True
-            return self._login_response(pdu, 0, (0x02, 0x05), b"")
+            return self._refuse_login(pdu, (0x02, 0x05), "unsupported iSCSI version")
+        if self._login_pdus > MAX_LOGIN_PDUS:
+            return self._refuse_login(pdu, (0x02, 0x00), "login does not end")
+        if csg == 2 or (transit and nsg == 2) or csg < self.login_stage:
+            return self._refuse_login(pdu, (0x02, 0x00), "invalid login stage")
         try:
             pairs = parse_text(pdu.data)
         except ProtocolError:
-            self.closed = True
-            return self._login_response(pdu, 0, (0x02, 0x00), b"")         # initiator error
-        answers = negotiate(pairs, self.params)
+            return self._refuse_login(pdu, (0x02, 0x00), "malformed login keys")
+        security = [(k, v) for k, v in pairs if is_security_key(k)]
+        answers = negotiate([(k, v) for k, v in pairs if not is_security_key(k)], self.params)
         if first:
             if self.params.session_type == "Normal":
                 if self.params.target_name != self.target_name:
-                    self.closed = True
-                    return self._login_response(pdu, 0, (0x02, 0x03), b"")  # target not found
+                    return self._refuse_login(pdu, (0x02, 0x03), "no such target")
             elif self.params.session_type != "Discovery":
-                self.closed = True
-                return self._login_response(pdu, 0, (0x02, 0x07), b"")     # session type unsupported
+                return self._refuse_login(pdu, (0x02, 0x07), "unsupported session type")
             if not self.params.initiator_name:
-                self.closed = True
-                return self._login_response(pdu, 0, (0x02, 0x07), b"")     # missing parameter
+                return self._refuse_login(pdu, (0x02, 0x07), "no InitiatorName")
+            self._auth.check_initiator(self.params.initiator_name)
             answers.append(("TargetPortalGroupTag", "1"))
-        if ("AuthMethod", "Reject") in answers:
-            self.closed = True
-            return self._login_response(pdu, 0, (0x02, 0x01), b"")         # authentication failure
+        if security:
+            if csg != LOGIN_STAGE_SECURITY:
+                return self._refuse_login(pdu, (0x02, 0x00), "security keys outside the security stage")
+            answers += self._auth.receive(security)
+        if self._auth.failure is None and not self._auth.complete and (
+                csg != LOGIN_STAGE_SECURITY or (transit and not security)):
+            # leaving (or never entering) the security stage before authenticating
+            self._auth.fail("authentication skipped")
+        if self._auth.failure is not None:
+            status_class, detail, reason = self._auth.failure
+            return self._refuse_login(pdu, (status_class, detail), reason)
         if csg == LOGIN_STAGE_OPERATIONAL and not self._mrdsl_sent:
             answers.append(("MaxRecvDataSegmentLength", str(TARGET_MAX_RECV_DSL)))
             self._mrdsl_sent = True
         out_flags = (csg << 2)
         tsih = 0
-        if transit and nsg > csg:
+        if transit and nsg > csg and self._auth.complete:
             out_flags |= 0x80 | nsg
             self.login_stage = nsg
             if nsg == LOGIN_STAGE_FULL:
@@ -420,6 +504,9 @@ class TargetConnection:
         resp = self._login_response(pdu, out_flags, (0, 0), build_text(answers), tsih)
         if out_flags & 0x80 and nsg == LOGIN_STAGE_FULL:
             self.full_feature = True
+            self._login_ended = True
+            self.login_result = LoginResult(True, "", self.params.initiator_name, self._auth.user,
+                                            self.params.session_type, self._auth.mutual)
         return resp
 
     # -- SCSI commands ------------------------------------------------------------------------
@@ -450,15 +537,52 @@ class TargetConnection:
                 if edtl < need and self._clip_transfer is not None:
                     task.exec_cdb = self._clip_transfer(cdb, edtl)
         task.wanted = wanted
-        task.buffer = bytearray(wanted)
         immediate = pdu.data[:wanted]
-        task.buffer[:len(immediate)] = immediate
-        task.received = len(immediate)
-        if task.received >= wanted:
-            task.data_out = bytes(task.buffer)
+        if len(immediate) >= wanted:
+            task.data_out = immediate
             return [task]
+        if self._refuse_before_data is not None:
+            res = self._refuse_before_data(task.lun, task.exec_cdb or cdb)
+            if res is not None:                      # fails whatever comes: do not ask for it
+                return self.complete(task, res.status, res.data_in, res.sense)
+        if task.itt in self._tasks:                  # ITT still in use by an unfinished write
+            return [self.reject(pdu, REJECT_PROTOCOL_ERROR)]
+        if not self._reserve(task):
+            return self.complete(task, TASK_SET_FULL, b"", b"")
+        task.buffer = bytearray(immediate)           # grows as the data arrives
+        task.received = len(immediate)
         self._tasks[task.itt] = task
         return [self._r2t(task)]
+
+    def _reserve(self, task: ScsiTask) -> bool:
+        """Reserve the data-out a write will solicit, within this connection's and the target's
+        budget; False when it does not fit (the command then gets TASK SET FULL)."""
+        if len(self._tasks) >= MAX_PENDING_WRITES:
+            return False
+        if self._reserved + task.wanted > MAX_CONNECTION_DATA_OUT:
+            return False
+        if not self._budget.take(task.wanted):
+            return False
+        task.reserved = task.wanted
+        self._reserved += task.wanted
+        return True
+
+    def _release(self, task: ScsiTask) -> None:
+        if task.reserved:
+            self._budget.give(task.reserved)
+            self._reserved -= task.reserved
+            task.reserved = 0
+        task.buffer = None
+
+    def _drop_tasks(self) -> None:
+        for task in self._tasks.values():
+            self._release(task)
+        self._tasks.clear()
+
+    def release(self) -> None:
+        """The connection is gone: give back everything its unfinished writes reserved."""
+        self._drop_tasks()
+        self.closed = True
 
     def _r2t(self, task: ScsiTask) -> bytes:
         length = min(task.wanted - task.received, self.params.max_burst)
@@ -488,7 +612,7 @@ class TargetConnection:
         task.next_datasn += 1
         if offset != task.received or end > task.burst_end:   # DataPDUInOrder=Yes
             return [self.reject(pdu, REJECT_PROTOCOL_ERROR)]
-        task.buffer[offset:end] = pdu.data
+        task.buffer += pdu.data
         task.received = end
         if not pdu.flags & 0x80:
             return []
@@ -497,12 +621,14 @@ class TargetConnection:
         if task.received < task.wanted:
             return [self._r2t(task)]
         del self._tasks[task.itt]
-        task.data_out = bytes(task.buffer)
+        task.data_out = task.buffer                  # the reservation ends in complete()
         task.buffer = None
         return [task]
 
     def complete(self, task: ScsiTask, status: int, data_in: bytes, sense: bytes) -> list[bytes]:
         """PDUs that report a finished task: Data-In (status may ride on the last) or a response."""
+        self._release(task)
+        task.data_out = None
         out: list[bytes] = []
         lun = encode_lun(task.lun)
         residual_flags, residual = 0, 0
@@ -520,6 +646,7 @@ class TargetConnection:
                     residual_flags, residual = 0x04, need - task.edtl
                 else:
                     residual_flags, residual = 0x02, task.edtl - need
+        residual = min(residual, MAX_RESIDUAL)
         data_sn = 0
         if data_in and status == 0:
             mrdsl = self.params.max_recv_dsl_initiator
@@ -594,12 +721,15 @@ class TargetConnection:
         if function == 1:                              # ABORT TASK
             # Commands run to completion before the next PDU is read, so the referenced task
             # is either still waiting for data-out (abort it: it gets no response) or done.
-            if self._tasks.pop(pdu.u32(20), None) is None:
+            task = self._tasks.pop(pdu.u32(20), None)
+            if task is None:
                 response = 0x01                        # task does not exist (any more)
+            else:
+                self._release(task)
         elif function in (2, 3):                       # ABORT TASK SET, CLEAR TASK SET
-            self._tasks.clear()
+            self._drop_tasks()
         elif function in (5, 6, 7):                    # LOGICAL UNIT RESET, TARGET WARM/COLD RESET
-            self._tasks.clear()
+            self._drop_tasks()
             if self._on_reset is not None:
                 self._on_reset()
         elif function == 4:                            # CLEAR ACA: no ACA here
@@ -617,5 +747,5 @@ class TargetConnection:
         bhs[2] = 0x00                                  # connection or session closed successfully
         self._seq(bhs, advance_stat=True)
         self.closed = True
-        self._tasks.clear()
+        self._drop_tasks()
         return encode_pdu(bhs)
