@@ -108,8 +108,11 @@ def _open_exports(args):
 
 def cmd_serve_nbd(args) -> int:
     (serve_nbd,) = _library("vdisk.serve.nbd", "serve_nbd")
+    TlsConfig, check_nbd_exposure = _library("vdisk.serve.nbd_tls", "TlsConfig", "check_exposure")
     if args.name is not None and len(args.name) != len(args.images):
         raise VDiskError(f"{len(args.name)} --name for {len(args.images)} image(s): give one --name per image")
+    tls = TlsConfig.from_options(args.tls_creds, args.tls, args.tls_verify_peer)
+    check_nbd_exposure(args.bind, tls, args.insecure)     # before any image is opened
 
     def ready(server) -> None:
         uris = getattr(server, "uris", None) or []
@@ -121,7 +124,7 @@ def cmd_serve_nbd(args) -> int:
     exports, names, opened = _open_exports(args)
     try:
         serve_nbd(exports, host=args.bind, port=args.port, names=names, rw=args.rw,
-                  shared=args.shared, ready=ready)
+                  shared=args.shared, ready=ready, tls=tls, insecure=args.insecure)
     finally:
         for d in opened:
             d.close()
@@ -186,6 +189,15 @@ def register(subparsers) -> None:
     p.add_argument("--name", action="append", help="export name (one per image; default: file name)")
     p.add_argument("--rw", action="store_true", help="writable exports")
     p.add_argument("--shared", type=int, default=8, metavar="N", help="clients at once (0: no limit)")
+    p.add_argument("--tls-creds", metavar="DIR",
+                   help="serve over TLS with DIR/server-cert.pem, server-key.pem (and ca-cert.pem)")
+    p.add_argument("--tls", choices=("off", "on", "require"),
+                   help="require (default with --tls-creds): nothing but STARTTLS in the clear; "
+                        "on: TLS offered, not required; off: no TLS")
+    p.add_argument("--tls-verify-peer", action="store_true",
+                   help="clients must present a certificate signed by DIR/ca-cert.pem")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --bind without --tls=require (every host there can connect)")
     add_open_options(p)
     p.set_defaults(func=cmd_serve_nbd)
 

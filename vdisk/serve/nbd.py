@@ -5,7 +5,11 @@
     serve_nbd(["a.vhd", "b.vdi"])               # nbd://127.0.0.1:10809/a.vhd and /b.vdi, read-only
 
 Several clients at once; several exports by name (default: the image's file name; ``names``
-overrides); read-only unless ``rw=True``; loopback unless ``host`` says otherwise. Disk I/O runs in
+overrides); read-only unless ``rw=True``; loopback unless ``host`` says otherwise, and any other
+address only with TLS required (``tls=TlsConfig.from_options(creds_dir)``) or ``insecure=True``.
+TLS wraps the socket only: the protocol in :mod:`vdisk.serve.nbd_proto` decides when, the shell
+here runs the handshake. One line per connection (accepted, refused or abandoned, with the peer
+and its certificate subject) goes to ``on_connection``, or to the ``vdisk.nbd`` log. Disk I/O runs in
 a thread pool, so a slow request on one connection never stalls another, and one client's
 requests run concurrently (replies may come back out of order, as NBD allows).
 
@@ -23,22 +27,28 @@ import logging
 import os
 import signal
 import socket
+import ssl
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
 from ..errors import VDiskError
-from .nbd_proto import (CMD_READ, CMD_WRITE, NEED_DATA, Closed, ExportChosen, ExportInfo, Request,
-                        ServerConnection, handle_request)
+from .nbd_proto import (CMD_READ, CMD_WRITE, MUST_SEND, NEED_DATA, Closed, ExportChosen, ExportInfo,
+                        Request, ServerConnection, StartTLS, handle_request)
+from .nbd_tls import TlsConfig, check_exposure, connection_line, peer_subject
 
 log = logging.getLogger("vdisk.nbd")
 
 DEFAULT_PORT = 10809
 DEFAULT_SHARED = 8              # simultaneous clients; more wait (queued) for a free slot
 RECV_CHUNK = 1024 * 1024
-MAX_INFLIGHT_BYTES = 64 * 1024 * 1024   # per connection: payload of requests being served
+# In flight = from the moment a request is admitted until its reply has left the server's buffers.
+MAX_INFLIGHT_BYTES = 64 * 1024 * 1024   # per connection: READ/WRITE payload in flight
 MAX_INFLIGHT_REQUESTS = 64              # per connection
-HANDSHAKE_TIMEOUT = 60.0                # seconds a client may take to reach transmission
+MAX_TOTAL_INFLIGHT_BYTES = 256 * 1024 * 1024   # all connections together
+HANDSHAKE_TIMEOUT = 60.0                # seconds a client may take to reach transmission (TLS included)
+SEND_TIMEOUT = 60.0                     # seconds replies may wait for a client that reads nothing
 
 
 @dataclass
@@ -146,12 +156,21 @@ class NBDServer:
 
     def __init__(self, images: Sequence, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
                  names=None, rw: bool = False, shared: Optional[int] = DEFAULT_SHARED,
-                 workers: Optional[int] = None, handshake_timeout: Optional[float] = HANDSHAKE_TIMEOUT):
+                 workers: Optional[int] = None, handshake_timeout: Optional[float] = HANDSHAKE_TIMEOUT,
+                 tls: Optional[TlsConfig] = None, insecure: bool = False,
+                 on_connection: Optional[Callable[[str], None]] = None,
+                 send_timeout: Optional[float] = SEND_TIMEOUT,
+                 max_total_inflight: int = MAX_TOTAL_INFLIGHT_BYTES):
         if shared is not None and shared < 0:
             raise VDiskError("--shared must be 0 (unlimited) or a positive number of clients")
+        self.tls = tls if tls is not None else TlsConfig()
+        check_exposure(host, self.tls, insecure)        # before any image is opened
         self.host, self.port = host, port
         self.shared = shared or None                     # None = unlimited
         self.handshake_timeout = handshake_timeout
+        self.send_timeout = send_timeout
+        self.max_total_inflight = max(max_total_inflight, MAX_INFLIGHT_BYTES)
+        self._on_connection = on_connection
         self.exports = open_exports(images, names, rw)
         self._disks = {e.name: e.disk for e in self.exports}
         # CAN_MULTI_CONN: one Disk object serves every connection, so a flush on any connection
@@ -168,6 +187,8 @@ class NBDServer:
         self._clients: set = set()
         self._writers: set = set()
         self._slots: Optional[asyncio.Semaphore] = None
+        self._total_inflight = 0                         # bytes, all connections
+        self._budget_freed: Optional[asyncio.Condition] = None
         self._closing = False
         self._closed = False
 
@@ -175,6 +196,7 @@ class NBDServer:
     async def start(self) -> "NBDServer":
         if self.shared:
             self._slots = asyncio.Semaphore(self.shared)
+        self._budget_freed = asyncio.Condition()
         try:
             self._server = await asyncio.start_server(self._client, self.host, self.port,
                                                       reuse_address=True, limit=RECV_CHUNK)
@@ -184,7 +206,8 @@ class NBDServer:
         sockets = self._server.sockets or []
         if sockets:
             self.port = sockets[0].getsockname()[1]
-        log.info("serving %s on %s:%d", ", ".join(e.name for e in self.exports), self.host, self.port)
+        log.info("serving %s on %s:%d (TLS %s)", ", ".join(e.name for e in self.exports), self.host,
+                 self.port, self.tls.mode)
         return self
 
     async def serve_forever(self) -> None:
@@ -221,7 +244,8 @@ class NBDServer:
                     log.warning("closing %s: %s", e.name, exc)
 
     def uri(self, name: Optional[str] = None) -> str:
-        return format_uri(self.host, self.port, self.exports[0].name if name is None else name)
+        uri = format_uri(self.host, self.port, self.exports[0].name if name is None else name)
+        return "nbds://" + uri[len("nbd://"):] if self.tls.enabled else uri
 
     @property
     def uris(self) -> List[str]:
@@ -255,17 +279,82 @@ class NBDServer:
                 pass
             self._clients.discard(task)
 
+    def _report(self, line: str, ok: bool) -> None:
+        if self._on_connection is not None:
+            self._on_connection(line)
+        else:
+            log.log(logging.INFO if ok else logging.WARNING, "%s", line)
+
+    async def _admit(self, budget: dict, cost: int) -> None:
+        """Wait until a request of ``cost`` bytes fits the connection's and the server's
+        in-flight budgets, then take it from both."""
+        def fits() -> bool:
+            if budget["count"] >= MAX_INFLIGHT_REQUESTS:
+                return False
+            if budget["count"] and budget["bytes"] + cost > MAX_INFLIGHT_BYTES:
+                return False
+            return self._total_inflight + cost <= self.max_total_inflight
+
+        assert self._budget_freed is not None
+        if not fits():
+            async with self._budget_freed:
+                await self._budget_freed.wait_for(fits)
+        budget["bytes"] += cost
+        budget["count"] += 1
+        self._total_inflight += cost
+
+    async def _release(self, budget: dict, cost: int) -> None:
+        budget["bytes"] -= cost
+        budget["count"] -= 1
+        self._total_inflight -= cost
+        assert self._budget_freed is not None
+        async with self._budget_freed:
+            self._budget_freed.notify_all()
+
+    async def _send_watchdog(self, writer, raw_transport) -> None:
+        """End a connection whose replies have not moved for ``send_timeout`` seconds: a client
+        that never reads must not hold its share of the in-flight budget forever."""
+        loop = asyncio.get_running_loop()
+        tick = min(1.0, self.send_timeout / 4)
+        last, since = 0, loop.time()
+        while not writer.transport.is_closing():
+            await asyncio.sleep(tick)
+            size = raw_transport.get_write_buffer_size()
+            if writer.transport is not raw_transport:           # TLS: plaintext not yet encrypted
+                size += writer.transport.get_write_buffer_size()
+            now = loop.time()
+            if size == 0 or size < last:
+                since = now
+            elif now - since > self.send_timeout:
+                log.info("%s: replies not read for %gs; closing", writer.get_extra_info("peername"),
+                         self.send_timeout)
+                writer.transport.abort()
+                return
+            last = size
+
     async def _session(self, reader, writer, peer) -> None:
         if self._closing or writer.transport.is_closing():
             return
-        conn = ServerConnection(self._infos, shutting_down=self._closing)
+        conn = ServerConnection(self._infos, shutting_down=self._closing, tls=self.tls.mode)
         loop = asyncio.get_running_loop()
+        raw_transport = writer.transport
         inflight: set = set()
         budget = {"bytes": 0, "count": 0}
-        freed = asyncio.Event()
         disk = None
         broken = False
         deadline = (loop.time() + self.handshake_timeout) if self.handshake_timeout else None
+        who = {"tls_version": None, "subject": None}
+        reported = False
+        hard = False           # end without delivering what is queued (the peer misbehaved)
+
+        def report(outcome: str, reason: Optional[str] = None, export: Optional[ExportInfo] = None):
+            nonlocal reported
+            if reported:
+                return
+            reported = True
+            self._report(connection_line(peer, outcome, export=export.name if export else None,
+                                         readonly=export.readonly if export else True,
+                                         reason=reason, **who), outcome == "accepted")
 
         def send(data) -> None:
             if data and not writer.transport.is_closing():
@@ -277,8 +366,9 @@ class NBDServer:
                 buffers = await loop.run_in_executor(self._pool, handle_request, req, disk)
                 if not writer.transport.is_closing():
                     for b in buffers:
-                        writer.write(b)     # no await between: a reply is never interleaved
-                    await writer.drain()
+                        writer.write(memoryview(b))   # no await between: never interleaved
+                del buffers                 # the transport holds its copy; do not keep two
+                await writer.drain()
             except (ConnectionError, OSError):
                 broken = True
             except Exception:  # noqa: BLE001 - a bug here must end this connection, not the server
@@ -286,68 +376,104 @@ class NBDServer:
                 broken = True
                 writer.transport.abort()
             finally:
-                budget["bytes"] -= cost
-                budget["count"] -= 1
-                freed.set()
+                await self._release(budget, cost)
 
+        watchdog = asyncio.create_task(self._send_watchdog(writer, raw_transport)) \
+            if self.send_timeout else None
         try:
             send(conn.data_to_send())
-            while True:
+            while not writer.transport.is_closing():
                 ev = conn.next_event()
-                if ev is NEED_DATA:
+                if ev is NEED_DATA or ev is MUST_SEND:
                     send(conn.data_to_send())
                     if broken:
                         conn.receive_data(b"")
                         continue
+                    data = None
                     try:
-                        await writer.drain()
-                        if deadline is not None and disk is None:
-                            # still haggling: a client may not sit on a connection slot forever
-                            left = deadline - loop.time()
-                            if left <= 0:
-                                raise asyncio.TimeoutError
-                            data = await asyncio.wait_for(reader.read(RECV_CHUNK), left)
-                        else:
-                            data = await reader.read(RECV_CHUNK)
+                        # still haggling: the whole wait, for the client to read what we sent
+                        # as well as to send more, counts against the handshake deadline
+                        async with asyncio.timeout_at(deadline if disk is None else None):
+                            await writer.drain()
+                            if ev is NEED_DATA:
+                                data = await reader.read(RECV_CHUNK)
                     except (ConnectionError, OSError):
                         data = b""
-                    except asyncio.TimeoutError:
-                        log.info("%s: handshake not finished within %gs; closing", peer,
-                                 self.handshake_timeout)
+                    except TimeoutError:
+                        report("refused", f"handshake not finished within {self.handshake_timeout:g} s")
+                        hard = True
                         break
-                    conn.receive_data(data)
+                    if data is not None:
+                        conn.receive_data(data)
+                    continue
+                if isinstance(ev, StartTLS):
+                    send(conn.data_to_send())                     # the ACK, still in the clear
+                    if ev.early_data:
+                        report("refused", "client sent data after NBD_OPT_STARTTLS without "
+                                          "waiting for the reply")
+                        hard = True
+                        break
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            await writer.start_tls(self.tls.context)
+                    except TimeoutError:
+                        report("refused", f"TLS handshake not finished within {self.handshake_timeout:g} s")
+                        hard = True
+                        break
+                    except (ssl.SSLError, ConnectionError, OSError) as exc:
+                        reason = getattr(exc, "reason", None) or str(exc) or exc.__class__.__name__
+                        report("refused", f"TLS handshake failed: {reason}")
+                        hard = True
+                        break
+                    ssl_object = writer.get_extra_info("ssl_object")
+                    who["tls_version"] = ssl_object.version() if ssl_object is not None else "?"
+                    who["subject"] = peer_subject(ssl_object)
+                    conn.tls_established()
                     continue
                 if isinstance(ev, ExportChosen):
                     send(conn.data_to_send())
                     disk = self._disks[ev.export.name]
-                    log.info("%s: export %s (%s)", peer, ev.export.name,
-                             "read-only" if ev.export.readonly else "read-write")
+                    report("accepted", export=ev.export)
                     continue
                 if isinstance(ev, Request):
                     send(conn.data_to_send())
                     cost = ev.length if ev.command in (CMD_READ, CMD_WRITE) else 0
-                    while budget["count"] >= MAX_INFLIGHT_REQUESTS or (
-                            budget["count"] and budget["bytes"] + cost > MAX_INFLIGHT_BYTES):
-                        freed.clear()
-                        await freed.wait()
-                    budget["bytes"] += cost
-                    budget["count"] += 1
+                    await self._admit(budget, cost)
                     t = asyncio.create_task(run(ev, cost))
                     inflight.add(t)
                     t.add_done_callback(inflight.discard)
                     continue
                 if isinstance(ev, Closed):
+                    if disk is None:
+                        if conn.tls_refusals:
+                            report("refused", f"TLS is required and the client did not start it "
+                                              f"({ev.reason})")
+                        elif ev.graceful or ev.reason.startswith("client disconnected"):
+                            report("abandoned", ev.reason)
+                        else:
+                            report("refused", ev.reason)
                     log.info("%s: %s", peer, ev.reason)
                     break
         finally:
-            # Finish what is running (never close a disk under a worker), send queued replies.
+            if disk is None:
+                report("abandoned", "connection lost during the handshake")
+            if hard:
+                writer.transport.abort()
+            # Finish what is running (never close a disk under a worker), send queued replies;
+            # the watchdog still ends a client that does not read them.
             if inflight:
                 await asyncio.gather(*list(inflight), return_exceptions=True)
             send(conn.data_to_send())
             try:
-                await writer.drain()
-            except (ConnectionError, OSError):
-                pass
+                if self.send_timeout:
+                    async with asyncio.timeout(self.send_timeout):
+                        await writer.drain()
+                else:
+                    await writer.drain()
+            except (ConnectionError, OSError, TimeoutError):
+                writer.transport.abort()
+            if watchdog is not None:
+                watchdog.cancel()
 
 
 def _install_signals(loop, stop: asyncio.Event) -> None:
@@ -358,10 +484,16 @@ def _install_signals(loop, stop: asyncio.Event) -> None:
             pass
 
 
+def _print_line(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def serve_nbd(images: Sequence, host: str = "127.0.0.1", port: int = DEFAULT_PORT, names=None,
               rw: bool = False, shared: Optional[int] = DEFAULT_SHARED, *,
               workers: Optional[int] = None, handshake_timeout: Optional[float] = HANDSHAKE_TIMEOUT,
-              ready: Optional[Callable[[NBDServer], None]] = None) -> None:
+              ready: Optional[Callable[[NBDServer], None]] = None,
+              tls: Optional[TlsConfig] = None, insecure: bool = False,
+              on_connection: Optional[Callable[[str], None]] = _print_line) -> None:
     """Serve ``images`` (paths or open Disk objects) over NBD until SIGINT/SIGTERM.
 
     ``names``: export names (a string when one image); default each image's file name.
@@ -369,10 +501,14 @@ def serve_nbd(images: Sequence, host: str = "127.0.0.1", port: int = DEFAULT_POR
     ``shared``: how many clients may be connected at once (0 = no limit); more wait their turn.
     ``handshake_timeout``: seconds a client may spend before choosing an export (None: forever).
     ``ready(server)`` is called once the socket listens (``server.uris`` lists the exports).
+    ``tls``: a :class:`~vdisk.serve.nbd_tls.TlsConfig` (default: no TLS). A ``host`` that is not
+    loopback is refused unless TLS is required or ``insecure``.
+    ``on_connection(line)`` gets one line per connection (default: printed on stderr).
     """
     async def main() -> None:
         server = NBDServer(images, host=host, port=port, names=names, rw=rw, shared=shared,
-                           workers=workers, handshake_timeout=handshake_timeout)
+                           workers=workers, handshake_timeout=handshake_timeout, tls=tls,
+                           insecure=insecure, on_connection=on_connection)
         stop = asyncio.Event()
         _install_signals(asyncio.get_running_loop(), stop)
         await server.start()
@@ -398,9 +534,12 @@ class BackgroundNBDServer:
 
     def __init__(self, images: Sequence, *, host: str = "127.0.0.1", port: int = 0, names=None,
                  rw: bool = False, shared: Optional[int] = DEFAULT_SHARED,
-                 workers: Optional[int] = None, handshake_timeout: Optional[float] = HANDSHAKE_TIMEOUT):
+                 workers: Optional[int] = None, handshake_timeout: Optional[float] = HANDSHAKE_TIMEOUT,
+                 **options):
+        """``options``: the rest of :class:`NBDServer`'s keywords (tls, insecure, on_connection,
+        send_timeout, max_total_inflight)."""
         self._kwargs = dict(host=host, port=port, names=names, rw=rw, shared=shared, workers=workers,
-                            handshake_timeout=handshake_timeout)
+                            handshake_timeout=handshake_timeout, **options)
         self._images = images
         self.server: Optional[NBDServer] = None
         self._thread: Optional[threading.Thread] = None
@@ -468,4 +607,4 @@ class BackgroundNBDServer:
 
 
 __all__ = ["serve_nbd", "NBDServer", "BackgroundNBDServer", "Export", "open_exports", "format_uri",
-           "DEFAULT_PORT", "DEFAULT_SHARED"]
+           "TlsConfig", "DEFAULT_PORT", "DEFAULT_SHARED"]

@@ -11,6 +11,18 @@ with the protocol's error reply without ever reaching the disk.
 with the same methods) and returns the reply as a list of buffers. It blocks on disk I/O, so the
 asyncio shell in :mod:`vdisk.serve.nbd` runs it in a thread pool.
 
+TLS (``NBD_OPT_STARTTLS``) is decided here too, the bytes of it are not: with ``tls="on"`` or
+``"require"`` an accepted STARTTLS yields :class:`StartTLS`; the shell sends the queued ACK,
+runs the TLS handshake on its socket and calls :meth:`ServerConnection.tls_established`, after
+which haggling starts afresh over the encrypted stream. Under ``"require"`` every option but
+STARTTLS before that is refused with ``NBD_REP_ERR_TLS_REQD`` (``EXPORT_NAME``, which cannot be
+refused, closes the connection), so nothing about the exports is told in the clear.
+
+Output is bounded: once more than :data:`MAX_QUEUED_OUTPUT` bytes of replies are waiting,
+:meth:`~ServerConnection.next_event` returns :data:`MUST_SEND` and parses nothing more until the
+shell has sent them, so a client that pipelines options or bad requests and never reads the
+answers cannot make the server queue more than that.
+
 Facts: NBD ``doc/proto.md`` (fixed newstyle, INFO/GO, structured replies, block status) and the
 digest in ``spec/BLOCK-BACKENDS.md`` section 3. All integers on the wire are big-endian.
 """
@@ -133,6 +145,7 @@ PREFERRED_BLOCK = 4096
 MAX_PAYLOAD = 32 * 1024 * 1024        # largest READ/WRITE we accept (advertised in BLOCK_SIZE)
 MAX_OPTION_DATA = 64 * 1024           # larger option payloads are skipped and refused (TOO_BIG)
 MAX_STRING = 4096                     # names, queries (proto.md: MUST be no longer than 4096)
+MAX_QUEUED_OUTPUT = 256 * 1024        # replies queued before parsing pauses (MUST_SEND)
 MAX_EXTENTS = 65536                   # block-status descriptors per reply ("may stop early")
 HOLE_MIN = 64 * 1024                  # smaller holes inside a read are sent as data
 
@@ -208,12 +221,30 @@ class Closed:
     graceful: bool
 
 
-class _NeedData:
+@dataclass
+class StartTLS:
+    """The client asked for TLS and it was granted: send what is queued (the ACK), then run the
+    TLS handshake as the server and call :meth:`ServerConnection.tls_established` (or end the
+    connection if it fails). ``early_data`` is anything the client sent after STARTTLS without
+    waiting for the ACK: a protocol violation the shell should refuse, since those bytes belong
+    to a handshake that had not begun."""
+
+    early_data: bytes
+
+
+class _Sentinel:
+    def __init__(self, name: str):
+        self._name = name
+
     def __repr__(self) -> str:
-        return "NEED_DATA"
+        return self._name
 
 
-NEED_DATA = _NeedData()
+NEED_DATA = _Sentinel("NEED_DATA")
+#: Replies have piled up (more than MAX_QUEUED_OUTPUT): send them before asking for more events.
+MUST_SEND = _Sentinel("MUST_SEND")
+
+TLS_MODES = ("off", "on", "require")
 
 
 # ==============================================================================================
@@ -280,6 +311,7 @@ def error_reply(req_cookie: int, structured: bool, error: int, message: str = ""
 
 _S_CLIENT_FLAGS = "client-flags"
 _S_OPTIONS = "options"
+_S_TLS_HANDSHAKE = "tls-handshake"
 _S_TRANSMISSION = "transmission"
 _S_CLOSED = "closed"
 
@@ -299,15 +331,22 @@ class ServerConnection:
             send(conn.data_to_send())
     """
 
-    def __init__(self, exports: Sequence[ExportInfo], *, shutting_down: bool = False):
+    def __init__(self, exports: Sequence[ExportInfo], *, shutting_down: bool = False,
+                 tls: str = "off"):
         if not exports:
             raise ValueError("no exports")
+        if tls not in TLS_MODES:
+            raise ValueError(f"tls must be one of {TLS_MODES}, not {tls!r}")
+        self.tls = tls
+        self.tls_active = False
+        self.tls_refusals = 0                # options refused with TLS_REQD (for the log line)
         self.exports = list(exports)
         self._by_name = {e.name: e for e in self.exports}
         self._buf = bytearray()
         self._pos = 0
         self._eof = False
         self._out: List[bytes] = [encode_greeting()]
+        self._queued = 0
         self.state = _S_CLIENT_FLAGS
         self.fixed = False
         self.no_zeroes = False
@@ -343,7 +382,24 @@ class ServerConnection:
     def data_to_send(self) -> bytes:
         out = b"".join(self._out)
         self._out.clear()
+        self._queued = 0
         return out
+
+    def _queue(self, data: bytes) -> None:
+        self._out.append(data)
+        self._queued += len(data)
+
+    def tls_established(self) -> None:
+        """The TLS handshake after :class:`StartTLS` succeeded: haggling starts over. What was
+        negotiated in the clear (structured replies, a metadata context) is forgotten, as the
+        protocol requires."""
+        if self.state != _S_TLS_HANDSHAKE:
+            raise RuntimeError("tls_established() without a StartTLS event")
+        self.tls_active = True
+        self.structured = False
+        self._meta_export = None
+        self._meta_selected = False
+        self.state = _S_OPTIONS
 
     @property
     def closed(self) -> bool:
@@ -393,8 +449,10 @@ class ServerConnection:
         """Return the next event (:class:`ExportChosen`, :class:`Request`, :class:`Closed`) or
         :data:`NEED_DATA`. After :class:`Closed` only :data:`NEED_DATA` follows."""
         while True:
-            if self.state == _S_CLOSED:
+            if self.state == _S_CLOSED or self.state == _S_TLS_HANDSHAKE:
                 return NEED_DATA
+            if self._queued > MAX_QUEUED_OUTPUT:
+                return MUST_SEND
             if self._skip:
                 if self._eof:
                     return self._close("client disconnected in the middle of a payload", False)
@@ -434,7 +492,7 @@ class ServerConnection:
 
     # -- option haggling -------------------------------------------------------------------------
     def _reply(self, option: int, reply_type: int, data: bytes = b"") -> None:
-        self._out.append(encode_option_reply(option, reply_type, data))
+        self._queue(encode_option_reply(option, reply_type, data))
 
     def _error(self, option: int, reply_type: int, message: str = "") -> None:
         self._reply(option, reply_type, message.encode("utf-8", "replace")[:MAX_STRING])
@@ -471,7 +529,7 @@ class ServerConnection:
             return None
         if kind == "request":
             _, cookie, error, message = pending
-            self._out.append(error_reply(cookie, self.structured, error, message))
+            self._queue(error_reply(cookie, self.structured, error, message))
             return None
         raise AssertionError(kind)
 
@@ -481,6 +539,18 @@ class ServerConnection:
         return self._by_name.get(name)
 
     def _handle_option(self, option: int, data: bytes):
+        if option == OPT_STARTTLS:
+            return self._starttls(data)
+        if self.tls == "require" and not self.tls_active:
+            # Nothing but STARTTLS in the clear: not even the list of exports. EXPORT_NAME has
+            # no error reply, so it ends the connection; ABORT is refused and then honoured.
+            self.tls_refusals += 1
+            if option == OPT_EXPORT_NAME:
+                return self._close("NBD_OPT_EXPORT_NAME before TLS (TLS is required)", False)
+            self._error(option, REP_ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS first")
+            if option == OPT_ABORT:
+                return self._close("client aborted the handshake without starting TLS", True)
+            return None
         if self.shutting_down and option != OPT_ABORT:
             if option == OPT_EXPORT_NAME:
                 return self._close("server is shutting down", False)
@@ -492,9 +562,9 @@ class ServerConnection:
             if export is None:
                 return self._close(f"NBD_OPT_EXPORT_NAME: no export named {data[:80]!r}", False)
             self._enter_transmission(export)
-            self._out.append(struct.pack(">QH", export.size, export.transmission_flags(self.structured)))
+            self._queue(struct.pack(">QH", export.size, export.transmission_flags(self.structured)))
             if not self.no_zeroes:
-                self._out.append(bytes(124))
+                self._queue(bytes(124))
             return ExportChosen(export, self.structured, self.meta_context_id)
         if option == OPT_ABORT:
             self._reply(option, REP_ACK)
@@ -508,9 +578,6 @@ class ServerConnection:
                 self._reply(option, REP_SERVER, struct.pack(">I", len(name)) + name
                             + e.description.encode("utf-8"))
             self._reply(option, REP_ACK)
-            return None
-        if option == OPT_STARTTLS:
-            self._error(option, REP_ERR_POLICY, "TLS is not available on this server")
             return None
         if option in (OPT_INFO, OPT_GO):
             return self._info_go(option, data)
@@ -526,6 +593,26 @@ class ServerConnection:
             return None
         self._error(option, REP_ERR_UNSUP, f"option {option} is not supported")
         return None
+
+    def _starttls(self, data: bytes):
+        if self.tls == "off":
+            self._error(OPT_STARTTLS, REP_ERR_POLICY, "TLS is not available on this server")
+            return None
+        if data:
+            self._error(OPT_STARTTLS, REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+            return None
+        if self.tls_active:
+            self._error(OPT_STARTTLS, REP_ERR_INVALID, "TLS is already active")
+            return None
+        if self.shutting_down:
+            self._error(OPT_STARTTLS, REP_ERR_SHUTDOWN, "server is shutting down")
+            return None
+        self._reply(OPT_STARTTLS, REP_ACK)
+        early = bytes(self._buf[self._pos:])
+        self._buf.clear()
+        self._pos = 0
+        self.state = _S_TLS_HANDSHAKE
+        return StartTLS(early)
 
     def _info_go(self, option: int, data: bytes):
         opt_name = "NBD_OPT_GO" if option == OPT_GO else "NBD_OPT_INFO"
@@ -634,7 +721,7 @@ class ServerConnection:
                 self._pending_header = (flags, cmd, cookie, offset, length)
             else:
                 if problem is not None:
-                    self._out.append(error_reply(cookie, self.structured, problem[0], problem[1]))
+                    self._queue(error_reply(cookie, self.structured, problem[0], problem[1]))
                     return None
                 return self._make_request(flags, cmd, cookie, offset, length, None)
         flags, cmd, cookie, offset, length = self._pending_header
