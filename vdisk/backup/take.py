@@ -106,18 +106,30 @@ def backup(image, out, *, shadow: Optional[str] = None, new_shadow: bool = False
     new_shadow = new_shadow or shadow is None
     threads = threads or min(4, os.cpu_count() or 1)
     out = os.fspath(out)
+    if os.path.lexists(out) and not force and not os.path.isdir(out):
+        raise VDiskError(f"{out}: already exists (use --force to overwrite)")
     owned = not isinstance(image, ShadowedDisk)
     writable = new_shadow or keep_shadows is not None
     d = open_shadowed(image, "r+" if writable else "r", **(open_options or {})) if owned else image
     try:
+        # Everything that can be refused is checked before a shadow is taken.
+        link = _resolve_since(d, since, out) if since is not None else None
         created = False
         if new_shadow:
             sid = d.create_shadow(description).id
             created = True
         else:
             sid = d.shadow_set.resolve_id(shadow).id
-        result = _backup_shadow(d, sid, out, since=since, level=level, threads=threads, chunk=chunk_size,
-                                force=force, progress=progress)
+        try:
+            result = _backup_shadow(d, sid, out, link=link, since=since, level=level, threads=threads,
+                                    chunk=chunk_size, force=force, progress=progress)
+        except BaseException:
+            if created:                      # a failed backup leaves no shadow of its own behind
+                try:
+                    d.delete_shadow(sid)
+                except (VDiskError, OSError):
+                    pass
+            raise
         result.created_shadow = created
         if keep_shadows is not None:
             while len(d.shadow_set.catalog.shadows) > keep_shadows:
@@ -132,14 +144,14 @@ def backup(image, out, *, shadow: Optional[str] = None, new_shadow: bool = False
             d.close()
 
 
-def _backup_shadow(d, sid: str, out: str, *, since: Optional[str], level: int, threads: int, chunk: int,
-                   force: bool, progress: Optional[Progress]) -> BackupResult:
+def _backup_shadow(d, sid: str, out: str, *, link: Optional[tuple[str, str]], since: Optional[str], level: int,
+                   threads: int, chunk: int, force: bool, progress: Optional[Progress]) -> BackupResult:
     t0 = time.perf_counter()
     ss = d.shadow_set
     rec = ss.resolve_id(sid)
     parent = base = None
-    if since is not None:
-        parent, base = _resolve_since(d, since, out)
+    if link is not None:
+        parent, base = link
         ids = [r.id for r in ss.catalog.shadows]
         if base == sid:
             raise VDiskError(f"{d.path}: shadow {sid} is the one {since} was taken from: nothing changed since")
