@@ -59,7 +59,7 @@ class BackupFile:
             raise FormatError(path, "backup header", None, 0, "not a vdisk backup (no header frame)")
         _, hlen = FRAME_HEAD.unpack_from(head)
         if hlen > MAX_HEADER or FRAME_HEAD.size + hlen > size:
-            raise FormatError(path, "backup header", "length", 4, f"header of {hlen} bytes does not fit the file")
+            raise FormatError(path, "backup header", "length", 4, f"header of {hlen} bytes does not fit the file (truncated?)")
         self.header: Header = decode_header(path, f.pread(hlen, FRAME_HEAD.size))
         self.data_start = FRAME_HEAD.size + hlen
         footer = decode_footer(path, f.pread(FOOTER_SIZE, max(0, size - FOOTER_SIZE)) if size >= FOOTER_SIZE else b"",
@@ -130,25 +130,25 @@ class BackupFile:
         frame = self.read_frame(i)
         data = self.decompress(frame, length, int(e["offset"]), int(e["frame_offset"]))
         if hashlib.sha256(data).digest() != bytes(e["digest"]):
-            raise ChecksumError(self.path, "backup chunk", f"offset {int(e['offset'])}", int(e["frame_offset"]),
-                                "checksum mismatch (the backup is damaged)")
+            raise ChecksumError(self.path, f"backup chunk for disk offset {int(e['offset'])}", None,
+                                int(e["frame_offset"]), "SHA-256 mismatch (the backup is damaged)")
         return data
 
     def decompress(self, frame: bytes, length: int, voff: int, foff: int) -> bytes:
         """Decompress one frame that must hold exactly *length* bytes (never more is allocated)."""
-        where = f"offset {voff}"
+        where = f"backup chunk for disk offset {voff}"
         if len(frame) < 4 or int.from_bytes(frame[:4], "little") != ZSTD_MAGIC:
-            raise FormatError(self.path, "backup chunk", where, foff, "not a zstd frame (the backup is damaged)")
+            raise FormatError(self.path, where, None, foff, "not a zstd frame (the backup is damaged)")
         try:
             params = zstandard.get_frame_parameters(frame)
             if params.content_size != length:
-                raise FormatError(self.path, "backup chunk", where, foff,
+                raise FormatError(self.path, where, None, foff,
                                   f"frame holds {params.content_size} bytes, the index says {length}")
             data = _decompressor().decompress(frame, max_output_size=length)
         except zstandard.ZstdError as exc:
-            raise FormatError(self.path, "backup chunk", where, foff, f"cannot decompress: {exc}") from None
+            raise FormatError(self.path, where, None, foff, f"cannot decompress ({exc}): the backup is damaged") from None
         if len(data) != length:
-            raise FormatError(self.path, "backup chunk", where, foff, f"decompressed to {len(data)} bytes, not {length}")
+            raise FormatError(self.path, where, None, foff, f"decompressed to {len(data)} bytes, not {length}")
         return data
 
     def close(self) -> None:
