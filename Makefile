@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := qemu-utils qemu-block-extra qemu-system-x86 libvhdi-utils fuse3 libnbd-bin python3-libnbd nbdkit libiscsi-bin hdparm \
-                e2fsprogs fdisk gdisk mtools xz-utils bzip2 tar python3-venv
+                e2fsprogs fdisk gdisk mtools xz-utils bzip2 tar python3-venv zstd
 
 .PHONY: demo test bench deps venv clean
 
@@ -30,7 +30,7 @@ demo: deps venv
 	@bash scripts/demo.sh
 
 # Every benchmark, each against its anchor tool in the same run (several minutes; not a test).
-BENCHES := core convert compact mount nbd scsi shadow
+BENCHES := core convert compact mount nbd scsi shadow backup
 bench: deps venv
 	@for b in $(BENCHES); do echo "== bench/bench_$$b.py"; $(BIN)/python bench/bench_$$b.py || exit 1; done
 

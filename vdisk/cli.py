@@ -6,6 +6,7 @@ modules, each a small file exposing ``register(subparsers)`` that adds its subco
 - ``vdisk.cli_io``     mount, umount, serve nbd, serve iscsi
 - ``vdisk.cli_maint``  check, compact, commit, resize, rebase, relink, recover (when present)
 - ``vdisk.cli_shadow`` shadow, snapshot (when present)
+- ``vdisk.cli_backup`` backup, restore, verify (when present)
 
 A module that is absent is skipped; one that fails to import is reported as a warning and
 skipped, so the other commands keep working. A subcommand is registered like this::
@@ -41,7 +42,7 @@ from typing import Optional, Sequence
 from . import VDiskError
 from .progress import ProgressBar, human_bytes
 
-OPTIONAL_MODULES = ("vdisk.cli_io", "vdisk.cli_maint", "vdisk.cli_shadow")
+OPTIONAL_MODULES = ("vdisk.cli_io", "vdisk.cli_maint", "vdisk.cli_shadow", "vdisk.cli_backup")
 DEFAULT_SIZE = 127 << 30          # Virtual Server 2005 R2 SP1 and Hyper-V default for a new disk
 
 _UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5, "E": 6}

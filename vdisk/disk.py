@@ -239,6 +239,12 @@ def open(path, mode: str = "r", *, parent_search: Sequence[str] = (), vbox_regis
         raise ValueError(f"size_policy must be 'current' or 'chs', not {size_policy!r}")
     writable = mode != "r"
     path = os.fspath(path)
+    from .backup import is_backup, open_backup
+    if format is None and is_backup(path):
+        # A vdisk backup (vdisk/backup): a read-only Disk over it and the backups it builds on.
+        if writable:
+            raise ReadOnlyError(f"{path}: a vdisk backup is read-only (restore it to get a writable image)")
+        return open_backup(path)
     if os.path.isdir(path + ".snapshots"):
         # A snapshot tree (vdisk/snapshot.py) keeps the frozen parents in IMAGE.snapshots/.
         parent_search = (*parent_search, path + ".snapshots", os.path.dirname(os.path.abspath(path)))
