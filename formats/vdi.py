@@ -19,6 +19,7 @@ ALIGN = 1 << 20                     # VirtualBox's VDI_DATA_ALIGN
 MIN_BLOCK, MAX_BLOCK = 1 << 12, 256 << 20
 MAX_BLOCKS = 0xFFFFFFFE - 1
 NULL_UUID = bytes(16)
+MAX_HEADER_MAP_GAP = 4 << 20        # beyond this the count and the map are written separately
 
 
 def is_vdi(head: bytes) -> bool:
@@ -44,6 +45,8 @@ class VdiLayer(Layer):
         self._header_dirty = False
         self._modified = False
         self._truncate_pending: Optional[int] = None   # file end after discarding the last slot
+        self._durable_allocated = self.allocated       # the count the file's header holds
+        self._gap: Optional[bytes] = None              # file bytes between the header and the map
         self._lock = threading.RLock()
 
     @property
@@ -127,18 +130,46 @@ class VdiLayer(Layer):
                 self.file.sync()
                 return
             self.file.sync()                                      # data before the metadata
-            if self._header_dirty:
-                self.file.pwrite(self.header_bytes(), PRE_HEADER_SIZE)
-                self._header_dirty = False
-            if self._dirty_entries:
-                write_table_entries(self.file, self.map_entries().tobytes(), self.offset_blocks, self._dirty_entries)
-                self._dirty_entries.clear()
+            together = self.allocated != self._durable_allocated and bool(self._dirty_entries)
+            if not (together and self._write_header_and_map()):
+                if self._header_dirty:
+                    self.file.pwrite(self.header_bytes(), PRE_HEADER_SIZE)
+                if self._dirty_entries:
+                    write_table_entries(self.file, self.map_entries().tobytes(), self.offset_blocks,
+                                        self._dirty_entries)
+            self._header_dirty = False
+            self._dirty_entries.clear()
+            self._durable_allocated = self.allocated
             pending = self._truncate_pending
             if pending is not None:
                 self.file.sync()
                 self.file.truncate(pending)
                 self._truncate_pending = None
             self.file.sync()
+
+    def _write_header_and_map(self) -> bool:
+        """Write the header and the block map up to its last dirty sector in ONE write.
+
+        The allocated-block count and the entries that use the counted slots must change
+        together: with the count first, an interruption leaves a count larger than the map
+        (QEMU: "allocated blocks mismatch"); with the entries first, one smaller, which lets the
+        next allocation overwrite a block in use. One write is never half issued, so a kill or a
+        power cut leaves both old or both new. The bytes between header and map (padding, 1 MiB
+        in VirtualBox's layout) are rewritten as they are. False (nothing written) when the map
+        lies too far from the header for that to be sensible.
+        """
+        start = PRE_HEADER_SIZE
+        header = self.header_bytes()
+        gap_at = start + len(header)
+        if self.offset_blocks < gap_at or self.offset_blocks - gap_at > MAX_HEADER_MAP_GAP:
+            return False
+        if self._gap is None:
+            self._gap = self.file.pread(self.offset_blocks - gap_at, gap_at)
+        last = max(self._dirty_entries)
+        table = self.map_entries()
+        map_end = min(len(table), ((last * 4) // SECTOR + 1) * SECTOR // 4)
+        self.file.pwritev([header, self._gap, table[:map_end].tobytes()], start)
+        return True
 
     def info(self) -> dict:
         h = self.header

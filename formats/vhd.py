@@ -46,6 +46,7 @@ def is_vhd(head: bytes, tail: bytes) -> bool:
 class _FooterInfo:
     def __init__(self, raw: bytes, where: str, offset: int):
         self.raw, self.where, self.offset = raw, where, offset
+        self.end_missing = False          # the copy at 0 stands in for a footer the end lacks
         self.fields = Footer.parse(raw)
         self.checksum_ok = vhd_checksum(raw, FOOTER_CHECKSUM_OFFSET) == self.fields.checksum
 
@@ -69,6 +70,7 @@ def _find_footer(file: ImageFile, file_size: int) -> tuple[_FooterInfo, list[str
         if copy.fields.disk_type == DISK_FIXED:
             raise FormatError(path, "footer", "cookie", file_size - FOOTER_SIZE, "fixed VHD has lost its footer")
         notes.append(f"{path}: footer at end of file is missing; using the copy at offset 0 (repairable)")
+        copy.end_missing = True
         return copy, notes
     footer = candidates[0]
     if not footer.checksum_ok:
@@ -275,7 +277,7 @@ def open_vhd(file: ImageFile, size_policy: str = "current", strict_checksums: bo
             raise ChecksumError(path, "footer", "checksum", fi.offset + FOOTER_CHECKSUM_OFFSET,
                                 "checksum mismatch; run 'vdisk check --repair' before writing")
         warnings.append(msg)
-    if notes and strict_checksums:
+    if notes and strict_checksums and not fi.end_missing:
         raise FormatError(path, "footer", None, file_size - FOOTER_SIZE,
                           notes[0] + "; run 'vdisk check --repair' before writing")
     geometry = (f.cylinders, f.heads, f.sectors_per_track)
@@ -371,9 +373,13 @@ def _open_sparse(file: ImageFile, file_size: int, fi: _FooterInfo, common: dict,
                 blk = int(np.flatnonzero(alloc)[hit[0]])
                 raise FormatError(path, "BAT", f"entry[{blk}]", toff + 4 * blk,
                                   f"block at {int(starts[hit[0]]):#x} overlaps metadata at {lo:#x}-{hi:#x}")
+    recovered = False
     if footer_offset is None:           # footer lost: end of data is after the last structure
         footer_offset = max([hi for _, hi in regions] + [int(ends.max()) if len(ends) else 0])
         footer_offset = -(-footer_offset // SECTOR) * SECTOR
+        if file.writable and fi.end_missing:
+            _restore_end_footer(file, fi.raw, footer_offset)
+            recovered = True
     block_map = np.where(alloc, bat * SECTOR + bitmap_bytes, ABSENT).astype(np.int64)
     nblocks = -(-common["size"] // bs)
     if len(block_map) < nblocks:      # CHS size larger than the table: the rest reads as zeros
@@ -381,9 +387,23 @@ def _open_sparse(file: ImageFile, file_size: int, fi: _FooterInfo, common: dict,
     warnings, common["warnings"] = common["warnings"], []
     layer = SparseVhdLayer(fi.raw, raw, hoff, toff, n, footer_offset, block_size=bs, block_map=block_map,
                            parent_hints=hints, **common)
+    if recovered:
+        warnings = [w for w in warnings if "footer at end of file is missing" not in w]
+        warnings.append(f"{path}: footer at the end of the file was missing (a write cut short by a crash "
+                        f"or power loss?); restored it from the copy at offset 0 at {footer_offset:#x}")
     for w in warnings:
         layer.warn(w)
     return layer
+
+
+def _restore_end_footer(file: ImageFile, footer: bytes, end_of_data: int) -> None:
+    """Put the footer back after the last block, dropping whatever an interrupted allocation left
+    beyond it (nothing the BAT references lies there). The footer is written before the file is
+    cut, so an interruption here leaves an image that recovers the same way again."""
+    file.pwrite(footer, end_of_data)
+    file.sync()
+    file.truncate(end_of_data + FOOTER_SIZE)
+    file.sync()
 
 
 def _read_locators(file: ImageFile, file_size: int, h, hoff: int):

@@ -2,8 +2,9 @@
 
 ``CrashSim(cut_at=n)`` lets n-1 mutating calls (writes and truncations, in the image and in its
 journal) through and "kills the process" at the n-th: that call and every later one raise
-:class:`Crash`. With ``drop_unsynced=True`` a random subset of the writes not yet followed by a
-barrier (fdatasync) on their file is undone at the crash, as a power cut may lose them.
+:class:`Crash`. With ``drop_unsynced=True`` the crash is a power cut: each file becomes what it
+was at its last barrier (fdatasync) plus a random subset of the later mutations, applied in
+their order (see crash_sim.py; undoing writes in reverse would resurrect replaced bytes).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import os
 import random
 
 import vdisk.io
+from crash_sim import Mutation, apply
 
 
 class Crash(Exception):
@@ -25,13 +27,27 @@ class CrashSim:
         self.rng = random.Random(seed)
         self.count = 0
         self.dead = False
-        self.pending: dict[int, list] = {}     # fd -> [(offset, old bytes, old size)]
+        # path -> (bytes at the last barrier, mutations since), only while drop_unsynced
+        self.pending: dict[str, tuple[bytes, list[Mutation]]] = {}
+        self._last: tuple | None = None          # (fd, Mutation): a write to read back
+
+    def _settle(self) -> None:
+        if self._last is not None:
+            (fd, m), self._last = self._last, None
+            try:
+                got = os.pread(fd, len(m.data), m.offset)
+            except OSError:                      # closed since: its bytes are unknowable; keep zeros
+                return
+            m.data = got + bytes(len(m.data) - len(got))
 
     def __call__(self, kind, file, offset, length):
         if self.dead:
             raise Crash("process is dead")
+        if self.drop_unsynced:
+            self._settle()
+        path = os.path.realpath(file.path)
         if kind == "sync":
-            self.pending.pop(file.fd, None)
+            self.pending.pop(path, None)
             return
         self.count += 1
         if self.cut_at is not None and self.count >= self.cut_at:
@@ -39,21 +55,25 @@ class CrashSim:
             if self.drop_unsynced:
                 self._drop()
             raise Crash(f"crash at mutation {self.count} ({kind} {file.path}@{offset}+{length})")
-        if self.drop_unsynced and kind == "write":
-            size = file.size()
-            old = os.pread(file.fd, min(length, max(0, size - offset)), offset)
-            self.pending.setdefault(file.fd, []).append((offset, length, old, size))
+        if self.drop_unsynced:
+            if path not in self.pending:
+                self.pending[path] = (os.pread(file.fd, os.fstat(file.fd).st_size, 0), [])
+            m = Mutation(self.count, path, kind, offset, bytes(length) if kind == "write" else b"")
+            self.pending[path][1].append(m)
+            if kind == "write":
+                self._last = (file.fd, m)
 
     def _drop(self) -> None:
-        for fd, writes in self.pending.items():
-            for offset, length, old, size in reversed(writes):
-                if self.rng.random() < 0.5:
-                    continue
-                # The write never reached the disk: old bytes, and zeros where the file had grown.
-                try:
-                    os.pwrite(fd, old + bytes(length - len(old)), offset)
-                except OSError:
-                    pass
+        for path, (base, mutations) in self.pending.items():
+            if not os.path.exists(path):
+                continue                          # removed after its writes: stays removed
+            content = bytearray(base)
+            for m in mutations:
+                if self.rng.random() < 0.5:      # this one reached the disk
+                    apply(content, m)
+            with open(path, "r+b") as f:
+                f.truncate(0)
+                f.write(content)
 
 
 @contextlib.contextmanager

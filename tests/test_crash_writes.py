@@ -1,0 +1,218 @@
+"""Ordinary writes survive a crash at every mutation: a seeded workload of writes, zero writes,
+discards, flushes and block allocations is cut before each write/truncation of the image file, in
+two crash models (crash_sim.py): **kill** (every issued write persists) and **power cut** (the
+file at its last barrier plus any subset of the later writes, in order; every subset where there
+are at most 2**EXHAUSTIVE_BITS of them, else SAMPLES seeded random subsets plus none and all).
+
+Each crash state is judged by
+* an allowed-values model: every virtual byte reads its value at the last completed flush or
+  one of the values written over it since;
+* ``vdisk check`` (0 or 3: leaks are fine, corruption is not) and, for base VDI images,
+  ``qemu-img check`` (QEMU cannot open differencing VDI); for a dynamic or differencing VHD cut
+  by a power loss the file may end without its footer (the footer must move as the file grows,
+  and a barrier per allocation is too dear): check may then report exactly ``footer-missing``,
+  and the read-write open must restore the footer itself, with a warning;
+* a read-write open with no manual step, a write through it, and a clean check after.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import random
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+import vdisk
+from vdisk.check import check
+from crash_sim import Recorder, hooked, write_files
+
+KiB, MiB = 1 << 10, 1 << 20
+EXHAUSTIVE_BITS = 3
+SAMPLES = 6
+OPS = 14
+
+# (format, subtype, differencing?, virtual size, block size). VDI uses 1 MiB blocks, the only
+# size QEMU's VDI driver accepts, so qemu-img can judge.
+COMBOS = {
+    "raw": ("raw", "raw", False, 256 * KiB, None),
+    "vhd-fixed": ("vhd", "fixed", False, 256 * KiB, None),
+    "vhd-dynamic": ("vhd", "dynamic", False, 256 * KiB, 16 * KiB),
+    "vhd-differencing": ("vhd", "dynamic", True, 256 * KiB, 16 * KiB),
+    "vdi-fixed": ("vdi", "fixed", False, 4 * MiB, MiB),
+    "vdi-dynamic": ("vdi", "dynamic", False, 4 * MiB, MiB),
+    "vdi-differencing": ("vdi", "dynamic", True, 4 * MiB, MiB),
+}
+
+STATES: dict[str, dict] = {}        # combo -> counts, printed by the summary test
+
+
+def _qemu_img() -> str:
+    path = shutil.which("qemu-img")
+    assert path, "qemu-img (the judge for VDI) is not installed; it is in APT_PACKAGES"
+    return path
+
+
+def _build(folder: str, combo: str) -> tuple[str, np.ndarray]:
+    """The image before the workload (flushed and closed), and its content."""
+    fmt, subtype, diff, size, bs = COMBOS[combo]
+    rng = np.random.default_rng(len(combo))
+    content = np.zeros(size, np.uint8)
+    base = os.path.join(folder, f"base.{fmt}")
+    with vdisk.create(base, size, format=fmt, subtype=subtype, block_size=bs) as d:
+        half = rng.integers(1, 256, size // 2, dtype=np.uint8)
+        d.pwrite(half.tobytes(), size // 4)
+        content[size // 4: size // 4 + size // 2] = half
+    if not diff:
+        return base, content
+    child = os.path.join(folder, f"child.{fmt}")
+    with vdisk.create(child, format=fmt, parent=base) as d:
+        piece = rng.integers(1, 256, size // 8, dtype=np.uint8)
+        d.pwrite(piece.tobytes(), size // 2 + 1000)
+        content[size // 2 + 1000: size // 2 + 1000 + size // 8] = piece
+    return child, content
+
+
+def _workload(seed: int, size: int, bs: int) -> list[tuple]:
+    """(kind, offset, length, data) operations: writes, zero writes, discards, flushes."""
+    rng = random.Random(seed)
+    ops = []
+    for _ in range(OPS):
+        kind = rng.choices(["write", "zero", "discard", "flush"], [5, 1.5, 1.5, 2])[0]
+        if kind == "flush":
+            ops.append(("flush", 0, 0, b""))
+            continue
+        if rng.random() < 0.4:                               # whole blocks: allocation, discard
+            off = rng.randrange(size // bs) * bs
+            n = min(size - off, bs * rng.randint(1, 2))
+        else:
+            off = rng.randrange(size - 1)
+            n = rng.randint(1, min(size - off, bs + 3000))
+        data = rng.randbytes(n) if kind == "write" else bytes(n)
+        ops.append((kind, off, n, data))
+    return ops
+
+
+def _run(top: str, ops: list[tuple], rec: Recorder) -> list[tuple]:
+    """Run *ops* on *top* under *rec*; returns (kind, off, data, first mutation, last mutation)."""
+    done = []
+    d = vdisk.open(top, "r+")
+    with hooked(rec):
+        for kind, off, n, data in ops:
+            start = rec.count
+            if kind == "write":
+                d.pwrite(data, off)
+            elif kind == "zero":
+                d.write_zeroes(off, n)
+            elif kind == "discard":
+                d.discard(off, n)
+            else:
+                d.flush()
+            done.append((kind, off, data, start, rec.count))
+        start = rec.count
+        d.close()                                            # a close is a flush
+        done.append(("flush", 0, b"", start, rec.count))
+    rec.close()
+    return done
+
+
+def _allowed(content: np.ndarray, done: list[tuple], cut: int) -> tuple[np.ndarray, list]:
+    """(values at the last flush completed before *cut*, writes issued since)."""
+    durable = content.copy()
+    since: list = []
+    for kind, off, data, start, end in done:
+        if start >= cut:
+            break
+        if kind == "flush":
+            if end < cut:
+                for o, d in since:
+                    durable[o:o + len(d)] = np.frombuffer(d, np.uint8)
+                since = []
+        else:
+            since.append((off, data))
+    return durable, since
+
+
+def _bad_bytes(got: bytes, durable: np.ndarray, since: list) -> int:
+    g = np.frombuffer(got, np.uint8)
+    ok = g == durable
+    for off, data in since:
+        ok[off:off + len(data)] |= g[off:off + len(data)] == np.frombuffer(data, np.uint8)
+    return int((~ok).sum())
+
+
+def _subsets(pending: list[int], rng: random.Random):
+    if len(pending) <= EXHAUSTIVE_BITS:
+        for r in range(len(pending) + 1):
+            yield from itertools.combinations(pending, r)
+        return
+    yield ()
+    yield tuple(pending)
+    for _ in range(SAMPLES):
+        yield tuple(m for m in pending if rng.random() < 0.5)
+
+
+def _judge(combo: str, top: str, files: dict, durable, since, power_cut: bool, counts: dict) -> None:
+    fmt, _subtype, diff, size, _bs = COMBOS[combo]
+    where = f"{combo} {'power cut' if power_cut else 'kill'}"
+    write_files(files)
+    report = check(top)
+    sparse_vhd = fmt == "vhd" and COMBOS[combo][1] != "fixed"
+    footer_lost = False
+    if report.exit_code == 2 and sparse_vhd and power_cut and \
+            {f.kind for f in report.findings if f.severity == "corruption"} == {"footer-missing"}:
+        footer_lost = True
+        counts["footer restored by open"] += 1
+    else:
+        assert report.exit_code in (0, 3), f"{where}: {report.summary()}"
+    if report.exit_code == 3:
+        counts["leaks"] += 1
+    if fmt == "vdi" and not diff:
+        q = subprocess.run([_qemu_img(), "check", "-f", "vdi", top], capture_output=True, text=True)
+        assert q.returncode == 0, f"{where}: qemu-img check: {q.stdout}{q.stderr}"
+    with vdisk.open(top, "r+") as d:
+        if footer_lost:
+            assert any("restored it from the copy at offset 0" in w for w in d.warnings), d.warnings
+        bad = _bad_bytes(d.pread(size, 0), durable, since)
+        assert bad == 0, f"{where}: {bad} bytes read neither their old value nor one written over them"
+        d.pwrite(b"\x5a" * 4096, size - 4096)
+    after = check(top)
+    assert after.exit_code in (0, 3), f"{where}, after a write through the reopened image: {after.summary()}"
+    with vdisk.open(top) as d:
+        assert d.pread(4096, size - 4096) == b"\x5a" * 4096
+
+
+@pytest.mark.parametrize("combo", list(COMBOS))
+def test_a_crash_at_any_mutation_leaves_old_or_new_bytes_and_a_usable_image(tmp_path, combo):
+    fmt, _subtype, diff, size, bs = COMBOS[combo]
+    if fmt == "vdi" and not diff:
+        _qemu_img()                                          # the judge first
+    top, content = _build(str(tmp_path), combo)
+    ops = _workload(seed=sum(map(ord, combo)), size=size, bs=bs or 64 * KiB)
+    rec = Recorder()
+    done = _run(top, ops, rec)
+    total = rec.count
+    assert total > 10, f"{combo}: the workload made only {total} mutations"
+    rng = random.Random(total)
+    counts = dict(mutations=total, kill=0, power_cut=0, distinct=0, leaks=0)
+    counts["footer restored by open"] = 0
+    seen = set()
+    for cut in range(1, total + 2):
+        durable, since = _allowed(content, done, cut)
+        states = [(False, None)]
+        pending = [m.number for ms in rec.pending(cut).values() for m in ms]
+        states += [(True, keep) for keep in _subsets(pending, rng)]
+        for power_cut, keep in states:
+            counts["power_cut" if power_cut else "kill"] += 1
+            files = rec.crash_files(cut, keep)
+            key = hashlib.sha1(b"".join(files[p] for p in sorted(files))).digest() + bytes([power_cut])
+            if key in seen:
+                continue
+            seen.add(key)
+            counts["distinct"] += 1
+            _judge(combo, top, files, durable, since, power_cut, counts)
+    STATES[combo] = counts
+    print(f"\n{combo}: {counts}")
