@@ -32,8 +32,17 @@ LOCATOR_SLOT = 1024
 BITMAP_CACHE = 4096                            # clean bitmaps kept in memory
 
 
+def bitmap_used_bytes(block_size: int) -> int:
+    """Bytes of a block's sector bitmap that hold bits: one per sector, at least one byte."""
+    return -(-(block_size // SECTOR) // 8)
+
+
 def _bitmap_bytes(block_size: int) -> int:
-    return -(-(block_size // SECTOR // 8) // SECTOR) * SECTOR
+    """On-disk size of a block's sector bitmap: its bits padded to whole sectors (VHD.md §5).
+
+    Blocks of 512-2048 bytes have fewer than 8 sectors; their bitmap is still one sector, never
+    zero bytes (an empty bitmap would read as "all present" and compact as "none present")."""
+    return -(-bitmap_used_bytes(block_size) // SECTOR) * SECTOR
 
 
 def is_vhd(head: bytes, tail: bytes) -> bool:
@@ -140,7 +149,7 @@ class SparseVhdLayer(Layer):
         bm = self._bitmaps.get(block)
         if bm is None:
             raw = self.file.pread(self.bitmap_bytes, self._bitmap_at(block))
-            bm = np.frombuffer(raw, dtype=np.uint8)[: self.sectors_per_block // 8].copy()
+            bm = np.frombuffer(raw, dtype=np.uint8)[: bitmap_used_bytes(self.block_size)].copy()
             with self._lock:
                 self._bitmaps[block] = bm
                 self._trim_cache()
@@ -183,7 +192,7 @@ class SparseVhdLayer(Layer):
                     bits[present[0]:present[0] + present[1]] = 1
                 packed = np.packbits(bits)
             else:
-                packed = np.full(self.sectors_per_block // 8, 0xFF, dtype=np.uint8)
+                packed = np.full(bitmap_used_bytes(self.block_size), 0xFF, dtype=np.uint8)
             bitmap = packed.tobytes().ljust(self.bitmap_bytes, b"\0")
             self.file.pwrite(bitmap, start)
             for off, data in pieces:
