@@ -10,6 +10,7 @@ import uuid as uuidlib
 
 import numpy as np
 
+from vdisk import limits
 from vdisk.errors import ChecksumError, FormatError, UnsupportedError
 from vdisk.geometry import MAX_GEOMETRY, chs_bytes, chs_for_sectors, chs_round_up
 from vdisk.io import ImageFile
@@ -32,8 +33,17 @@ LOCATOR_SLOT = 1024
 BITMAP_CACHE = 4096                            # clean bitmaps kept in memory
 
 
+def bitmap_used_bytes(block_size: int) -> int:
+    """Bytes of a block's sector bitmap that hold bits: one per sector, at least one byte."""
+    return -(-(block_size // SECTOR) // 8)
+
+
 def _bitmap_bytes(block_size: int) -> int:
-    return -(-(block_size // SECTOR // 8) // SECTOR) * SECTOR
+    """On-disk size of a block's sector bitmap: its bits padded to whole sectors (VHD.md §5).
+
+    Blocks of 512-2048 bytes have fewer than 8 sectors; their bitmap is still one sector, never
+    zero bytes (an empty bitmap would read as "all present" and compact as "none present")."""
+    return -(-bitmap_used_bytes(block_size) // SECTOR) * SECTOR
 
 
 def is_vhd(head: bytes, tail: bytes) -> bool:
@@ -142,7 +152,7 @@ class SparseVhdLayer(Layer):
         bm = self._bitmaps.get(block)
         if bm is None:
             raw = self.file.pread(self.bitmap_bytes, self._bitmap_at(block))
-            bm = np.frombuffer(raw, dtype=np.uint8)[: self.sectors_per_block // 8].copy()
+            bm = np.frombuffer(raw, dtype=np.uint8)[: bitmap_used_bytes(self.block_size)].copy()
             with self._lock:
                 self._bitmaps[block] = bm
                 self._trim_cache()
@@ -185,7 +195,7 @@ class SparseVhdLayer(Layer):
                     bits[present[0]:present[0] + present[1]] = 1
                 packed = np.packbits(bits)
             else:
-                packed = np.full(self.sectors_per_block // 8, 0xFF, dtype=np.uint8)
+                packed = np.full(bitmap_used_bytes(self.block_size), 0xFF, dtype=np.uint8)
             bitmap = packed.tobytes().ljust(self.bitmap_bytes, b"\0")
             self.file.pwrite(bitmap, start)
             for off, data in pieces:
@@ -294,9 +304,10 @@ def open_vhd(file: ImageFile, size_policy: str = "current", strict_checksums: bo
         if data_len < f.current_size:
             raise FormatError(path, "footer", "current_size", fi.offset + FOOTER_FIELD_OFFSETS["current_size"],
                               f"fixed image holds {data_len} data bytes but claims {f.current_size} (truncated file?)")
-        block_map = data_runs_from_holes(file, 0, size, DEFAULT_BLOCK_SIZE)
+        granule = limits.flat_block_size(size, DEFAULT_BLOCK_SIZE)
+        block_map = data_runs_from_holes(file, 0, size, granule)
         common["warnings"] = []
-        layer = FixedVhdLayer(fi.raw, block_size=DEFAULT_BLOCK_SIZE, block_map=block_map, **common)
+        layer = FixedVhdLayer(fi.raw, block_size=granule, block_map=block_map, **common)
         for w in warnings:
             layer.warn(w)
         return layer
@@ -331,13 +342,14 @@ def _open_sparse(file: ImageFile, file_size: int, fi: _FooterInfo, common: dict,
     needed = -(-f.current_size // bs)
     if n < needed:
         raise bad("max_table_entries", f"{n} entries cannot cover {f.current_size} bytes in blocks of {bs}")
-    if n > needed + 1 and n * 4 > file_size:
-        raise bad("max_table_entries", f"absurd table size {n}")
     toff = h.table_offset
     bat_len = -(-n * 4 // SECTOR) * SECTOR
-    if toff % SECTOR or toff + n * 4 > file_size:
-        raise bad("table_offset", f"block allocation table at {toff:#x} ({n} entries) lies outside the file")
-    bat = np.frombuffer(file.pread(n * 4, toff), dtype=">u4").astype(np.int64)
+    if toff % SECTOR:
+        raise bad("table_offset", f"block allocation table at {toff:#x} is not sector aligned")
+    # Bounded by the format (u32 sector entries address 2040 GiB) and by the file, before reading.
+    limits.check_table(path, "dynamic header", "max_table_entries", hoff + HEADER_FIELD_OFFSETS["max_table_entries"],
+                       entries=n, entry_bytes=4, table_offset=toff, file_size=file_size,
+                       format_max=max(needed + 1, MAX_DYNAMIC_SIZE // bs))
     # Metadata regions that blocks must not overlap.
     regions = [(0, FOOTER_SIZE), (hoff, hoff + HEADER_SIZE), (toff, toff + bat_len)]
     hints = []
@@ -350,37 +362,47 @@ def _open_sparse(file: ImageFile, file_size: int, fi: _FooterInfo, common: dict,
         if name:
             hints.append(ParentHint("name", name.replace("\\", "/").rsplit("/", 1)[-1]))
     bitmap_bytes = _bitmap_bytes(bs)
-    alloc = bat != BAT_UNUSED
-    starts = bat[alloc] * SECTOR
-    ends = starts + bitmap_bytes + bs
+    unit = bitmap_bytes + bs
     limit = file_size if footer_offset is None else footer_offset
-    if len(starts):
-        worst = int(np.argmax(ends))
-        if ends[worst] > limit:
-            blk = int(np.flatnonzero(alloc)[worst])
+
+    def check_chunk(first: int, chunk: np.ndarray) -> None:
+        """Entries that end past the data or overlap metadata fail with their chunk, before the
+        rest of a (possibly huge, possibly zeroed) table is read."""
+        idx = np.flatnonzero(chunk != BAT_UNUSED)
+        starts = chunk[idx] * SECTOR
+        past = np.flatnonzero(starts + unit > limit)
+        if len(past):
+            blk = first + int(idx[past[0]])
             raise FormatError(path, "BAT", f"entry[{blk}]", toff + 4 * blk,
-                              f"block at {int(starts[worst]):#x} ends past the end of data ({limit:#x}); truncated file?")
-        order = np.argsort(starts, kind="stable")
-        s_sorted, e_sorted = starts[order], ends[order]
-        overlap = np.flatnonzero(s_sorted[1:] < e_sorted[:-1])
-        if len(overlap):
-            idx = np.flatnonzero(alloc)[order]
-            a, b = int(idx[overlap[0]]), int(idx[overlap[0] + 1])
-            raise FormatError(path, "BAT", f"entry[{b}]", toff + 4 * b, f"block overlaps block {a}")
+                              f"block at {int(starts[past[0]]):#x} ends past the end of data ({limit:#x}); truncated file?")
         for lo, hi in regions:
-            hit = np.flatnonzero((starts < hi) & (ends > lo))
+            hit = np.flatnonzero((starts < hi) & (starts + unit > lo))
             if len(hit):
-                blk = int(np.flatnonzero(alloc)[hit[0]])
+                blk = first + int(idx[hit[0]])
                 raise FormatError(path, "BAT", f"entry[{blk}]", toff + 4 * blk,
                                   f"block at {int(starts[hit[0]]):#x} overlaps metadata at {lo:#x}-{hi:#x}")
     recovered = False
+
+    block_map = limits.read_table(file.pread, toff, n, ">u4", check_chunk)
+    alloc = block_map != BAT_UNUSED
+    # In place: the table becomes the block map (data offsets), one array of 8 bytes per entry.
+    np.multiply(block_map, SECTOR, out=block_map, where=alloc)
+    starts = np.sort(block_map[alloc])
+    overlap = np.flatnonzero(starts[1:] - starts[:-1] < unit)
+    if len(overlap):
+        va, vb = starts[overlap[0]], starts[overlap[0] + 1]
+        a = int(np.flatnonzero(block_map == va)[0])
+        b = int(np.flatnonzero(block_map == vb)[1 if va == vb else 0])
+        raise FormatError(path, "BAT", f"entry[{b}]", toff + 4 * b, f"block overlaps block {a}")
     if footer_offset is None:           # footer lost: end of data is after the last structure
-        footer_offset = max([hi for _, hi in regions] + [int(ends.max()) if len(ends) else 0])
+        footer_offset = max([hi for _, hi in regions] + [int(starts[-1]) + unit if len(starts) else 0])
         footer_offset = -(-footer_offset // SECTOR) * SECTOR
         if file.writable and fi.end_missing:
             _restore_end_footer(file, fi.raw, footer_offset)
             recovered = True
-    block_map = np.where(alloc, bat * SECTOR + bitmap_bytes, ABSENT).astype(np.int64)
+    del starts
+    block_map[alloc] += bitmap_bytes
+    block_map[~alloc] = ABSENT
     nblocks = -(-common["size"] // bs)
     if len(block_map) < nblocks:      # CHS size larger than the table: the rest reads as zeros
         block_map = np.concatenate([block_map, np.full(nblocks - len(block_map), ABSENT, np.int64)])

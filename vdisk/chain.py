@@ -104,6 +104,10 @@ def find_parent(child: Layer, *, parent_search: Sequence[str] = (), vbox_registr
         candidates = _vdi_candidates(child, parent_search, registries)
     seen = set()
     for path, how in candidates:
+        if "\0" in path:                   # a hostile or damaged locator: no OS call takes it
+            how = how.replace("\0", "\\x00")
+            tried.append(f"{path!r} ({how}): the stored path contains a NUL byte")
+            continue
         real = os.path.realpath(path)
         if real in seen:
             continue

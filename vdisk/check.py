@@ -21,6 +21,7 @@ from vdisk.formats.vhd_structs import (BAT_UNUSED, DISK_DIFFERENCING, DISK_FIXED
                                        FOOTER_COOKIE, FOOTER_SIZE, HEADER_CHECKSUM_OFFSET, HEADER_COOKIE,
                                        HEADER_SIZE, SUBTYPE_NAMES as VHD_SUBTYPES, DynamicHeader, Footer,
                                        vhd_checksum, with_checksum)
+from vdisk.formats.vhd import _bitmap_bytes, bitmap_used_bytes
 from vdisk.formats.vdi_structs import (BLOCK_ZERO, HEADER_V1, HEADER_V1_PLUS, PRE_HEADER_SIZE,
                                        SIGNATURE, SUBTYPE_NAMES as VDI_SUBTYPES, VERSION_0, HeaderV1, PreHeader)
 
@@ -94,10 +95,6 @@ class CheckReport:
 # ---------------------------------------------------------------------------------------------
 # VHD
 # ---------------------------------------------------------------------------------------------
-def _bitmap_bytes(block_size: int) -> int:
-    return -(-(block_size // SECTOR // 8) // SECTOR) * SECTOR
-
-
 def _footer_sane(f) -> bool:
     return (f.cookie == FOOTER_COOKIE and f.format_version >> 16 == 1 and f.disk_type in VHD_SUBTYPES
             and 0 < f.current_size <= (1 << 48))
@@ -275,7 +272,7 @@ def _check_dynamic_bitmaps(file: ImageFile, live: list, bs: int, report: CheckRe
     bad_blocks, bad_sectors = 0, 0
     for start, _ in live:
         raw = file.pread(nbytes, start)
-        bits = np.unpackbits(np.frombuffer(raw[: spb // 8], dtype=np.uint8)).astype(bool)
+        bits = np.unpackbits(np.frombuffer(raw[: bitmap_used_bytes(bs)], dtype=np.uint8))[:spb].astype(bool)
         if bits.all():
             continue
         data = file.pread(bs, start + nbytes).ljust(bs, b"\0")
@@ -284,7 +281,8 @@ def _check_dynamic_bitmaps(file: ImageFile, live: list, bs: int, report: CheckRe
         if wrong.any():
             bad_blocks += 1
             bad_sectors += int(wrong.sum())
-            fixed = np.packbits(bits | nz).tobytes()
+            fixed = np.packbits(np.concatenate([bits | nz, np.unpackbits(np.frombuffer(
+                raw[: bitmap_used_bytes(bs)], dtype=np.uint8))[spb:].astype(bool)])).tobytes()
             plan.writes.append((start, fixed + raw[len(fixed):]))
     if bad_blocks:
         report.findings.append(Finding(

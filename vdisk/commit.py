@@ -102,8 +102,10 @@ def _merge_into(chain: list[str], t: int, size: int, search, registry, progress:
             upper.append(open_layer(p, lock=False))
         view = Engine(upper + target_layers)
         top = target_layers[0]
-        if top.format == "vhd" and top.subtype == "fixed" and top.size < size:
-            raise UnsupportedError(f"{chain[t]} is smaller than {chain[0]}")
+        if top.size < size:
+            # Any format: the child's data past the parent's end has nowhere to go.
+            raise UnsupportedError(f"{chain[t]}: the parent ({top.size} bytes) is smaller than {chain[0]} "
+                                   f"({size} bytes); grow it first with 'vdisk resize'")
         real = top.file
         keep_modify = dict(top.header) if top.format == "vdi" else None
         copied = 0

@@ -155,7 +155,8 @@ def _scan(sf: SparseFile, below: Optional[Engine], size: int, progress: Progress
         start = int(starts[b])
         hole = not _has_data(dstarts, dends, start + skip, start + unit)
         if granular:                                  # differencing VHD: per-sector presence
-            bits = np.unpackbits(np.frombuffer(reader.read(start, spb // 8), dtype=np.uint8)).astype(bool)
+            raw = reader.read(start, -(-spb // 8))           # at least one byte (blocks under 4 KiB)
+            bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8))[:spb].astype(bool)
             if not bits.any():
                 new_map[b] = ABSENT                   # nothing present: reads the parent already
                 dropped[start] = hole

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 import threading
 from typing import Callable, Optional, Sequence
 
@@ -21,12 +22,27 @@ fault_hook: Optional[Callable[[str, "ImageFile", int, int], None]] = None
 IOV_MAX = 1024
 
 
+def _refuse_special(path: str) -> None:
+    """Only regular files and block devices are images: opening a FIFO would block forever,
+    and a socket or character device is no disk. Checked before the open for I/O."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return                      # the open below reports a missing or unreadable path
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode) or stat.S_ISDIR(mode)):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else \
+            "a character device" if stat.S_ISCHR(mode) else "not a regular file"
+        raise VDiskError(f"{path}: is {kind}, not an image file or block device")
+
+
 class ImageFile:
     """An open image file with positional, batched I/O and advisory locking."""
 
     def __init__(self, path: str, writable: bool = False, create: bool = False, lock: bool = True):
         self.path = os.fspath(path)
         self.writable = writable or create
+        if not create:
+            _refuse_special(self.path)
         flags = os.O_RDWR if self.writable else os.O_RDONLY
         if create:
             flags |= os.O_CREAT | os.O_EXCL
