@@ -151,7 +151,8 @@ class SparseVhdLayer(Layer):
             return None
         bm = self._bitmaps.get(block)
         if bm is None:
-            raw = self.file.pread(self.bitmap_bytes, self._bitmap_at(block))
+            raw = bytearray(self.bitmap_bytes)            # the file must hold it: short is an error
+            self.file.readinto_exact(memoryview(raw), self._bitmap_at(block))
             bm = np.frombuffer(raw, dtype=np.uint8)[: bitmap_used_bytes(self.block_size)].copy()
             with self._lock:
                 self._bitmaps[block] = bm

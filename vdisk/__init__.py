@@ -9,12 +9,12 @@ import logging
 from typing import TYPE_CHECKING
 
 from .errors import (ChecksumError, FormatError, JournalPendingError, LockError, ParentError,
-                     RangeError, ReadOnlyError, UnsupportedError, VDiskError)
+                     RangeError, ReadError, ReadOnlyError, UnsupportedError, VDiskError)
 
 __all__ = [
     "open", "create", "Disk", "Extent", "ExtentKind",
     "VDiskError", "FormatError", "ChecksumError", "ParentError", "ReadOnlyError", "RangeError",
-    "UnsupportedError", "LockError", "JournalPendingError",
+    "UnsupportedError", "LockError", "JournalPendingError", "ReadError",
 ]
 __version__ = "0.1.0"
 

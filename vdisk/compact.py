@@ -20,6 +20,7 @@ import numpy as np
 from . import journal
 from .engine import Engine, ExtentKind
 from .errors import UnsupportedError, VDiskError
+from .io import ImageFile
 from .layout import SparseFile, content_digest, plan_moves
 from vdisk.formats.base import ABSENT, SECTOR, ZERO
 
@@ -106,13 +107,13 @@ class _BlockReader:
 
     FIRST, MAX = 4096, 4 << 20
 
-    def __init__(self, fd: int, unit: int):
-        self.fd = fd
+    def __init__(self, file: ImageFile, unit: int):
+        self.file = file
         self.buf = np.empty(unit, dtype=np.uint8)
 
     def read(self, lo: int, n: int) -> memoryview:
         view = memoryview(self.buf)[:n]
-        got = os.preadv(self.fd, [view], lo)
+        got = self.file.preadv([view], lo)
         if got < n:
             view[got:] = bytes(n - got)
         return view
@@ -141,7 +142,7 @@ def _scan(sf: SparseFile, below: Optional[Engine], size: int, progress: Progress
     granular = layer.sector_granular
     spb = bs // SECTOR
     diff = layer.is_differencing
-    reader = _BlockReader(fd, unit)
+    reader = _BlockReader(layer.file, unit)
     total = len(blocks)
 
     def below_zero(b: int) -> bool:

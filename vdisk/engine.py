@@ -7,7 +7,6 @@ the block maps, so Python work grows with the number of runs, not with the numbe
 from __future__ import annotations
 
 import enum
-import os
 import threading
 from typing import Optional
 
@@ -122,9 +121,7 @@ class Engine:
         if level == 0 and (offset + n - 1) // bs == b and b < len(layer.block_map):
             e = int(layer.block_map[b])
             if e >= 0 and not layer.sector_granular:        # fast path: one stored piece
-                got = os.preadv(layer.file.fd, [view], e + offset - b * bs)
-                if got < n:
-                    self._short(layer, view, e + offset - b * bs, got)
+                layer.file.readinto_exact(view, e + offset - b * bs)
                 return
             if e == ZERO or (e == ABSENT and len(self.layers) == 1):
                 view[:] = bytes(n)
@@ -132,21 +129,10 @@ class Engine:
         for voff, length, kind, lvl, foff in self.resolve(offset, n, level):
             piece = view[voff - offset: voff - offset + length]
             if kind == DATA:
-                f = self.layers[lvl].file
-                got = os.preadv(f.fd, [piece], foff)
-                if got < length:
-                    self._short(self.layers[lvl], piece, foff, got)
+                # Stored data the file must hold: an error or an early end of file is a ReadError.
+                self.layers[lvl].file.readinto_exact(piece, foff)
             else:
                 piece[:] = bytes(length)
-
-    def _short(self, layer: Layer, view: memoryview, foff: int, got: int) -> None:
-        """Finish a read that met end of file; what is not there reads as zeros."""
-        while got < len(view):
-            more = os.preadv(layer.file.fd, [view[got:]], foff + got)
-            if more <= 0:
-                view[got:] = bytes(len(view) - got)
-                return
-            got += more
 
     def read(self, offset: int, length: int, level: int = 0) -> bytearray:
         buf = bytearray(length)

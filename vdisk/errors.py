@@ -49,3 +49,12 @@ class LockError(VDiskError):
 
 class JournalPendingError(VDiskError):
     """An interrupted in-place operation left a journal that must be recovered first."""
+
+
+class ReadError(VDiskError):
+    """Reading an image file failed: the device reported an error, or the file ended before the
+    end of a region its metadata says it holds. Names the file, the offset and the length."""
+
+    def __init__(self, path: str, offset: int, length: int, problem: str):
+        self.path, self.offset, self.length, self.problem = path, offset, length, problem
+        super().__init__(f"{path}: read error at offset {offset} ({length} bytes): {problem}")

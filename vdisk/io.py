@@ -2,7 +2,9 @@
 
 All reads and writes of image files go through :class:`ImageFile`. Tests replace
 :data:`fault_hook` to cut the I/O at a given write (crash simulation), make writes short, or raise
-EIO, which is how crash safety is proven by fault injection rather than argument.
+EIO, which is how crash safety is proven by fault injection rather than argument; they replace
+:data:`read_fault_hook` to make reads fail (EIO) or come back short, which is how every front end
+is shown to report a read error instead of returning wrong data.
 """
 from __future__ import annotations
 
@@ -13,11 +15,17 @@ import stat
 import threading
 from typing import Callable, Optional, Sequence
 
-from .errors import LockError, VDiskError
+from .errors import LockError, ReadError, VDiskError
 
 # Called before every mutating operation as fault_hook(kind, file, offset, length) where kind is
 # "write", "truncate" or "sync". It may raise (to simulate a crash or an I/O error).
 fault_hook: Optional[Callable[[str, "ImageFile", int, int], None]] = None
+
+# Called before every read of an image file as read_fault_hook("read", file, offset, length). It is
+# separate from fault_hook so that crash simulators, which count mutations, never see reads. It
+# may raise OSError (the device failed the read; it becomes a ReadError) or return a byte count
+# below *length*: the read then delivers only that many bytes, as a file that ends early would.
+read_fault_hook: Optional[Callable[[str, "ImageFile", int, int], Optional[int]]] = None
 
 IOV_MAX = 1024
 
@@ -79,9 +87,14 @@ class ImageFile:
 
     def pread(self, length: int, offset: int) -> bytes:
         """Read exactly what exists; short only at end of file."""
-        chunks = []
+        if read_fault_hook is not None:
+            length = self._read_limit(offset, length)
+        chunks, start, want = [], offset, length
         while length > 0:
-            data = os.pread(self.fd, length, offset)
+            try:
+                data = os.pread(self.fd, length, offset)
+            except OSError as exc:
+                raise ReadError(self.path, start, want, _strerror(exc)) from None
             if not data:
                 break
             chunks.append(data)
@@ -91,20 +104,62 @@ class ImageFile:
 
     def preadv(self, buffers: Sequence, offset: int) -> int:
         """Fill memoryviews in order from offset; bytes past EOF are left untouched."""
-        total = 0
         bufs = [memoryview(b).cast("B") for b in buffers]
+        total = sum(len(b) for b in bufs)
+        if read_fault_hook is not None:
+            limit = self._read_limit(offset, total)
+            if limit < total:
+                bufs = _prefix(bufs, limit)
+        return self._fill(bufs, offset, total)
+
+    def readinto(self, buffer, offset: int) -> int:
+        return self.preadv([buffer], offset)
+
+    def readinto_exact(self, view: memoryview, offset: int) -> None:
+        """Fill *view* (a byte memoryview) from a region the image's metadata says the file holds.
+
+        A device error, or an end of file inside the region, raises ReadError: data that is not
+        there must never read as zeros.
+        """
+        n = len(view)
+        if read_fault_hook is None:
+            try:
+                got = os.preadv(self.fd, [view], offset)      # the hot path: one system call
+            except OSError as exc:
+                raise ReadError(self.path, offset, n, _strerror(exc)) from None
+            if got == n:
+                return
+            got += self._fill([view[got:]], offset + got, n)
+        else:
+            limit = self._read_limit(offset, n)
+            got = self._fill([view[:limit]], offset, n)
+        if got < n:
+            raise ReadError(self.path, offset, n, f"short read: the file gave {got} of the {n} bytes "
+                                                  f"its metadata says it holds (file size {self.size()})")
+
+    def _read_limit(self, offset: int, length: int) -> int:
+        """How many of *length* bytes the read fault hook lets this read deliver."""
+        try:
+            limit = read_fault_hook("read", self, offset, length)
+        except OSError as exc:
+            raise ReadError(self.path, offset, length, _strerror(exc)) from None
+        return length if limit is None else max(0, min(int(limit), length))
+
+    def _fill(self, bufs: list, offset: int, length: int) -> int:
+        """preadv until the buffers are full or end of file; an OSError becomes ReadError
+        (*length* is the size of the whole request, for the message)."""
+        start, total = offset, 0
         while bufs:
-            batch = bufs[:IOV_MAX]
-            n = os.preadv(self.fd, batch, offset)
+            try:
+                n = os.preadv(self.fd, bufs[:IOV_MAX], offset)
+            except OSError as exc:
+                raise ReadError(self.path, start, length, _strerror(exc)) from None
             if n == 0:
                 break
             total += n
             offset += n
             _consume(bufs, n)
         return total
-
-    def readinto(self, buffer, offset: int) -> int:
-        return self.preadv([buffer], offset)
 
     # -- writing -------------------------------------------------------------------------------
     def _check(self, kind: str, offset: int, length: int) -> None:
@@ -196,6 +251,21 @@ def _consume(bufs: list, n: int) -> None:
         else:
             bufs[0] = bufs[0][n:]
             n = 0
+
+
+def _prefix(bufs: list, n: int) -> list:
+    """The first *n* bytes of a list of memoryviews, as a list of memoryviews."""
+    out = []
+    for b in bufs:
+        if n <= 0:
+            break
+        out.append(b[:n])
+        n -= len(out[-1])
+    return out
+
+
+def _strerror(exc: OSError) -> str:
+    return f"I/O error: {exc.strerror or exc}"
 
 
 def _io_error(path: str, exc: OSError) -> VDiskError:
