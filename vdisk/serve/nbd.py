@@ -397,12 +397,12 @@ class NBDServer:
                             await writer.drain()
                             if ev is NEED_DATA:
                                 data = await reader.read(RECV_CHUNK)
-                    except (ConnectionError, OSError):
-                        data = b""
-                    except TimeoutError:
+                    except TimeoutError:      # (an OSError since 3.11: must come first)
                         report("refused", f"handshake not finished within {self.handshake_timeout:g} s")
                         hard = True
                         break
+                    except (ConnectionError, OSError):
+                        data = b""
                     if data is not None:
                         conn.receive_data(data)
                     continue
