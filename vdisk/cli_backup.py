@@ -90,7 +90,8 @@ def register(subparsers) -> None:
     """Add the ``backup``, ``restore`` and ``verify`` commands to the vdisk command line."""
     p = subparsers.add_parser("backup", help="back up a shadow copy of an image (full or incremental, zstd)")
     p.add_argument("image")
-    p.add_argument("-o", "--output", required=True, metavar="FILE", help="the backup file to write")
+    # -o FILE as in qemu-img convert; the long form is --to because --output=json is the JSON switch.
+    p.add_argument("-o", "--to", dest="output", required=True, metavar="FILE", help="the backup file to write")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--shadow", metavar="ID", help="back up this existing shadow (id or unique prefix)")
     which.add_argument("--new-shadow", action="store_true",
@@ -114,7 +115,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("restore", help="write the disk of a backup chain (full + incrementals) as an image")
     p.add_argument("backups", nargs="+", metavar="BACKUP", help="backup files, any order; missing parents are "
                                                                  "looked for in their child's folder")
-    p.add_argument("-o", "--output", required=True, metavar="IMAGE")
+    p.add_argument("-o", "--to", dest="output", required=True, metavar="IMAGE", help="the image to write")
     p.add_argument("-O", "--output-format", choices=("vhd", "vdi", "raw"),
                    help="output format (default: from IMAGE's name)")
     p.add_argument("--subtype", choices=("fixed", "dynamic"))

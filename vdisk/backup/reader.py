@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import threading
 
 import numpy as np
@@ -28,6 +29,9 @@ def _decompressor() -> zstandard.ZstdDecompressor:
 def is_backup(path) -> bool:
     """True when the file at *path* starts with a vdisk backup header frame."""
     try:
+        # Only a regular file can be a backup; opening a FIFO to peek would block forever.
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
         with open(os.fspath(path), "rb") as f:
             return is_backup_head(f.read(16))
     except OSError:
