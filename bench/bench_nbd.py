@@ -7,7 +7,11 @@ The image (built once with vdisk, cached in bench/out/): 2 GiB dynamic VHD, 2 Mi
 of the blocks allocated — three quarters of those hold seeded random data, one quarter is
 allocated but all zeros — and the other half are holes, in a seeded random order.
 
-    .venv/bin/python bench/bench_nbd.py [--size-mib 2048] [--runs 3] [--keep]
+With ``--tls`` both servers require TLS (a throw-away CA and server certificate made with
+openssl; vdisk ``--tls-creds``, qemu-nbd ``--object tls-creds-x509``) and qemu-img connects with
+``tls-creds`` (issue 16's figure: 512 MiB, target <= 1.5x).
+
+    .venv/bin/python bench/bench_nbd.py [--size-mib 2048] [--runs 3] [--keep] [--tls]
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import statistics
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -83,11 +88,18 @@ def build_image(path: Path, size: int, seed: int = 1234) -> None:
     tmp.rename(path)
 
 
-def timed_convert(uri: str, out: Path) -> float:
+def timed_convert(port: int, out: Path, certs: "Path | None") -> float:
+    """qemu-img convert of export 'disk' on *port* (over TLS when *certs* names a client folder)."""
     if out.exists():
         out.unlink()
+    if certs is None:
+        source = ["nbd://127.0.0.1:%d/disk" % port]
+    else:
+        source = ["--object", f"tls-creds-x509,id=tls0,dir={certs},endpoint=client", "--image-opts",
+                  f"driver=raw,file.driver=nbd,file.host=127.0.0.1,file.port={port},"
+                  "file.export=disk,file.tls-creds=tls0"]
     t0 = time.perf_counter()
-    subprocess.run(["qemu-img", "convert", "-O", "raw", uri, str(out)], check=True)
+    subprocess.run(["qemu-img", "convert", *source, "-O", "raw", str(out)], check=True)
     return time.perf_counter() - t0
 
 
@@ -108,8 +120,9 @@ def main() -> None:
                     help="where qemu-img writes out.raw (default: /dev/shm when it has room, so "
                          "the page-cache writeback of the output does not drown the servers' "
                          "difference; else bench/out)")
+    ap.add_argument("--tls", action="store_true", help="both servers require TLS")
     args = ap.parse_args()
-    for tool in ("qemu-img", "qemu-nbd"):
+    for tool in ("qemu-img", "qemu-nbd", *(("openssl",) if args.tls else ())):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not installed (apt-get install qemu-utils)")
     OUT.mkdir(parents=True, exist_ok=True)
@@ -121,24 +134,38 @@ def main() -> None:
         if st.f_bavail * st.f_frsize > 3 * (args.size_mib << 20):
             out_dir = Path("/dev/shm")
 
+    pki_dir = tempfile.TemporaryDirectory(prefix="vdisk-bench-pki-") if args.tls else None
+    certs = server_tls = qemu_tls = None
+    if pki_dir is not None:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from test_nbd_tls_support import make_pki
+        pki = make_pki(Path(pki_dir.name))
+        certs = pki.anonymous
+        server_tls = (f"tls=TlsConfig.from_options({str(pki.server)!r}, 'require'), "
+                      "on_connection=None, ")
+        qemu_tls = ["--object", f"tls-creds-x509,id=tls0,dir={pki.server},endpoint=server",
+                    "--tls-creds", "tls0"]
+
     servers = {}
     port_v, port_q = free_port(), free_port()
     code = ("import sys; from vdisk.serve.nbd import serve_nbd; "
-            f"serve_nbd([{str(image)!r}], host='127.0.0.1', port={port_v}, names=['disk'])")
+            "from vdisk.serve.nbd_tls import TlsConfig; "
+            f"serve_nbd([{str(image)!r}], host='127.0.0.1', port={port_v}, names=['disk'], "
+            f"{server_tls or ''})")
     servers["vdisk"] = subprocess.Popen([sys.executable, "-c", code], cwd=str(ROOT))
     servers["qemu-nbd"] = subprocess.Popen(
-        ["qemu-nbd", "-f", "vpc", "-r", "-t", "-x", "disk", "-b", "127.0.0.1", "-p", str(port_q),
-         "-e", "8", str(image)])
+        ["qemu-nbd", *(qemu_tls or ()), "-f", "vpc", "-r", "-t", "-x", "disk", "-b", "127.0.0.1",
+         "-p", str(port_q), "-e", "8", str(image)])
     try:
         wait_port(port_v, servers["vdisk"])
         wait_port(port_q, servers["qemu-nbd"])
-        uris = {"vdisk": f"nbd://127.0.0.1:{port_v}/disk", "qemu-nbd": f"nbd://127.0.0.1:{port_q}/disk"}
-        outs = {k: out_dir / f"nbd-bench-{k}.raw" for k in uris}
-        times = {k: [] for k in uris}
-        timed_convert(uris["qemu-nbd"], outs["qemu-nbd"])     # warm the page cache once
-        for _ in range(args.runs):                             # alternate, same conditions
+        ports = {"vdisk": port_v, "qemu-nbd": port_q}
+        outs = {k: out_dir / f"nbd-bench-{k}.raw" for k in ports}
+        times = {k: [] for k in ports}
+        timed_convert(ports["qemu-nbd"], outs["qemu-nbd"], certs)     # warm the page cache once
+        for _ in range(args.runs):                                     # alternate, same conditions
             for k in ("qemu-nbd", "vdisk"):
-                times[k].append(timed_convert(uris[k], outs[k]))
+                times[k].append(timed_convert(ports[k], outs[k], certs))
         same = sha256(outs["vdisk"]) == sha256(outs["qemu-nbd"])
     finally:
         for p in servers.values():
@@ -148,10 +175,12 @@ def main() -> None:
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
+        if pki_dir is not None:
+            pki_dir.cleanup()
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = med["vdisk"] / med["qemu-nbd"]
     print(f"image: {image.name} ({args.size_mib} MiB virtual, dynamic VHD, half allocated); "
-          f"output to {out_dir}")
+          f"output to {out_dir}; {'over TLS (both servers require it)' if args.tls else 'plain TCP'}")
     for k in ("qemu-nbd", "vdisk"):
         print(f"  qemu-img convert from {k:9s}: median {med[k]:.3f} s  "
               f"(runs: {', '.join(f'{t:.3f}' for t in times[k])})")
