@@ -26,7 +26,9 @@ def test_511_byte_footer_of_old_virtual_pc_images(tmp_path):
         assert d.pread(512, 3 * MiB) == b"\x43" * 512
 
 
-def test_lost_trailing_footer_falls_back_to_the_copy_for_reading_only(tmp_path):
+def test_lost_trailing_footer_is_read_from_the_copy_and_restored_by_a_read_write_open(tmp_path):
+    """A crash can lose the footer at the end of a growing dynamic VHD (issue 12): reading uses the
+    copy at offset 0; opening read-write writes the footer back, so the image is whole again."""
     path = tmp_path / "cut.vhd"
     with vdisk.create(path, 4 * MiB, format="vhd") as d:
         d.pwrite(b"\x42" * 4096, 0)
@@ -36,8 +38,13 @@ def test_lost_trailing_footer_falls_back_to_the_copy_for_reading_only(tmp_path):
     with vdisk.open(path) as d:
         assert d.pread(4096, 0) == b"\x42" * 4096
         assert any("copy at offset 0" in w for w in d.warnings)
-    with pytest.raises(vdisk.FormatError, match="repair"):
-        vdisk.open(path, "r+")
+    with vdisk.open(path, "r+") as d:
+        assert any("restored" in w for w in d.warnings)
+        assert d.pread(4096, 0) == b"\x42" * 4096
+    with vdisk.open(path) as d:
+        assert d.warnings == [] and d.pread(4096, 0) == b"\x42" * 4096
+    with open(path, "rb") as f:
+        assert f.read(512) == (f.seek(-512, os.SEEK_END), f.read(512))[1]
 
 
 def test_qemu_vdi_with_384_byte_header_stays_qemu_readable_after_writes(tmp_path):
