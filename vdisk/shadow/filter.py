@@ -126,9 +126,11 @@ class ShadowedDisk(Disk):
             new = self if rb is None else ShadowView(self, rb.id)
             bs = ss.block_size
             out: list[tuple[int, int]] = []
-            for b in sorted(candidates):
-                start = b * bs
-                n = min(bs, self.size - start)
+            # Consecutive candidate blocks are compared a run at a time: one read per side per
+            # run (at most DIFF_RUN bytes), not one per block.
+            for first, count in _runs(sorted(candidates), max(1, DIFF_RUN // bs)):
+                start = first * bs
+                n = min(count * bs, self.size - start)
                 if n <= 0:
                     continue
                 a = np.frombuffer(old.pread(n, start), np.uint8)
@@ -364,6 +366,22 @@ class ShadowView:
     def as_file(self) -> DiskFile:
         """A seekable read-only io.RawIOBase view."""
         return DiskFile(self)
+
+
+#: Bytes of consecutive preserved blocks that diff() compares with one read per side.
+DIFF_RUN = 4 << 20
+
+
+def _runs(blocks: list[int], longest: int) -> list[tuple[int, int]]:
+    """(first block, count) of the runs of consecutive numbers in sorted *blocks*, each at most
+    *longest* long."""
+    runs: list[tuple[int, int]] = []
+    for b in blocks:
+        if runs and runs[-1][0] + runs[-1][1] == b and runs[-1][1] < longest:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((b, 1))
+    return runs
 
 
 def _append_differences(out: list, a: np.ndarray, b: np.ndarray, start: int) -> None:
