@@ -143,7 +143,7 @@ def main() -> None:
         certs = pki.anonymous
         server_tls = (f"tls=TlsConfig.from_options({str(pki.server)!r}, 'require'), "
                       "on_connection=None, ")
-        qemu_tls = ["--object", f"tls-creds-x509,id=tls0,dir={pki.server},endpoint=server",
+        qemu_tls = ["--object", f"tls-creds-x509,id=tls0,dir={pki.server},endpoint=server,verify-peer=off",
                     "--tls-creds", "tls0"]
 
     servers = {}
