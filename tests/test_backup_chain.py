@@ -165,3 +165,39 @@ def test_keep_shadows_drops_the_oldest_but_never_the_backed_up_one(tmpfs_path):
         assert [s.id for s in d.shadows] == [r.shadow]
     r3 = B.backup(image, tmpfs_path / "b3.vbk", since=str(tmpfs_path / "b2.vbk"))
     assert r3.kind == "incremental"
+
+
+# -- crafted loops: files whose headers name each other as parents ------------------------------
+def crafted(folder, name: str, backup_id: str, parent: str, shadow: str, base_shadow: str) -> str:
+    """An incremental backup with no entries whose header says what the test wants."""
+    from vdisk.backup.writer import BackupWriter
+    header = B.Header(backup_id=backup_id, kind="incremental", parent=parent, base_shadow=base_shadow,
+                      shadow={"id": shadow, "created": "2026-12-04T00:00:00Z", "description": ""},
+                      image={"name": "disk.vhd", "format": "vhd", "subtype": "dynamic",
+                             "uuid": "00000000-0000-0000-0000-000000000001"},
+                      virtual_size=SIZE, chunk_size=CHUNK, level=3, created="2026-12-04T00:00:00Z")
+    path = os.path.join(folder, name)
+    BackupWriter(path, header).finish()
+    return path
+
+
+IDS = {k: f"00000000-0000-0000-0000-00000000000{i}" for i, k in enumerate("abc", start=2)}
+
+
+def test_given_backups_that_build_on_each_other_in_a_loop_are_refused(tmp_path):
+    a = crafted(tmp_path, "a.vbk", IDS["a"], IDS["b"], "sa", "sb")
+    b = crafted(tmp_path, "b.vbk", IDS["b"], IDS["a"], "sb", "sa")
+    with pytest.raises(ParentError, match="loop"):
+        B.open_backup([a, b])
+    report = B.verify([a, b])
+    assert not report.ok and "loop" in report.chain_error
+
+
+def test_a_loop_through_parents_found_in_the_folder_is_refused(tmp_path):
+    """a -> b -> c -> b: b and c are found by identity in a's folder, and b again is the loop."""
+    a = crafted(tmp_path, "a.vbk", IDS["a"], IDS["b"], "sa", "sb")
+    crafted(tmp_path, "b.vbk", IDS["b"], IDS["c"], "sb", "sc")
+    crafted(tmp_path, "c.vbk", IDS["c"], IDS["b"], "sc", "sb")
+    with pytest.raises(ParentError, match="loops back"):
+        B.open_backup([a])
+    assert "loops back" in B.verify([a]).chain_error

@@ -87,6 +87,8 @@ def open_chain(paths: Sequence, *, search: bool = True) -> list[BackupFile]:
             by_id[bf.header.backup_id] = bf
         named = {bf.header.parent for bf in opened}
         tips = [bf for bf in opened if bf.header.backup_id not in named]
+        if not tips:
+            raise ParentError(f"{opened[0].path}: the given backups build on each other in a loop")
         tip = max(tips, key=lambda bf: (bf.header.kind == "incremental", bf.header.created))
         chain = [tip]
         while chain[-1].header.kind == "incremental":
@@ -104,7 +106,8 @@ def open_chain(paths: Sequence, *, search: bool = True) -> list[BackupFile]:
                                       f"{child.header.base_shadow}) is missing: {where}{extra}")
                 parent = BackupFile(found)
                 opened.append(parent)
-            if parent in chain:
+                by_id[parent.header.backup_id] = parent
+            if any(c.header.backup_id == parent.header.backup_id for c in chain):
                 raise ParentError(f"{child.path}: the chain of backups loops back to {parent.path}")
             check_link(child, parent)
             chain.append(parent)
