@@ -7,6 +7,7 @@ import uuid as uuidlib
 
 import numpy as np
 
+from vdisk import limits
 from vdisk.errors import FormatError, UnsupportedError
 from vdisk.io import ImageFile
 from .base import ABSENT, SECTOR, ZERO, Layer, new_uuid, write_table_entries
@@ -17,6 +18,8 @@ from .vdi_structs import (BLOCK_FREE, BLOCK_ZERO, HEADER_V0_END, HEADER_V1, HEAD
 DEFAULT_BLOCK_SIZE = 1 << 20
 ALIGN = 1 << 20                     # VirtualBox's VDI_DATA_ALIGN
 MIN_BLOCK, MAX_BLOCK = 1 << 12, 256 << 20
+#: VirtualBox creates VDIs below 4 PiB - 3 MiB (cbDisk), the largest size it accepts.
+MAX_VIRTUAL_SIZE = (4 << 50) - (3 << 20) - SECTOR
 MAX_BLOCKS = 0xFFFFFFFE - 1
 NULL_UUID = bytes(16)
 MAX_HEADER_MAP_GAP = 4 << 20        # beyond this the count and the map are written separately
@@ -333,9 +336,9 @@ def create_vdi(file: ImageFile, size: int, subtype: str, *, block_size: Optional
             raise ValueError(f"VDI size {size} must be a positive multiple of 512 bytes")
     if bs < MIN_BLOCK or bs > MAX_BLOCK or bs & (bs - 1):
         raise ValueError(f"block size {bs} must be a power of two between {MIN_BLOCK} and {MAX_BLOCK}")
-    n = -(-size // bs)
-    if n > MAX_BLOCKS:
-        raise UnsupportedError(f"{file.path}: {size} bytes need more blocks than a VDI can address")
+    n = limits.new_table_entries(file.path, size, bs, format_max=MAX_BLOCKS, format_name="VDI",
+                                 size_limit=MAX_VIRTUAL_SIZE if parent is None else None,
+                                 max_block_size=MAX_BLOCK)
     itype = {"dynamic": TYPE_NORMAL, "fixed": TYPE_FIXED, "differencing": TYPE_DIFF}.get(subtype)
     if itype is None:
         raise ValueError(f"unknown VDI subtype {subtype!r}")
@@ -350,13 +353,8 @@ def create_vdi(file: ImageFile, size: int, subtype: str, *, block_size: Optional
                   uuid_parent_modify=parent.header["uuid_modify"] if parent else NULL_UUID,
                   lchs_geometry=[0, 0, 0, SECTOR])
     pre = PreHeader.build(dict(text=TEXT.ljust(64, b"\0"), signature=SIGNATURE, version=VERSION_1_1))
-    if itype == TYPE_FIXED:
-        table = np.arange(n, dtype="<u4").tobytes()
-        file.truncate(od + n * bs)
-    else:
-        table = np.full(n, BLOCK_FREE, dtype="<u4").tobytes()
-        file.truncate(od)
+    file.truncate(od + n * bs if itype == TYPE_FIXED else od)
     file.pwrite(pre + HeaderV1.build(header), 0)
-    file.pwrite(table, ob)
+    limits.write_new_table(file.pwrite, ob, n, fill=None if itype == TYPE_FIXED else BLOCK_FREE)
     file.sync()
     return open_vdi(file)

@@ -524,7 +524,8 @@ def dynamic_layout(size: int, block_size: int, where: str) -> tuple[int, int, in
         raise ValueError(f"block size {bs} must be a power of two between 512 and {MAX_BLOCK_SIZE}")
     if size > MAX_DYNAMIC_SIZE:
         raise UnsupportedError(f"{where}: a dynamic VHD holds at most 2040 GiB ({MAX_DYNAMIC_SIZE} bytes)")
-    n = -(-size // bs)
+    n = limits.new_table_entries(where, size, bs, format_max=0xFFFFFFFF, format_name="VHD",
+                                 max_block_size=MAX_BLOCK_SIZE)
     return n, FOOTER_SIZE + HEADER_SIZE, -(-n * 4 // SECTOR) * SECTOR
 
 
@@ -597,7 +598,7 @@ def create_vhd(file: ImageFile, size: int, subtype: str, *, block_size: Optional
                           unique_id=unique_id, creator=creator, data_offset=FOOTER_SIZE)
     file.pwrite(footer, 0)
     file.pwrite(header, FOOTER_SIZE)
-    file.pwrite(b"\xff" * bat_len, table_offset)
+    limits.write_new_table(file.pwrite, table_offset, n, fill=BAT_UNUSED, pad_to=SECTOR)
     for off, blob in locator_blobs:
         file.pwrite(blob, off)
     file.pwrite(footer, end)

@@ -52,7 +52,7 @@ def check_virtual_size(path: str, structure: str, field: str, field_offset: Opti
 
 
 def new_table_entries(where: str, size: int, block_size: int, *, format_max: int, format_name: str,
-                      size_limit: Optional[int] = None) -> int:
+                      size_limit: Optional[int] = None, max_block_size: Optional[int] = None) -> int:
     """Entries of the block table of a new image; refused, before anything is allocated, when the
     size is beyond the format or vdisk's table budget (with the block size that would fit)."""
     if size_limit is not None and size > size_limit:
@@ -65,10 +65,32 @@ def new_table_entries(where: str, size: int, block_size: int, *, format_max: int
         need = block_size
         while -(-size // need) > MAX_TABLE_ENTRIES:
             need *= 2
+        hint = (f"use a block size of at least {need}" if max_block_size is None or need <= max_block_size
+                else f"even {max_block_size}-byte blocks are not enough")
         raise UnsupportedError(f"{where}: {size} bytes in blocks of {block_size} need a table of {n} entries, "
-                               f"more than vdisk's limit of {MAX_TABLE_ENTRIES}; use a block size of "
-                               f"at least {need}")
+                               f"more than vdisk's limit of {MAX_TABLE_ENTRIES}; {hint}")
     return n
+
+
+def write_new_table(pwrite: Callable[[bytes, int], None], offset: int, entries: int, *,
+                    fill: Optional[int] = None, pad_to: int = 1) -> None:
+    """Write the u32 table of a new image in chunks: every entry *fill* (0xFFFFFFFF, "unused" in
+    both formats, reads the same in either byte order) or, with ``fill=None``, the little-endian
+    identity map 0, 1, 2, ... of a fixed VDI. Padded with 0xFF bytes (zeros for the identity map)
+    to a multiple of *pad_to*. Memory stays at one chunk whatever the table's size."""
+    length = -(-entries * 4 // pad_to) * pad_to
+    pad = b"\xff" if fill is not None else b"\0"
+    for first in range(0, entries, TABLE_CHUNK):
+        count = min(TABLE_CHUNK, entries - first)
+        if fill is not None:
+            chunk = fill.to_bytes(4, "little") * count
+        else:
+            chunk = np.arange(first, first + count, dtype="<u4").tobytes()
+        if first + count == entries:
+            chunk += pad * (length - 4 * entries)
+        pwrite(chunk, offset + 4 * first)
+    if entries == 0 and length:
+        pwrite(pad * length, offset)
 
 
 def flat_block_size(size: int, base: int) -> int:

@@ -15,10 +15,11 @@ from typing import Optional
 
 import numpy as np
 
-from . import journal
+from . import journal, limits
 from .errors import UnsupportedError, VDiskError
 from .layout import SparseFile
 from vdisk.formats.base import SECTOR, ZERO
+from vdisk.formats.vdi import MAX_BLOCKS as VDI_MAX_BLOCKS, MAX_VIRTUAL_SIZE as VDI_MAX_VIRTUAL_SIZE
 from vdisk.formats.vdi_structs import PRE_HEADER_SIZE
 from vdisk.formats.vhd import MAX_DYNAMIC_SIZE, plan_size
 from vdisk.formats.vhd_structs import (BAT_UNUSED, FOOTER_CHECKSUM_OFFSET, HEADER_CHECKSUM_OFFSET,
@@ -176,7 +177,7 @@ def _resize_vhd_dynamic(layer, new_size: int) -> int:
         raise UnsupportedError(f"{layer.path}: a dynamic VHD holds at most {MAX_DYNAMIC_SIZE} bytes")
     sf = SparseFile(layer)
     bs = layer.block_size
-    new_n = -(-new_size // bs)
+    new_n = limits.new_table_entries(layer.path, new_size, bs, format_max=0xFFFFFFFF, format_name="VHD")
     old_n = layer.bat_entries
     file = layer.file
     h = dict(DynamicHeader.parse(layer.header_raw))
@@ -245,7 +246,8 @@ def _resize_vdi(layer, new_size: int) -> int:
         raise UnsupportedError(f"{layer.path}: legacy VDI images cannot be resized")
     bs, unit = layer.block_size, layer.slot_size
     old_n = len(layer.block_map)
-    new_n = -(-new_size // bs)
+    new_n = limits.new_table_entries(layer.path, new_size, bs, format_max=VDI_MAX_BLOCKS, format_name="VDI",
+                                     size_limit=VDI_MAX_VIRTUAL_SIZE)
     ob, od = layer.offset_blocks, layer.offset_data
     block_map = layer.block_map.copy()
     allocated = layer.allocated
