@@ -340,6 +340,7 @@ class NBDServer:
         raw_transport = writer.transport
         inflight: set = set()
         budget = {"bytes": 0, "count": 0}
+        write_turn = asyncio.Lock()
         disk = None
         broken = False
         deadline = (loop.time() + self.handshake_timeout) if self.handshake_timeout else None
@@ -364,11 +365,15 @@ class NBDServer:
             nonlocal broken
             try:
                 buffers = await loop.run_in_executor(self._pool, handle_request, req, disk)
-                if not writer.transport.is_closing():
-                    for b in buffers:
-                        writer.write(memoryview(b))   # no await between: never interleaved
-                del buffers                 # the transport holds its copy; do not keep two
-                await writer.drain()
+                # One reply at a time enters the transport, and only once the one before it has
+                # left: the transport's copy of a reply counts against the in-flight budget too.
+                async with write_turn:
+                    await writer.drain()
+                    if not writer.transport.is_closing():
+                        for b in buffers:
+                            writer.write(memoryview(b))   # no await between: never interleaved
+                    del buffers             # the transport holds its copy; do not keep two
+                    await writer.drain()
             except (ConnectionError, OSError):
                 broken = True
             except Exception:  # noqa: BLE001 - a bug here must end this connection, not the server
