@@ -11,7 +11,7 @@ import collections
 import concurrent.futures
 import hashlib
 import threading
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
 
@@ -22,16 +22,43 @@ Piece = tuple[int, int, bool]
 Progress = Callable[[int, int], None]
 
 
-def full_pieces(source, chunk: int) -> list[Piece]:
-    """The chunk grid over the whole disk; chunks without any DATA extent need no reading."""
-    from vdisk.engine import ExtentKind
-    size = source.size
-    n = -(-size // chunk)
-    has_data = np.zeros(n, dtype=bool)
-    for e in source.extents(0, size) if size else []:
-        if e.kind == ExtentKind.DATA:
-            has_data[e.offset // chunk:(e.offset + e.length - 1) // chunk + 1] = True
-    return [(i * chunk, min(chunk, size - i * chunk), bool(has_data[i])) for i in range(n)]
+class FullGrid:
+    """The chunk grid over the whole disk, generated piece by piece from one flag per chunk
+    (so a full backup's plan costs a byte per chunk, not a tuple). Chunks without any DATA
+    extent need no reading."""
+
+    def __init__(self, source, chunk: int):
+        from vdisk.engine import ExtentKind
+        self.size, self.chunk = source.size, chunk
+        n = -(-self.size // chunk)
+        self.has_data = np.zeros(n, dtype=bool)
+        for e in source.extents(0, self.size) if self.size else []:
+            if e.kind == ExtentKind.DATA:
+                self.has_data[e.offset // chunk:(e.offset + e.length - 1) // chunk + 1] = True
+
+    def __iter__(self) -> Iterator[Piece]:
+        size, chunk = self.size, self.chunk
+        for i, read in enumerate(self.has_data.tolist()):
+            yield i * chunk, min(chunk, size - i * chunk), read
+
+    @property
+    def covered(self) -> int:
+        """Bytes of the disk the pieces cover (all of it)."""
+        return self.size
+
+    @property
+    def to_read(self) -> int:
+        """Bytes of the pieces that must be read."""
+        n = len(self.has_data)
+        if not n:
+            return 0
+        last = self.size - (n - 1) * self.chunk
+        return int(self.has_data[:-1].sum()) * self.chunk + (last if self.has_data[-1] else 0)
+
+
+def full_pieces(source, chunk: int) -> FullGrid:
+    """The pieces of a full backup of *source*: every chunk of the disk, in order."""
+    return FullGrid(source, chunk)
 
 
 #: Changed ranges closer than this are stored as one piece (fewer entries and frames).
@@ -59,10 +86,21 @@ def changed_pieces(ranges: Iterable[tuple[int, int]], chunk: int, size: int) -> 
     return out
 
 
-def store(source, pieces: list[Piece], writer: BackupWriter, *, threads: int, level: int, chunk: int,
+Pieces = Union[FullGrid, list]
+
+
+def bytes_to_read(pieces: Pieces) -> int:
+    return pieces.to_read if isinstance(pieces, FullGrid) else sum(n for _, n, read in pieces if read)
+
+
+def bytes_covered(pieces: Pieces) -> int:
+    return pieces.covered if isinstance(pieces, FullGrid) else sum(n for _, n, _ in pieces)
+
+
+def store(source, pieces: Pieces, writer: BackupWriter, *, threads: int, level: int, chunk: int,
           progress: Optional[Progress] = None) -> int:
     """Read every piece from *source* and append it to *writer*; returns the bytes read."""
-    total = sum(n for _, n, read in pieces if read)
+    total = bytes_to_read(pieces)
     local = threading.local()
     done = 0
     stop = threading.Event()

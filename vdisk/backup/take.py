@@ -17,7 +17,7 @@ from typing import Callable, Optional
 from vdisk.errors import VDiskError
 from .chain import find_backup, read_header
 from .container import DEFAULT_CHUNK, MAX_CHUNK, MIN_CHUNK, Header
-from .pipeline import changed_pieces, full_pieces, store
+from .pipeline import bytes_covered, changed_pieces, full_pieces, store
 from .reader import BackupFile, is_backup
 from .writer import BackupWriter, check_level
 
@@ -177,5 +177,5 @@ def _backup_shadow(d, sid: str, out: str, *, link: Optional[tuple[str, str]], si
         raise
     return BackupResult(path=out, backup_id=header.backup_id, kind=header.kind, parent=parent, shadow=sid,
                         base_shadow=base, virtual_size=d.size, bytes_read=read, bytes_stored=stored,
-                        changed_bytes=sum(n for _, n, _ in pieces), entries=writer.entries,
+                        changed_bytes=bytes_covered(pieces), entries=writer.entries,
                         seconds=round(time.perf_counter() - t0, 3))

@@ -44,8 +44,9 @@ class BackupWriter:
         self.tmp = _temp_path(self.dst)
         _probe_creatable(self.tmp, self.dst)
         self._f = open(self.tmp, "xb", buffering=WRITE_BUFFER)
-        self._cols: tuple[list, ...] = ([], [], [], [], [])   # offset, length, frame offset, frame length, kind
-        self._digests = bytearray()
+        # The index rows, 72 bytes each, in an array that doubles as it fills.
+        self._rows = np.zeros(1024, ENTRY_DTYPE)
+        self._n = 0
         self._zero_frames: dict[int, bytes] = {}
         self._cctx = compressor(header.level)
         self._pos = 0
@@ -78,26 +79,30 @@ class BackupWriter:
             self._row(offset, length, 0, 0, KIND_ZERO, ZERO_DIGEST)
         self.zero_bytes += length
 
-    def _row(self, *values) -> None:
-        for col, v in zip(self._cols, values):
-            col.append(v)
-        self._digests += values[-1]
+    def _row(self, offset: int, length: int, frame_offset: int, frame_length: int, kind: int,
+             digest: bytes) -> None:
+        if self._n == len(self._rows):
+            grown = np.zeros(2 * len(self._rows), ENTRY_DTYPE)
+            grown[:self._n] = self._rows
+            self._rows = grown
+        row = self._rows[self._n]
+        row["offset"], row["length"], row["frame_offset"], row["frame_length"], row["kind"] = \
+            offset, length, frame_offset, frame_length, kind
+        row["digest"] = np.frombuffer(digest, np.uint8)
+        self._n += 1
 
     @property
     def entries(self) -> int:
-        return len(self._cols[0])
+        return self._n
 
     def finish(self) -> int:
         """Index, footer, fsync, rename into place, fsync the folder; returns the file size."""
         from vdisk.convert import _publish
-        n = self.entries
-        table = np.zeros(n, ENTRY_DTYPE)
-        for name, col in zip(("offset", "length", "frame_offset", "frame_length", "kind"), self._cols):
-            table[name] = col
-        table["digest"] = np.frombuffer(bytes(self._digests), np.uint8).reshape(n, DIGEST_SIZE)
-        index = encode_index(table)
+        n = self._n
+        index = encode_index(self._rows[:n])
+        self._rows = self._rows[:0]
         at = self._append(index)
-        self._append(encode_footer(at, len(index), len(table), uuidlib.UUID(self.header.backup_id).bytes))
+        self._append(encode_footer(at, len(index), n, uuidlib.UUID(self.header.backup_id).bytes))
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
