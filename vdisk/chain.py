@@ -11,6 +11,7 @@ from typing import Iterable, Optional, Sequence
 from .errors import ParentError, VDiskError
 from .probe import open_layer
 from vdisk.formats.base import Layer
+from vdisk.formats.vdi import peek_identity
 from vdisk.formats.vhd import parent_id_bytes
 
 MAX_DEPTH = 256
@@ -85,9 +86,36 @@ def _vdi_candidates(child: Layer, search: Sequence[str], registries: Sequence[st
                 yield loc, f"registry {reg}"
     here = os.path.dirname(os.path.abspath(child.path))
     for d in [here, *search]:
-        for path in sorted(glob.glob(os.path.join(glob.escape(d), "*.vdi"))):
-            if os.path.abspath(path) != os.path.abspath(child.path):
+        # Files whose header names the wanted UUID first: opening each .vdi of the folder in
+        # turn (tables and all) at every level made a deep chain's open quadratic. The others
+        # still follow, so a miss reports what each file is.
+        scan = [p for p in sorted(glob.glob(os.path.join(glob.escape(d), "*.vdi")))
+                if os.path.abspath(p) != os.path.abspath(child.path)]
+        ids = [_peeked_identity(p) for p in scan]
+        for path, ident in zip(scan, ids):
+            if ident == child.parent_id:
                 yield path, f"UUID scan of {d}"
+        for path, ident in zip(scan, ids):
+            if ident != child.parent_id:
+                yield path, f"UUID scan of {d}"
+
+
+#: (device, inode, size, mtime) -> creation UUID of VDI headers already read; bounded.
+_PEEKED: dict[tuple, Optional[bytes]] = {}
+_PEEKED_MAX = 4096
+
+
+def _peeked_identity(path: str) -> Optional[bytes]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _PEEKED:
+        if len(_PEEKED) >= _PEEKED_MAX:
+            _PEEKED.clear()
+        _PEEKED[key] = peek_identity(path)
+    return _PEEKED[key]
 
 
 def find_parent(child: Layer, *, parent_search: Sequence[str] = (), vbox_registry=None,
