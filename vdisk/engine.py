@@ -14,6 +14,7 @@ import numpy as np
 
 from vdisk.formats.base import ABSENT, SECTOR, ZERO, Layer
 from vdisk.formats.raw import FlatLayer
+from . import chainmap
 
 
 class ExtentKind(enum.IntEnum):
@@ -35,6 +36,8 @@ class Engine:
         self.top = layers[0]
         self.size = self.top.size
         self.lock = threading.RLock()
+        #: resolved runs per top block, so reads cost the same at any chain depth (chainmap.py)
+        self.map: Optional[chainmap.ChainMap] = chainmap.ChainMap(self) if len(layers) > 1 else None
 
     # -- translation --------------------------------------------------------------------------
     def resolve(self, offset: int, length: int, level: int = 0) -> list[tuple]:
@@ -126,6 +129,17 @@ class Engine:
             if e == ZERO or (e == ABSENT and len(self.layers) == 1):
                 view[:] = bytes(n)
                 return
+            if self.map is not None:                        # the parents: resolved once per block
+                self.map.read(view, offset, b, e)
+                return
+        if level == 0 and self.map is not None and (offset + n - 1) // bs != b:
+            # Several top blocks: each piece takes the one-block path above.
+            pos, end = offset, offset + n
+            while pos < end:
+                stop = min(end, (pos // bs + 1) * bs)
+                self.readinto(view[pos - offset: stop - offset], pos)
+                pos = stop
+            return
         for voff, length, kind, lvl, foff in self.resolve(offset, n, level):
             piece = view[voff - offset: voff - offset + length]
             if kind == DATA:
@@ -146,7 +160,27 @@ class Engine:
         return all(kind != DATA for _, _, kind, _, _ in self.resolve(offset, length, 1))
 
     # -- writing ------------------------------------------------------------------------------
+    # Every change, finished or not, tells the resolved maps over the top layer (chainmap.py).
     def write(self, data, offset: int) -> None:
+        try:
+            self._write(data, offset)
+        finally:
+            chainmap.changed(self.top, offset, memoryview(data).nbytes)
+
+    def write_zeroes(self, offset: int, length: int, keep_allocated: bool = False) -> None:
+        try:
+            self._write_zeroes(offset, length, keep_allocated)
+        finally:
+            chainmap.changed(self.top, offset, length)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Release storage where the format can; everything in the range reads as zeros after."""
+        try:
+            self._discard(offset, length)
+        finally:
+            chainmap.changed(self.top, offset, length)
+
+    def _write(self, data, offset: int) -> None:
         view = memoryview(data).cast("B")
         top = self.top
         with self.lock:
@@ -232,7 +266,7 @@ class Engine:
         buf[in_off - a0: in_off - a0 + len(piece)] = piece
         return a0, a1, buf
 
-    def write_zeroes(self, offset: int, length: int, keep_allocated: bool = False) -> None:
+    def _write_zeroes(self, offset: int, length: int, keep_allocated: bool = False) -> None:
         top = self.top
         with self.lock:
             for b, bstart, pos, stop in self._blocks(offset, length):
@@ -261,8 +295,7 @@ class Engine:
         if in_off + n > a1:
             self._write_block(b, a1, memoryview(bytes(in_off + n - a1)))
 
-    def discard(self, offset: int, length: int) -> None:
-        """Release storage where the format can; everything in the range reads as zeros after."""
+    def _discard(self, offset: int, length: int) -> None:
         top = self.top
         bs = top.block_size
         with self.lock:
