@@ -16,7 +16,6 @@ unmap by a maintenance operation). Layers below the top are opened read-only.
 """
 from __future__ import annotations
 
-import os
 import threading
 import weakref
 from bisect import bisect_left, bisect_right
@@ -91,9 +90,8 @@ class ChainMap:
             self._pread(layers[level], piece, foff)
 
     def _pread(self, layer, piece: memoryview, foff: int) -> None:
-        got = os.preadv(layer.file.fd, [piece], foff)
-        if got < len(piece):
-            self.engine._short(layer, piece, foff, got)
+        # Through the I/O seam like every read: an error or an early end of file is a ReadError.
+        layer.file.readinto_exact(piece, foff)
 
     def _build(self, block: int, top_entry: int) -> tuple:
         with self._lock:
