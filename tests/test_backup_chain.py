@@ -201,3 +201,13 @@ def test_a_loop_through_parents_found_in_the_folder_is_refused(tmp_path):
     with pytest.raises(ParentError, match="loops back"):
         B.open_backup([a])
     assert "loops back" in B.verify([a]).chain_error
+
+
+def test_info_of_an_incremental_without_its_parent_names_the_missing_link(tmp_path):
+    """Not a raw image of the backup file's bytes: the parent error, in one line, exit 1."""
+    import subprocess
+    import sys
+    a = crafted(tmp_path, "a.vbk", IDS["a"], IDS["b"], "sa", "sb")
+    r = subprocess.run([sys.executable, "-m", "vdisk", "info", a], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "raw" not in r.stdout
+    assert len(r.stderr.strip().splitlines()) == 1 and "is missing" in r.stderr and "a.vbk" in r.stderr

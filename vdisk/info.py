@@ -112,6 +112,9 @@ def info_for_path(path: str, *, format: Optional[str] = None, parent_search: Seq
         with vopen(path, format=format, parent_search=parent_search, size_policy=size_policy) as d:
             return image_info(d)
     except ParentError as exc:
+        from .backup import is_backup
+        if format is None and is_backup(path):
+            raise                       # an incremental backup alone is no disk (not a raw file either)
         layer = open_layer(os.fspath(path), fmt=format, size_policy=size_policy)
         alone = Disk([layer], [layer_info(layer, "opened")], read_only=True)
         try:
