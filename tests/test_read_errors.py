@@ -424,6 +424,61 @@ def test_cli_compare_reports_the_read_error_as_an_error(vhd, images):
     assert_one_line_error(proc, path, foff, status=2)
 
 
+def test_cli_backup_and_shadow_export_leave_nothing_behind(vhd, tmp_path):
+    """backup (with the shadow it takes for itself) and shadow export write no output file on a
+    read error, and the backup's own shadow is gone again."""
+    import shutil
+    path = str(tmp_path / "disk.vhd")
+    shutil.copyfile(vhd[0], path)
+    foff = vhd[1]
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = vdisk_cli((path, foff, "eio"), "backup", "-o", out / "full.vbk", path)
+    assert_one_line_error(proc, path, foff)
+    assert os.listdir(out) == []
+    assert "no shadow copies" in vdisk_cli((path, foff, "none"), "shadow", "list", path).stdout
+    proc = vdisk_cli((path, foff, "none"), "shadow", "create", path)
+    assert proc.returncode == 0, proc.stderr
+    shadow = proc.stdout.split()[-1]
+    proc = vdisk_cli((path, foff, "short"), "shadow", "export", path, shadow, out / "shadow.vhd")
+    assert_one_line_error(proc, path, foff)
+    assert os.listdir(out) == []
+
+
+def file_digest(path) -> str:
+    import hashlib
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def model_image(tmp_path, name: str, content: bytes) -> str:
+    raw = tmp_path / f"{name}.raw"
+    raw.write_bytes(content)
+    path = str(tmp_path / f"{name}.vhd")
+    run("qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "subformat=dynamic,force_size=on",
+        str(raw), path, check=True)
+    return path
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cli_compact_of_an_unreadable_block_fails_and_changes_nothing(tmp_path, mode):
+    """A block that holds zeros but for its last sector, and that sector cannot be read: compact
+    must not take the block for a zero block (that would drop the sector's data)."""
+    content = bytearray(SIZE)
+    content[:4096] = b"\x11" * 4096
+    last = 4 * MiB - SECTOR                         # the last sector of block 1 (2 MiB blocks)
+    content[last:last + SECTOR] = b"\x77" * SECTOR
+    path = model_image(tmp_path, "sparse", bytes(content))
+    foff = file_offset_of(path, last)
+    before = file_digest(path)
+    proc = vdisk_cli((path, foff, mode), "compact", path)
+    assert_one_line_error(proc, path, foff)
+    assert file_digest(path) == before
+    assert sorted(os.listdir(tmp_path)) == ["sparse.raw", "sparse.vhd"]      # no journal left
+    assert run("qemu-img", "compare", "-f", "raw", "-F", "vpc",
+               str(tmp_path / "sparse.raw"), path).returncode == 0
+
+
 # ----------------------------------------------------------------------------------------------
 # child: python tests/test_read_errors.py '[path, file_offset, mode]' -- vdisk-args...
 # ----------------------------------------------------------------------------------------------
