@@ -479,6 +479,23 @@ def test_cli_compact_of_an_unreadable_block_fails_and_changes_nothing(tmp_path, 
                str(tmp_path / "sparse.raw"), path).returncode == 0
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_cli_resize_that_moves_an_unreadable_block_fails_and_changes_nothing(tmp_path, mode):
+    """Growing a dynamic VHD from 8 MiB to 2 GiB moves the first data block out of the larger
+    block table's way: a sector of it that cannot be read must stop the resize, not be copied as
+    zeros."""
+    path = model_image(tmp_path, "grow", MODEL)
+    bad = 5 * SECTOR                                # in block 0, the one that must move
+    foff = file_offset_of(path, bad)
+    before = file_digest(path)
+    proc = vdisk_cli((path, foff, mode), "resize", path, "2G")
+    assert_one_line_error(proc, path, foff)
+    assert file_digest(path) == before
+    assert sorted(os.listdir(tmp_path)) == ["grow.raw", "grow.vhd"]
+    assert run("qemu-img", "compare", "-f", "raw", "-F", "vpc",
+               str(tmp_path / "grow.raw"), path).returncode == 0
+
+
 # ----------------------------------------------------------------------------------------------
 # child: python tests/test_read_errors.py '[path, file_offset, mode]' -- vdisk-args...
 # ----------------------------------------------------------------------------------------------
