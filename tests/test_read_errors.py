@@ -290,6 +290,43 @@ def test_nbd_eio_reply_and_the_connection_stays_usable(vhd, nbd_server, mode, st
         c.close()
 
 
+def test_nbd_pipelined_requests_each_get_their_own_reply(vhd, nbd_server):
+    """Requests sent back to back around a failing one: the failing one gets its EIO, the others
+    their data, matched by cookie (the server may answer out of order)."""
+    from test_nbd_support import RawClient
+
+    path, foff = vhd
+    wanted = {1: (0, 65536), 2: (BAD - 4096, 8192), 3: (BAD + SECTOR, 4096), 4: (BAD, SECTOR),
+              5: (SIZE - 65536, 65536)}
+    c = RawClient(nbd_server.port)
+    try:
+        c.greeting()
+        c.go(os.path.basename(path).encode())
+        with fault(path, foff, "eio"):
+            for cookie, (off, n) in wanted.items():
+                c.request(0, off, n, cookie=cookie)
+            data = {k: {} for k in wanted}
+            errs, done = {}, set()
+            while done != set(wanted):
+                flags, ctype, cookie, payload = c.chunk()
+                assert cookie in wanted and cookie not in done
+                if ctype == 1:
+                    data[cookie][struct.unpack(">Q", payload[:8])[0]] = payload[8:]
+                elif ctype == 2:
+                    off, ln = struct.unpack(">QI", payload)
+                    data[cookie][off] = bytes(ln)
+                elif ctype & 0x8000:
+                    errs[cookie] = struct.unpack(">I", payload[:4])[0]
+                if flags & 1:
+                    done.add(cookie)
+        assert errs == {2: errno.EIO, 4: errno.EIO}
+        for cookie in (1, 3, 5):
+            off, n = wanted[cookie]
+            assert b"".join(data[cookie][k] for k in sorted(data[cookie])) == MODEL[off:off + n]
+    finally:
+        c.close()
+
+
 def test_nbd_clients_see_an_io_error_and_go_on(vhd, nbd_server, tmp_path):
     """qemu-io on one connection: the bad read fails with EIO, the next reads verify; nbdcopy of
     the whole export fails naming an I/O error; then a clean nbdcopy of the same export works."""
@@ -406,6 +443,23 @@ def test_cli_convert_one_line_exit_1_and_no_dst(images, tmp_path, mode, src_fmt,
         assert d.pread(SIZE, 0) == MODEL
 
 
+def test_cli_names_the_parent_file_when_the_parent_cannot_be_read(vhd, tmp_path):
+    """A differencing child whose parent holds the bad sector: the line names the parent."""
+    import shutil
+    parent = str(tmp_path / "base.vhd")
+    shutil.copyfile(vhd[0], parent)
+    foff = vhd[1]
+    child = str(tmp_path / "child.vhd")
+    proc = vdisk_cli((parent, foff, "none"), "create", "--parent", parent, child)
+    assert proc.returncode == 0, proc.stderr
+    with vdisk.open(child, "r+") as d:                # the child's own data, away from BAD
+        d.pwrite(b"\xee" * 65536, 0)
+    proc = vdisk_cli((parent, foff, "eio"), "convert", child, tmp_path / "flat.raw")
+    assert_one_line_error(proc, parent, foff)
+    assert child not in proc.stderr.replace(parent, "")
+    assert not (tmp_path / "flat.raw").exists()
+
+
 def test_cli_convert_over_an_existing_dst_keeps_it(vhd, tmp_path):
     """--force onto an existing file: the failed convert leaves the old DST as it was."""
     path, foff = vhd
@@ -477,6 +531,30 @@ def test_cli_compact_of_an_unreadable_block_fails_and_changes_nothing(tmp_path, 
     assert sorted(os.listdir(tmp_path)) == ["sparse.raw", "sparse.vhd"]      # no journal left
     assert run("qemu-img", "compare", "-f", "raw", "-F", "vpc",
                str(tmp_path / "sparse.raw"), path).returncode == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cli_compact_that_moves_an_unreadable_block_fails_and_keeps_the_data(tmp_path, mode):
+    """Compact drops zero block 1 and moves block 3 into its place: a sector of block 3 that
+    cannot be read must stop the move (rolled back), not be copied as zeros."""
+    path = str(tmp_path / "holey.vhd")
+    run("qemu-img", "create", "-f", "vpc", "-o", "subformat=dynamic,force_size=on", path, "8M", check=True)
+    run("qemu-io", "-f", "vpc", "-c", "write -P 0x11 0 4k", "-c", "write -P 0 2M 512",
+        "-c", "write -P 0x55 4M 4M", path, check=True)
+    content = b"\x11" * 4096 + bytes(4 * MiB - 4096) + b"\x55" * (4 * MiB)
+    foff = file_offset_of(path, 7 * MiB + 4096)
+    assert foff > 6 * MiB                            # block 3 is the last one in the file
+    proc = vdisk_cli((path, foff, mode), "compact", path)
+    assert_one_line_error(proc, path, foff)
+    assert sorted(os.listdir(tmp_path)) == ["holey.vhd"]                   # no journal left
+    with vdisk.open(path) as d:
+        assert d.pread(SIZE, 0) == content
+    assert run("qemu-img", "check", "-f", "vpc", path).returncode in (0, 63)   # 63: no checks
+    # without the fault the same compaction goes through and keeps every byte
+    proc = vdisk_cli((path, foff, "none"), "compact", path)
+    assert proc.returncode == 0 and "1 moved" in proc.stdout, proc.stdout + proc.stderr
+    with vdisk.open(path) as d:
+        assert d.pread(SIZE, 0) == content
 
 
 @pytest.mark.parametrize("mode", MODES)
