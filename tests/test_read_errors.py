@@ -558,6 +558,27 @@ def test_cli_compact_that_moves_an_unreadable_block_fails_and_keeps_the_data(tmp
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_cli_commit_stops_and_changes_neither_file(vhd, tmp_path, mode):
+    """Merging a child whose data cannot be read into its parent: one line, and the parent and the
+    child keep every byte."""
+    import shutil
+    parent = str(tmp_path / "base.vhd")
+    shutil.copyfile(vhd[0], parent)
+    child = str(tmp_path / "child.vhd")
+    proc = vdisk_cli((parent, 0, "none"), "create", "--parent", parent, child)
+    assert proc.returncode == 0, proc.stderr
+    with vdisk.open(child, "r+") as d:
+        d.pwrite(b"\x99" * (2 * MiB), 2 * MiB)
+        (_, _, _, layer, stored), = d.map_runs(BAD, SECTOR)     # where the child holds BAD
+        assert layer == 0
+    before = file_digest(parent), file_digest(child)
+    proc = vdisk_cli((child, stored, mode), "commit", child)
+    assert_one_line_error(proc, child, stored)
+    assert (file_digest(parent), file_digest(child)) == before
+    assert sorted(os.listdir(tmp_path)) == ["base.vhd", "child.vhd"]
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_cli_resize_that_moves_an_unreadable_block_fails_and_changes_nothing(tmp_path, mode):
     """Growing a dynamic VHD from 8 MiB to 2 GiB moves the first data block out of the larger
     block table's way: a sector of it that cannot be read must stop the resize, not be copied as
