@@ -12,8 +12,10 @@ and go on serving:
 - NBD: an EIO error reply to that request on the same connection, which stays usable (a raw
   client, qemu-io and nbdcopy);
 - FUSE: EIO to the reader; the mount keeps serving the other offsets;
-- CLI: one line naming the file and the offset, exit status 1, no traceback; ``vdisk convert``
-  leaves no DST (and no temporary file).
+- CLI: one line naming the file and the offset, exit status 1, no traceback; ``vdisk convert``,
+  ``backup`` and ``shadow export`` leave no output file; ``compact``, ``resize`` and ``commit``
+  change no byte of the images (a short read must never be taken for zeros: it made compact drop
+  or zero-fill a block and resize move zeros in a block's place, before those were fixed).
 
 The faults are injected in the process that runs the front end: the hook is set in this process
 for the in-process devices and servers, before the fork for the FUSE daemon, and by running this
