@@ -27,6 +27,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -203,6 +204,8 @@ def test_scsi_over_iscsi_qemu_sees_an_io_error_then_good_reads(vhd):
     assert lines[0] == "read failed: Input/output error", proc.stdout + proc.stderr
     assert [ln.split()[0] for ln in lines[1:]] == ["read", "64", "read", "4"], proc.stdout
     assert "Pattern verification failed" not in proc.stdout
+    # QEMU decodes the sense itself: key 3, ASC/ASCQ 11/00, for the READ that began at BAD - 4096
+    assert re.search(rf"failed at lba {(BAD - 4096) // SECTOR}: SENSE KEY:\S*\(3\) ASCQ:\S*\(0x1100\)", proc.stderr), proc.stderr
 
 
 # ----------------------------------------------------------------------------------------------
