@@ -181,6 +181,31 @@ def test_scsi_medium_error_then_the_next_command_works(vhd, mode):
         assert res.status == GOOD and decode_sense(res.data_in) == (0, 0, 0)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_scsi_write_over_an_unreadable_shadowed_sector_fails_and_keeps_both_views(vhd, tmp_path, mode):
+    """With a shadow copy, a write must first preserve what it overwrites: when that cannot be
+    read the write fails (MEDIUM ERROR) and neither the live disk nor the shadow changes."""
+    import shutil
+    from vdisk import shadow
+    from vdisk.devices.scsi import ScsiDisk
+    from vdisk.devices.scsi_sense import CHECK_CONDITION, GOOD, decode_sense
+
+    path = str(tmp_path / "disk.vhd")
+    shutil.copyfile(vhd[0], path)
+    foff = vhd[1]
+    with shadow.open_shadowed(path, "r+") as disk:
+        snap = disk.create_shadow("before")
+        dev = ScsiDisk(disk)
+        with fault(path, foff, mode):
+            res = dev.execute(struct.pack(">BBIBHB", 0x2A, 0, BAD_LBA, 0, 1, 0), b"\xab" * SECTOR)
+            assert res.status == CHECK_CONDITION and decode_sense(res.sense)[0] == 0x03
+            res = dev.execute(struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 1, 0), b"\xcd" * SECTOR)
+            assert res.status == GOOD
+        with disk.shadow_view(snap.id) as old:
+            assert old.pread(SIZE, 0) == MODEL
+        assert disk.pread(SIZE, 0) == b"\xcd" * SECTOR + MODEL[SECTOR:]
+
+
 def test_scsi_over_iscsi_qemu_sees_an_io_error_then_good_reads(vhd):
     """QEMU's libiscsi driver, one session: the read across the bad sector fails with EIO, the
     reads after it on the same session return the right bytes."""
