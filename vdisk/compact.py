@@ -113,9 +113,9 @@ class _BlockReader:
 
     def read(self, lo: int, n: int) -> memoryview:
         view = memoryview(self.buf)[:n]
-        got = self.file.preadv([view], lo)
-        if got < n:
-            view[got:] = bytes(n - got)
+        # Stored data: a failed or short read is a ReadError. Read as zeros, it would make the
+        # block a zero block and the compaction would drop what the file could not give.
+        self.file.readinto_exact(view, lo)
         return view
 
     def data_is_zero(self, lo: int, n: int) -> bool:

@@ -38,6 +38,7 @@ from typing import Iterable, Optional, Sequence
 from construct import Bytes, Int32ul, Int64ul, Struct
 
 from .errors import JournalPendingError, VDiskError
+from . import io as _io
 from .io import ImageFile, start_writeback
 
 SUFFIX = ".vdisk-journal"
@@ -370,6 +371,8 @@ def _drop_cache(fd: int, offset: int) -> None:
 
 def _copy_bytes(file: ImageFile, src: int, dst: int, n: int) -> None:
     copy = getattr(os, "copy_file_range", None)
+    if _io.read_fault_hook is not None:
+        copy = None                              # injected read faults must see the source reads
     done = 0
     if copy is not None:
         try:
@@ -381,8 +384,10 @@ def _copy_bytes(file: ImageFile, src: int, dst: int, n: int) -> None:
         except OSError:
             pass                                 # e.g. unsupported by the filesystem: copy by hand
     while done < n:
-        chunk = file.pread(min(8 << 20, n - done), src + done)
-        chunk += bytes(min(8 << 20, n - done) - len(chunk))
+        # Stored data being moved: a failed or short read is a ReadError (the journal rolls the
+        # operation back), never zeros written in the data's place.
+        chunk = bytearray(min(8 << 20, n - done))
+        file.readinto_exact(memoryview(chunk), src + done)
         os.pwrite(file.fd, chunk, dst + done)
         done += len(chunk)
 

@@ -199,7 +199,7 @@ def _resize_vhd_dynamic(layer, new_size: int) -> int:
         starts = sf.unit_starts(block_map)
         for b in np.flatnonzero((starts >= 0) & (starts < new_table_end) & (starts + sf.unit > old_table_end)):
             src = int(starts[b])
-            writes_beyond.append((end, _read_exact(file, src, sf.unit)))
+            writes_beyond.append((end, _read_block(file, src, sf.unit)))
             block_map[b] = end + sf.skip
             end += sf.unit
             moved += 1
@@ -239,6 +239,14 @@ def _read_exact(file, offset: int, n: int) -> bytes:
     return data + bytes(n - len(data))
 
 
+def _read_block(file, offset: int, n: int) -> bytes:
+    """A stored block that is about to move: a failed or short read is a ReadError, never zeros
+    written to the block's new place."""
+    buf = bytearray(n)
+    file.readinto_exact(memoryview(buf), offset)
+    return bytes(buf)
+
+
 def _resize_vdi(layer, new_size: int) -> int:
     file = layer.file
     fixed = layer.subtype == "fixed"
@@ -264,7 +272,7 @@ def _resize_vdi(layer, new_size: int) -> int:
         base = max(file_end, new_od)
         for b in np.flatnonzero((slots >= 0) & (slots < d)):
             k = int(slots[b])
-            writes_beyond.append((base + moved * unit, _read_exact(file, od + k * unit, unit)))
+            writes_beyond.append((base + moved * unit, _read_block(file, od + k * unit, unit)))
             block_map[b] = base + moved * unit + layer.block_extra
             moved += 1
         file_end = base + moved * unit
