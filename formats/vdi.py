@@ -29,6 +29,22 @@ def is_vdi(head: bytes) -> bool:
     return len(head) >= PRE_HEADER_SIZE and int.from_bytes(head[0x40:0x44], "little") == SIGNATURE
 
 
+def vdi_remnant(head: bytes) -> Optional[str]:
+    """What in the pre-header of a file without the VDI signature still says it was a VDI: the
+    text line every writer puts at offset 0 ("<<< ... Disk Image >>>"). None if nothing."""
+    text = head[:64].split(b"\n", 1)[0]
+    if text.startswith(b"<<< ") and b" >>>" in text:
+        return f"VDI header text {text.decode('ascii', 'replace')!r} at offset 0"
+    return None
+
+
+def vdi_signature_problem(head: bytes) -> str:
+    """The pre-header's signature field, said as found against expected."""
+    if len(head) < PRE_HEADER_SIZE:
+        return f"the file is {len(head)} bytes, too small for a VDI pre-header"
+    return f"signature {int.from_bytes(head[0x40:0x44], 'little'):#010x} is not {SIGNATURE:#x}"
+
+
 def _align(value: int, to: int) -> int:
     return -(-value // to) * to
 

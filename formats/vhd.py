@@ -50,6 +50,14 @@ def is_vhd(head: bytes, tail: bytes) -> bool:
     return tail[-512:-504] == FOOTER_COOKIE or tail[-511:-503] == FOOTER_COOKIE or head[:8] == FOOTER_COOKIE
 
 
+def vhd_remnant(head: bytes) -> Optional[str]:
+    """What in the first KiB of a file without a footer (nor its copy) still says it was a VHD:
+    a dynamic header where every writer puts it, right after the footer copy. None if nothing."""
+    if head[FOOTER_SIZE:FOOTER_SIZE + 8] == HEADER_COOKIE:
+        return f"a 'cxsparse' dynamic header at offset {FOOTER_SIZE:#x}"
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Footer handling
 # ---------------------------------------------------------------------------------------------

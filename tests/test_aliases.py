@@ -12,7 +12,6 @@ import pytest
 import vdisk
 from vdisk.cli import build_parser, main
 
-from conftest import need
 
 MiB = 1 << 20
 
@@ -91,8 +90,8 @@ def test_every_command_with_progress_also_takes_p():
 
 
 # -- vpc ----------------------------------------------------------------------------------------
+@pytest.mark.judges("qemu-img")
 def test_O_vpc_writes_a_vhd_that_qemu_img_reads_as_vpc(capsys, tmp_path, image):
-    need("qemu-img")
     dst = tmp_path / "out.img"                 # the name alone would mean raw
     status, _, err = run(capsys, "convert", image, dst, "-O", "vpc")
     assert status == 0, err

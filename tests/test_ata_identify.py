@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import random
 import re
-import shutil
 import struct
 import subprocess
 import uuid
@@ -25,8 +24,7 @@ from test_ata_helpers import MemDisk, pattern
 
 
 def hdparm(block: bytes) -> str:
-    if shutil.which("hdparm") is None:
-        pytest.skip("hdparm is not installed")
+    """hdparm's decoding of an IDENTIFY block (tests using it carry @pytest.mark.judges("hdparm"))."""
     out = subprocess.run(["hdparm", "--Istdin"], input=hex_dump(block), capture_output=True, text=True,
                          timeout=30)
     assert out.returncode == 0, out.stderr
@@ -69,6 +67,7 @@ IMAGES = [("vhd", "dynamic", 10 << 20), ("vhd", "fixed", 3 << 20), ("vdi", "dyna
 
 
 @pytest.mark.parametrize("fmt,sub,size", IMAGES, ids=[f"{f}-{s}-{n}" for f, s, n in IMAGES])
+@pytest.mark.judges("hdparm")
 def test_identify_of_created_images(tmp_path, fmt, sub, size):
     path = tmp_path / f"guest disk.{fmt}"
     with vdisk.create(path, size, format=fmt, subtype=sub) as d:
@@ -90,6 +89,7 @@ def test_identify_of_created_images(tmp_path, fmt, sub, size):
             assert AtaDisk(d).identify() == block
 
 
+@pytest.mark.judges("hdparm")
 def test_identify_of_a_windows_vhd_fixture():
     with vdisk.open(FIXTURES / "rdisk_vhd_fixed_small.vhd") as d:
         ata = AtaDisk(d)
@@ -99,6 +99,7 @@ def test_identify_of_a_windows_vhd_fixture():
                       total=6144, geometry=Geometry(90, 4, 17))
 
 
+@pytest.mark.judges("hdparm")
 def test_identify_of_a_virtualbox_vdi_fixture():
     with vdisk.open(FIXTURES / "pyvbox_TestHD_4.0.8.vdi") as d:
         text = hdparm(AtaDisk(d).identify())
@@ -106,6 +107,7 @@ def test_identify_of_a_virtualbox_vdi_fixture():
                       total=16777216, geometry=Geometry(16383, 16, 63))
 
 
+@pytest.mark.judges("hdparm")
 def test_vdi_lchs_geometry(tmp_path):
     path = tmp_path / "lchs.vdi"
     vdisk.create(path, 4 << 20, format="vdi").close()
@@ -147,6 +149,7 @@ def test_default_geometry(total, expect):
     assert geo.capacity <= total
 
 
+@pytest.mark.judges("hdparm")
 def test_custom_strings_and_settings_reach_hdparm():
     disk = MemDisk(1 << 20, uuid=uuid.UUID(int=0x1234))
     ata = AtaDisk(disk, model="Acme Virtual Disk 9000 with a model name longer than forty chars",
@@ -167,6 +170,7 @@ def test_custom_strings_and_settings_reach_hdparm():
     assert field(text, "Checksum:") == "correct"
 
 
+@pytest.mark.judges("hdparm")
 def test_hdparm_notices_a_bad_checksum():
     block = bytearray(AtaDisk(MemDisk(1000)).identify())
     block[200] ^= 0x10

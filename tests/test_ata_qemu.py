@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import socket
 import subprocess
 
@@ -36,7 +35,7 @@ QEMU = "qemu-system-x86_64"
 SECTORS = 8192                    # 4 MiB: QEMU guesses 8/16/63, as does our default derivation
 DATA, STATUS, CONTROL = 0x1F0, 0x1F7, 0x3F6
 
-pytestmark = pytest.mark.skipif(shutil.which(QEMU) is None, reason="qemu-system-x86 is not installed")
+pytestmark = pytest.mark.judges(QEMU)          # qemu-system-x86 (qtest, no KVM needed)
 
 
 class QemuIde:

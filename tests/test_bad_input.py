@@ -181,10 +181,12 @@ def test_vdi_header_fields_out_of_range(tmp_path, field, value, match):
     assert err.field == field
 
 
-def test_wrong_vdi_signature_is_just_raw(tmp_path):
+def test_wrong_vdi_signature_is_refused_not_read_as_raw(tmp_path):
     path = make_vdi(tmp_path)
     patch(path, 0x40, b"\0\0\0\0")
-    with vdisk.open(path) as d:                # no signature at all: a raw file, as qemu-img says
+    err = expect_refusal(path, vdisk.FormatError, "signature 0x00000000 is not 0xbeda107f")
+    assert err.field == "signature" and "-f raw" in str(err)
+    with vdisk.open(path, format="raw") as d:  # on purpose: the container's bytes as a disk
         assert d.format == "raw"
 
 

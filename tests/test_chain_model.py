@@ -15,6 +15,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 import vdisk
 
+from conftest import need_module
+
 KiB = 1024
 
 
@@ -137,7 +139,7 @@ TestVhdSmallBlockChain.settings = settings(SETTINGS, max_examples=40)
 
 
 def test_vhd_chain_of_depth_three_agrees_with_libvhdi(tmp_path):
-    pyvhdi = pytest.importorskip("pyvhdi")
+    pyvhdi = need_module("pyvhdi")
     size = 8 << 20
     model = bytearray(size)
     rng = np.random.default_rng(7)

@@ -15,7 +15,7 @@ from vdisk.cli import main, parse_size
 from vdisk.info import CHAIN_KEYS, INFO_KEYS, MAP_KEYS
 from vdisk.progress import ProgressBar, human_bytes
 
-from conftest import interrupt
+from conftest import cannot_here, interrupt
 
 MiB = 1 << 20
 
@@ -399,10 +399,9 @@ def test_mount_onto_a_missing_mountpoint_is_one_line(capsys, small_vhd, tmp_path
     assert_one_line_error(err, "nowhere")
 
 
+@pytest.mark.judges("qemu-img")
 def test_serve_nbd_exports_the_image(tmp_path, small_vhd):
     import socket
-    from conftest import need
-    need("qemu-img")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -445,9 +444,9 @@ def full_disk(tmp_path):
     """A 1 MiB tmpfs: a destination that runs out of space (skipped where mounting is not allowed)."""
     mnt = tmp_path / "full"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
     if r.returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here")
+        cannot_here("tmpfs-mount", r.stderr.strip())
     yield mnt
     subprocess.run(["umount", str(mnt)], check=True)
 

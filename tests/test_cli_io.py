@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import vdisk
-from conftest import interrupt, need
+from conftest import interrupt
 
 MiB = 1 << 20
 
@@ -34,10 +34,8 @@ def image(tmp_path):
     return path
 
 
+@pytest.mark.needs_fuse
 def test_mount_then_umount_shows_the_disk_as_a_file(tmp_path, image):
-    need("fusermount3")
-    if not os.path.exists("/dev/fuse"):
-        pytest.skip("no /dev/fuse")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     r = _cli("mount", image, mnt)
@@ -56,8 +54,8 @@ def test_mount_then_umount_shows_the_disk_as_a_file(tmp_path, image):
     assert not os.path.ismount(mnt)
 
 
+@pytest.mark.judges("iscsi-inq")
 def test_serve_iscsi_answers_an_inquiry(image):
-    need("iscsi-inq")
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "vdisk.cli", "serve", "iscsi", str(image), "--port", str(port),
                              "--iqn", "iqn.2026-01.org.vdisk:test"], stderr=subprocess.PIPE, text=True)
@@ -86,10 +84,8 @@ def shadowed(tmp_path):
     return path, shadow_id
 
 
+@pytest.mark.needs_fuse
 def test_mount_shows_each_shadow_copy_read_only(tmp_path, shadowed):
-    need("fusermount3")
-    if not os.path.exists("/dev/fuse"):
-        pytest.skip("no /dev/fuse")
     path, shadow_id = shadowed
     mnt = tmp_path / "mnt"
     mnt.mkdir()
@@ -109,8 +105,8 @@ def test_mount_shows_each_shadow_copy_read_only(tmp_path, shadowed):
     assert u.returncode == 0, u.stderr
 
 
+@pytest.mark.judges("qemu-img")
 def test_serve_nbd_exports_a_shadow_copy_as_image_at_id(tmp_path, shadowed):
-    need("qemu-img")
     path, shadow_id = shadowed
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "vdisk.cli", "serve", "nbd", f"{path}@{shadow_id}", str(path),

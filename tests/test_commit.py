@@ -82,6 +82,7 @@ def test_a_vdi_parent_keeps_its_modification_uuid_so_the_link_survives(tmp_path)
 
 @pytest.mark.parametrize("fmt", ["vhd", "vdi"])
 @pytest.mark.parametrize("into_base", [False, True], ids=["parent", "grandparent"])
+@pytest.mark.judges("qemu-img")                  # judges every cut (maint_crash)
 def test_a_commit_cut_at_any_write_recovers_to_before_or_after(tmp_path, fmt, into_base):
     base, mid, top = _chain(tmp_path, fmt, size=2 * MiB, bs=64 * 1024)
     target = base if into_base else mid
@@ -95,6 +96,7 @@ def test_a_commit_cut_at_any_write_recovers_to_before_or_after(tmp_path, fmt, in
 
 
 @pytest.mark.parametrize("fmt", ["vhd", "vdi"])
+@pytest.mark.judges("qemu-img")                  # judges every cut (maint_crash)
 def test_a_commit_into_a_fixed_parent_cut_at_any_write_recovers(tmp_path, fmt):
     base = str(tmp_path / f"base.{fmt}")
     with vdisk.create(base, 2 * MiB, format=fmt, subtype="fixed") as d:

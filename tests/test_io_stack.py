@@ -45,8 +45,8 @@ def test_buffered_reader_reads_the_whole_disk(image):
         assert b"".join(lines) == want
 
 
+@pytest.mark.judges("qemu-img")
 def test_copyfileobj_gives_what_qemu_img_converts(tmp_path, image):
-    need("qemu-img")
     judge = tmp_path / "qemu.raw"
     subprocess.run(["qemu-img", "convert", "-f", "vpc", "-O", "raw", str(image), str(judge)], check=True)
     out = tmp_path / "copy.raw"

@@ -26,6 +26,8 @@ import pytest
 import vdisk
 from vdisk.serve.iscsi import start_iscsi_server
 
+from conftest import judge_missing, need
+
 MiB = 1 << 20
 
 # Test-name glob -> why it is not in the selection.
@@ -67,24 +69,28 @@ READ_ONLY_SELECTION = (
     "SCSI.Verify16.*",
 )
 
-needs_libiscsi = pytest.mark.skipif(shutil.which("iscsi-test-cu") is None,
-                                    reason="libiscsi-bin (iscsi-test-cu) is not installed")
+needs_libiscsi = pytest.mark.judges("iscsi-test-cu")        # libiscsi-bin, checked before any fixture
 
 
 def tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} is not installed")
-    return path
+    """The judge's path (tests also name it in @pytest.mark.judges, so it is checked first)."""
+    need(name)
+    return shutil.which(name)
 
 
 def qemu_with_iscsi(name: str) -> str:
-    """qemu-img / qemu-io with the iscsi:// driver (Debian: qemu-block-extra), or skip."""
+    """qemu-img / qemu-io with the iscsi:// driver (Debian: qemu-block-extra)."""
     path = tool(name)
     formats = subprocess.run([tool("qemu-img"), "--help"], capture_output=True, text=True).stdout
     if " iscsi" not in formats:
-        pytest.skip("qemu has no iscsi driver (install qemu-block-extra)")
+        judge_missing("qemu has no iscsi driver (install qemu-block-extra)")
     return path
+
+
+@pytest.fixture
+def qemu_iscsi():
+    """(qemu-img, qemu-io) with the iscsi driver; list it before the fixtures that serve a target."""
+    return qemu_with_iscsi("qemu-img"), qemu_with_iscsi("qemu-io")
 
 
 def all_scsi_tests() -> list[str]:
@@ -239,6 +245,7 @@ def run(*cmd, timeout=60) -> str:
     return proc.stdout
 
 
+@pytest.mark.judges("iscsi-inq")
 def test_iscsi_inq(served):
     srv, path, _ = served
     out = run(tool("iscsi-inq"), srv.url)
@@ -255,6 +262,7 @@ def test_iscsi_inq(served):
     assert f"Unit Serial Number:[{uuid_hex[:20].upper()}]" in out
 
 
+@pytest.mark.judges("iscsi-readcapacity16")
 def test_iscsi_readcapacity16(served):
     srv, _, _ = served
     out = run(tool("iscsi-readcapacity16"), srv.url)
@@ -264,6 +272,7 @@ def test_iscsi_readcapacity16(served):
     assert f"Total size:{8 * MiB}" in out
 
 
+@pytest.mark.judges("iscsi-ls")
 def test_discovery_lists_the_target(served):
     srv, _, _ = served
     out = run(tool("iscsi-ls"), "-s", f"iscsi://127.0.0.1:{srv.port}")
@@ -271,33 +280,34 @@ def test_discovery_lists_the_target(served):
     assert "Lun:0" in out and "DIRECT_ACCESS" in out
 
 
-def test_full_read_with_qemu_img_equals_the_image(served, tmp_path):
+def test_full_read_with_qemu_img_equals_the_image(qemu_iscsi, served, tmp_path):
     srv, _, content = served
     out = tmp_path / "copy.raw"
-    run(qemu_with_iscsi("qemu-img"), "convert", "-f", "raw", "-O", "raw", srv.url, str(out), timeout=120)
+    run(qemu_iscsi[0], "convert", "-f", "raw", "-O", "raw", srv.url, str(out), timeout=120)
     assert out.read_bytes() == content
 
 
-def test_qemu_io_writes_land_in_the_image(tmp_path):
+def test_qemu_io_writes_land_in_the_image(qemu_iscsi, tmp_path):
     path = str(tmp_path / "rw.vdi")
     make_image(path, 8 * MiB, "vdi")
     with start_iscsi_server(path, rw=True) as srv:
-        run(qemu_with_iscsi("qemu-io"), "-f", "raw", "-c", "write -P 0xab 1M 64k", "-c", "discard 2M 1M",
+        run(qemu_iscsi[1], "-f", "raw", "-c", "write -P 0xab 1M 64k", "-c", "discard 2M 1M",
             "-c", "write -z 3M 512", "-c", "flush", srv.url)
-        run(qemu_with_iscsi("qemu-io"), "-f", "raw", "-c", "read -P 0xab 1M 64k", "-c", "read -P 0 2M 1M", srv.url)
+        run(qemu_iscsi[1], "-f", "raw", "-c", "read -P 0xab 1M 64k", "-c", "read -P 0 2M 1M", srv.url)
     with vdisk.open(path) as d:
         assert d.pread(64 << 10, MiB) == b"\xab" * (64 << 10)
         assert d.pread(MiB, 2 * MiB) == bytes(MiB)
         assert d.pread(512, 3 * MiB) == bytes(512)
 
 
-def test_read_only_target_refuses_writes(served):
+def test_read_only_target_refuses_writes(qemu_iscsi, served):
     srv, path, content = served
-    proc = subprocess.run([qemu_with_iscsi("qemu-io"), "-f", "raw", "-c", "write -P 0x1 0 4k", srv.url],
+    proc = subprocess.run([qemu_iscsi[1], "-f", "raw", "-c", "write -P 0x1 0 4k", srv.url],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 or "failed" in (proc.stdout + proc.stderr).lower()
 
 
+@pytest.mark.judges("iscsi-inq")
 def test_wrong_target_name_is_refused(served):
     srv, _, _ = served
     proc = subprocess.run([tool("iscsi-inq"), f"iscsi://127.0.0.1:{srv.port}/iqn.2000-01.org.example:nope/0"],
@@ -305,6 +315,7 @@ def test_wrong_target_name_is_refused(served):
     assert proc.returncode != 0
 
 
+@pytest.mark.judges("iscsi-readcapacity16")
 def test_server_started_from_an_open_disk_leaves_it_open(tmp_path):
     path = str(tmp_path / "open.raw")
     content = make_image(path, 4 * MiB, "raw")
@@ -315,6 +326,7 @@ def test_server_started_from_an_open_disk_leaves_it_open(tmp_path):
         assert d.pread(4096, 0) == content[:4096]
 
 
+@pytest.mark.judges("iscsi-readcapacity16")
 def test_serve_iscsi_blocks_until_interrupted(tmp_path):
     """The entry point behind `vdisk serve iscsi`: prints its URL, serves, stops on SIGINT."""
     import signal

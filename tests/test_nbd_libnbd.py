@@ -258,6 +258,7 @@ if __name__ == "__main__":
 # pytest side
 # ==============================================================================================
 
+import functools  # noqa: E402
 import os  # noqa: E402
 import subprocess  # noqa: E402
 
@@ -269,15 +270,28 @@ from test_nbd_support import build_chain, expected_allocation, import_nbd  # noq
 NBD = import_nbd()
 
 
+@functools.lru_cache(maxsize=None)
+def system_libnbd_problem():
+    """Why /usr/bin/python3 cannot import nbd (python3-libnbd), or None."""
+    if not os.path.exists(SYSTEM_PYTHON):
+        return f"python3-libnbd is not available ({SYSTEM_PYTHON} is missing)"
+    if subprocess.run([SYSTEM_PYTHON, "-c", "import nbd"], capture_output=True).returncode != 0:
+        return f"python3-libnbd is not installed for {SYSTEM_PYTHON}"
+    return None
+
+
+def libnbd_problem():
+    return None if NBD is not None else system_libnbd_problem()
+
+
+# The judge (libnbd, here or under the system Python) is checked before the server fixtures start.
+pytestmark = pytest.mark.judges(check=libnbd_problem)
+
+
 def run_check(name, **kwargs):
     if NBD is not None:
         globals()[name](NBD, **kwargs)
         return
-    if not os.path.exists(SYSTEM_PYTHON):
-        pytest.skip("python3-libnbd is not available")
-    probe = subprocess.run([SYSTEM_PYTHON, "-c", "import nbd"], capture_output=True)
-    if probe.returncode != 0:
-        pytest.skip("python3-libnbd is not installed")
     r = subprocess.run([SYSTEM_PYTHON, os.path.abspath(__file__), name, json.dumps(kwargs)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -342,11 +356,9 @@ def test_parallel_clients(server, chain):
     run_check("check_parallel_clients", uri=server.uri(os.path.basename(path)), raw_path=str(raw))
 
 
+@pytest.mark.judges(check=system_libnbd_problem)
 def test_fallback_runner_under_system_python(server, chain):
     """The subprocess path used where python3-libnbd does not fit the venv's Python."""
-    if not os.path.exists(SYSTEM_PYTHON) or subprocess.run(
-            [SYSTEM_PYTHON, "-c", "import nbd"], capture_output=True).returncode != 0:
-        pytest.skip("python3-libnbd is not installed for /usr/bin/python3")
     path, raw = chain["vdi"]
     r = subprocess.run([SYSTEM_PYTHON, os.path.abspath(__file__), "check_handshake_variants",
                         json.dumps({"uri": server.uri(os.path.basename(path)), "raw_path": str(raw)})],

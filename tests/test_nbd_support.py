@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import struct
 import subprocess
@@ -16,7 +15,7 @@ import sys
 import threading
 from dataclasses import dataclass
 
-import pytest
+from conftest import need  # noqa: F401  (re-exported: the one judge check, see conftest)
 
 NBD_DIST = "/usr/lib/python3/dist-packages"
 
@@ -156,12 +155,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def need(*tools):
-    missing = [t for t in tools if shutil.which(t) is None]
-    if missing:
-        pytest.skip(f"not installed: {' '.join(missing)}")
 
 
 def run(cmd, check=True, **kw):

@@ -13,20 +13,11 @@ from pathlib import Path
 import pytest
 
 import vdisk
-from vdisk.errors import VDiskError
 from vdisk.shadow import open_shadowed, shadow_views
 
-from conftest import need
+from vdisk.mount import mount_image, unmount
 
-try:
-    from vdisk.mount import check_fuse, mount_image, unmount
-    check_fuse()
-    _FUSE_PROBLEM = None
-except (ImportError, VDiskError) as exc:
-    _FUSE_PROBLEM = str(exc)
-
-pytestmark = pytest.mark.skipif(_FUSE_PROBLEM is not None or shutil.which("fusermount3") is None,
-                                reason=f"FUSE unavailable: {_FUSE_PROBLEM or 'fusermount3 missing'}")
+pytestmark = pytest.mark.needs_fuse        # skipped without FUSE; a failure under VDISK_REQUIRE_JUDGES=1
 
 MiB = 1 << 20
 WRITER = """
@@ -67,8 +58,8 @@ def e2fsck(path) -> subprocess.CompletedProcess:
     return subprocess.run(["e2fsck", "-f", "-n", str(path)], capture_output=True, text=True)
 
 
+@pytest.mark.judges("sfdisk", "mkfs.ext4", "e2fsck", "debugfs")
 def test_e2fsck_of_a_mounted_shadow_is_clean_while_the_live_image_is_overwritten(folder):
-    need("sfdisk", "mkfs.ext4", "e2fsck", "debugfs")
     image = folder / "disk.vhd"
     vdisk.create(image, 64 * MiB, format="vhd").close()
     payload = folder / "payload.bin"

@@ -13,7 +13,6 @@ import vdisk
 from vdisk.serve.nbd import BackgroundNBDServer
 from vdisk.shadow import open_shadow_view, open_shadowed
 
-from conftest import need
 
 MiB = 1 << 20
 
@@ -25,8 +24,8 @@ def folder():
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.mark.judges("qemu-img", "qemu-io")
 def test_a_served_shadow_reads_its_creation_bytes_and_refuses_writes(folder):
-    need("qemu-img", "qemu-io")
     image = os.path.join(folder, "disk.vdi")
     with vdisk.create(image, 4 * MiB, format="vdi") as d:
         d.pwrite(b"\x31" * MiB, 0)

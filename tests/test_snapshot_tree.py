@@ -21,7 +21,7 @@ from vdisk.check import check
 SIZE = 4 << 20
 PAGE = 4096           # 4 KiB-aligned writes: libvhdi mis-reads partly set VHD bitmap bytes
 
-from conftest import FAST_TMP
+from conftest import FAST_TMP, need_module
 
 
 def open_in_tree(image: str, path: str, mode: str = "r"):
@@ -130,7 +130,7 @@ class TreeMachine(RuleBasedStateMachine):
     def libvhdi_reads_the_current_chain(self):
         if self.fmt != "vhd":
             return
-        pyvhdi = pytest.importorskip("pyvhdi")
+        pyvhdi = need_module("pyvhdi")
         with open_in_tree(self.image, self.image) as d:
             paths = [c.path for c in d.chain]
         files = []
@@ -161,5 +161,6 @@ class VdiTree(TreeMachine):
 
 TestVhdTree = VhdTree.TestCase
 TestVhdTree.settings = SETTINGS
+TestVhdTree.pytestmark = [pytest.mark.judges(modules=("pyvhdi",))]     # checked before the machine runs
 TestVdiTree = VdiTree.TestCase
 TestVdiTree.settings = SETTINGS

@@ -412,7 +412,11 @@ def _analyse(path: str, report: CheckReport, plan: _Plan) -> None:
         report.error = str(exc)
         return
     try:
-        kind = probe_file(file)
+        try:
+            kind = probe_file(file)
+        except VDiskError as exc:                # a damaged VHD or VDI, not taken for raw
+            report.error = str(exc)
+            return
         report.format = kind
         if kind == "vhd":
             _check_vhd(file, report, plan)
