@@ -27,8 +27,8 @@ from .errors import VDiskError
 from .io import ImageFile
 from vdisk.formats.vhd_structs import (BAT_UNUSED, DISK_DIFFERENCING, DISK_FIXED, FOOTER_CHECKSUM_OFFSET,
                                        FOOTER_COOKIE, FOOTER_SIZE, HEADER_CHECKSUM_OFFSET, HEADER_COOKIE,
-                                       HEADER_FIELD_OFFSETS, HEADER_SIZE, SUBTYPE_NAMES as VHD_SUBTYPES, DynamicHeader, Footer,
-                                       vhd_checksum, with_checksum)
+                                       HEADER_FIELD_OFFSETS, HEADER_SIZE, SUBTYPE_NAMES as VHD_SUBTYPES,
+                                       DynamicHeader, Footer, vhd_checksum, with_checksum)
 from vdisk.formats.vhd import MAX_DYNAMIC_SIZE, _bitmap_bytes, bitmap_used_bytes
 from vdisk.formats.vdi import MAX_BLOCKS as VDI_MAX_BLOCKS
 from vdisk.formats.vdi_structs import (BLOCK_ZERO, HEADER_V1, HEADER_V1_PLUS, PRE_HEADER_SIZE,
@@ -89,6 +89,10 @@ class Findings(list):
     def extend(self, findings) -> None:
         for finding in findings:
             self.append(finding)
+
+    def __iadd__(self, findings):
+        self.extend(findings)
+        return self
 
 
 def _examples(describe, *columns) -> list[str]:
