@@ -90,10 +90,6 @@ class Findings(list):
         for finding in findings:
             self.append(finding)
 
-    def __iadd__(self, findings):
-        self.extend(findings)
-        return self
-
 
 def _examples(describe, *columns) -> list[str]:
     """Messages for the first EXAMPLES rows of parallel numpy columns."""
