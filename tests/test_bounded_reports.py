@@ -190,6 +190,30 @@ def test_a_table_beyond_vdisks_budget_is_an_error_not_an_allocation(tmp_path, mo
     assert r.exit_code == 1 and "exceed vdisk's limit" in r.error and path in r.error
 
 
+def test_check_refuses_a_sparse_vhd_claiming_100_million_entries_in_one_line(tmp_path, budget):
+    """400 MB (sparse) that could hold the table, but 100 M entries exceed vdisk's table budget."""
+    from vdisk.formats.vhd_structs import HEADER_CHECKSUM_OFFSET, with_checksum
+    path = tmp_path / "claims.vhd"
+    vdisk.create(path, 64 * MiB, format="vhd", block_size=4096).close()
+    hoff, _, _ = vhd_tables(path)
+    with open(path, "r+b") as f:
+        f.seek(hoff)
+        header = bytearray(f.read(1024))
+        struct.pack_into(">I", header, 28, 100_000_000)
+        f.seek(hoff)
+        f.write(with_checksum(bytes(header), HEADER_CHECKSUM_OFFSET))
+        f.seek(-512, os.SEEK_END)
+        footer = f.read(512)
+        f.truncate(420_000_000 - 512)
+        f.seek(0, os.SEEK_END)
+        f.write(footer)
+    r = cli("check", path, limit=budget("check"))
+    assert r.returncode == 1 and not r.stderr
+    assert r.stdout.splitlines() == [f"check failed: {path}: dynamic header.max_table_entries at offset "
+                                     f"{hoff + 28:#x}: 100000000 table entries exceed vdisk's limit of "
+                                     f"{limits.MAX_TABLE_ENTRIES} (512 MiB of memory)"]
+
+
 # -- the grouping itself --------------------------------------------------------------------------
 def test_findings_of_one_kind_are_counted_and_the_first_ten_kept():
     report = CheckReport("x.vhd", "vhd", "dynamic")
