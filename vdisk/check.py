@@ -5,6 +5,14 @@ with the structure declarations of ``formats/vhd_structs.py`` and ``formats/vdi_
 reports every problem it finds. Exit codes follow qemu-img: 0 clean, 1 the check could not run,
 2 corruption found, 3 only leaks found. ``repair=True`` fixes what is safely fixable inside one
 journaled transaction and reports what it did; the exit code then describes the repaired image.
+
+Findings are summarised by kind: ``report.findings`` holds one :class:`Finding` per kind, with
+how many times it was found and the first :data:`EXAMPLES` messages, so a crafted table of a
+million bad entries costs ten messages, not a million. A check adds a finding with
+``report.findings.append(Finding(...))`` (once per problem, or once per batch with ``count``
+and ``examples`` from vectorized code); the grouping happens there. Tables are bounded by the
+format and the file (vdisk.limits) before they are read, and examined with numpy, a chunk at a
+time where the check allows it.
 """
 from __future__ import annotations
 
@@ -14,28 +22,91 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from . import journal
+from . import journal, limits
 from .errors import VDiskError
 from .io import ImageFile
 from vdisk.formats.vhd_structs import (BAT_UNUSED, DISK_DIFFERENCING, DISK_FIXED, FOOTER_CHECKSUM_OFFSET,
                                        FOOTER_COOKIE, FOOTER_SIZE, HEADER_CHECKSUM_OFFSET, HEADER_COOKIE,
-                                       HEADER_SIZE, SUBTYPE_NAMES as VHD_SUBTYPES, DynamicHeader, Footer,
-                                       vhd_checksum, with_checksum)
-from vdisk.formats.vhd import _bitmap_bytes, bitmap_used_bytes
+                                       HEADER_FIELD_OFFSETS, HEADER_SIZE, SUBTYPE_NAMES as VHD_SUBTYPES,
+                                       DynamicHeader, Footer, vhd_checksum, with_checksum)
+from vdisk.formats.vhd import MAX_DYNAMIC_SIZE, _bitmap_bytes, bitmap_used_bytes
+from vdisk.formats.vdi import MAX_BLOCKS as VDI_MAX_BLOCKS
 from vdisk.formats.vdi_structs import (BLOCK_ZERO, HEADER_V1, HEADER_V1_PLUS, PRE_HEADER_SIZE,
                                        SIGNATURE, SUBTYPE_NAMES as VDI_SUBTYPES, VERSION_0, HeaderV1, PreHeader)
 
 SECTOR = 512
 EXIT_CLEAN, EXIT_FAILED, EXIT_CORRUPT, EXIT_LEAKS = 0, 1, 2, 3
+#: Messages kept per kind of finding; the others are only counted.
+EXAMPLES = 10
+#: Table entries examined at a time (the temporaries of a check stay at a few MiB).
+CHECK_CHUNK = 1 << 18
 
 
 @dataclass
 class Finding:
-    """One problem: *kind* is a stable identifier, *severity* 'corruption' or 'leak'."""
+    """A kind of problem: *kind* is a stable identifier, *severity* 'corruption' or 'leak',
+    *count* how many times it was found, *examples* the first instances (at most EXAMPLES).
+    A single problem's *message* is its only example; a batch found at once (:meth:`many`)
+    has a *message* about all of them and short examples."""
     kind: str
     severity: str
     message: str
     fixable: bool = False
+    count: int = 1
+    examples: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.examples = list(self.examples[:EXAMPLES]) if self.examples else [self.message]
+
+    @classmethod
+    def many(cls, kind: str, severity: str, count: int, message: str, examples: Sequence[str],
+             fixable: bool = False) -> "Finding":
+        """*count* problems of one kind found at once, e.g. by numpy over a table."""
+        return cls(kind, severity, message, fixable, count, list(examples))
+
+    def text(self) -> str:
+        """One line: a single problem's message, or the kind, its count and the first examples."""
+        if self.count == 1 and self.examples == [self.message]:
+            return self.message
+        about = "" if self.examples[:1] == [self.message] else f", {self.message}"
+        which = f"first {len(self.examples)}: " if len(self.examples) < self.count else ""
+        return f"{self.kind}: {self.count} found{about} ({which}{'; '.join(self.examples)})"
+
+
+class Findings(list):
+    """A report's findings, one :class:`Finding` per kind: appending a kind already present adds
+    to its count and, while there is room, to its examples."""
+
+    def append(self, finding: Finding) -> None:
+        for known in self:
+            if known.kind == finding.kind:
+                known.count += finding.count
+                known.examples.extend(finding.examples[:EXAMPLES - len(known.examples)])
+                known.fixable = known.fixable or finding.fixable
+                return
+        super().append(finding)
+
+    def extend(self, findings) -> None:
+        for finding in findings:
+            self.append(finding)
+
+
+def _examples(describe, *columns) -> list[str]:
+    """Messages for the first EXAMPLES rows of parallel numpy columns."""
+    return [describe(*row) for row in zip(*(c[:EXAMPLES].tolist() for c in columns))]
+
+
+def _table_chunks(file: ImageFile, offset: int, entries: int, dtype: str):
+    """(first index, int64 piece) of a u32 table, CHECK_CHUNK entries at a time."""
+    for first, chunk in limits.iter_table(file.pread, offset, entries, dtype):
+        for i in range(0, len(chunk), CHECK_CHUNK):
+            yield first + i, chunk[i:i + CHECK_CHUNK]
+
+
+def _first(mask: np.ndarray, *columns: np.ndarray) -> list[np.ndarray]:
+    """The first EXAMPLES rows of *columns* where *mask* is set (without copying the rest)."""
+    rows = np.flatnonzero(mask)[:EXAMPLES]
+    return [c[rows] for c in columns]
 
 
 @dataclass
@@ -43,7 +114,7 @@ class CheckReport:
     path: str
     format: Optional[str] = None
     subtype: Optional[str] = None
-    findings: list = field(default_factory=list)
+    findings: Findings = field(default_factory=Findings)   # one entry per kind (see Finding)
     repairs: list = field(default_factory=list)     # what --repair did, one sentence each
     repaired_kinds: list = field(default_factory=list)
     error: Optional[str] = None                     # why the check could not run
@@ -74,12 +145,13 @@ class CheckReport:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d["findings"] = [asdict(f) for f in self.findings]
         d["exit_code"] = self.exit_code
         d["clean"] = self.clean
         return d
 
     def summary(self) -> str:
-        lines = [f"{f.severity}: {f.message}" for f in self.findings]
+        lines = [f"{f.severity}: {f.text()}" for f in self.findings]
         lines += [f"repaired: {r}" for r in self.repairs]
         if self.error:
             lines.append(f"check failed: {self.error}")
@@ -87,7 +159,8 @@ class CheckReport:
             lines.append(f"{self.path}: no errors found ({self.format} {self.subtype}, "
                          f"{self.allocated_blocks} allocated blocks)")
         else:
-            lines.append(f"{self.path}: {len(self.corruptions)} corruption(s), {len(self.leaks)} leak(s)"
+            corrupt, leaks = (sum(f.count for f in group) for group in (self.corruptions, self.leaks))
+            lines.append(f"{self.path}: {corrupt} corruption(s), {leaks} leak(s)"
                          + (f", {self.leaked_bytes} bytes leaked" if self.leaked_bytes else ""))
         return "\n".join(lines)
 
@@ -179,13 +252,21 @@ def _check_vhd(file: ImageFile, report: CheckReport, plan: _Plan) -> None:
         report.error = (f"{path}: dynamic header at {hoff:#x} is damaged (cookie {h.cookie!r}, block size {bs}, "
                         f"table {n} entries at {toff:#x})")
         return
+    try:                                      # the format's and vdisk's bounds, as when opening
+        limits.check_table(path, "dynamic header", "max_table_entries",
+                           hoff + HEADER_FIELD_OFFSETS["max_table_entries"], entries=n, entry_bytes=4,
+                           table_offset=toff, file_size=size,
+                           format_max=max(-(-f.current_size // bs) + 1, MAX_DYNAMIC_SIZE // bs))
+    except VDiskError as exc:
+        report.error = str(exc)
+        return
     if vhd_checksum(hraw, HEADER_CHECKSUM_OFFSET) != h.checksum:
         add(Finding("header-checksum", "corruption", "dynamic header checksum mismatch", fixable=True))
         plan.writes.append((hoff, with_checksum(hraw, HEADER_CHECKSUM_OFFSET)))
     if n * bs < f.current_size:
         add(Finding("size-mismatch", "corruption",
                     f"the table's {n} blocks of {bs} bytes cannot hold the virtual size {f.current_size}"))
-    bat = np.frombuffer(file.pread(4 * n, toff), dtype=">u4").astype(np.int64)
+    bat = limits.read_table(file.pread, toff, n, ">u4")
     bat_len = -(-4 * n // SECTOR) * SECTOR
     meta = [(0, FOOTER_SIZE), (hoff, hoff + HEADER_SIZE), (toff, toff + bat_len)]
     if f.disk_type == DISK_DIFFERENCING:
@@ -202,51 +283,70 @@ def _check_vhd(file: ImageFile, report: CheckReport, plan: _Plan) -> None:
     meta_end = max(hi for _, hi in meta)
     end_of_data = size - FOOTER_SIZE if eof is not None else size
     unit = _bitmap_bytes(bs) + bs
-    alloc = np.flatnonzero(bat != BAT_UNUSED)
-    starts = bat[alloc] * SECTOR
-    ends = starts + unit
-    drop: set[int] = set()
-    for k in range(len(alloc)):
-        blk, s, e = int(alloc[k]), int(starts[k]), int(ends[k])
-        if e > end_of_data or s < FOOTER_SIZE:
-            add(Finding("bat-range", "corruption",
-                        f"BAT entry {blk} points to {s:#x}..{e:#x}, outside the data area (ends at {end_of_data:#x})",
-                        fixable=True))
-            drop.add(blk)
-            continue
-        for lo, hi in meta:
-            if s < hi and e > lo:
-                add(Finding("bat-overlap", "corruption", f"block {blk} at {s:#x} overlaps metadata at {lo:#x}..{hi:#x}",
-                            fixable=True))
-                drop.add(blk)
-                break
-    keep = [k for k in range(len(alloc)) if int(alloc[k]) not in drop]
-    order = sorted(keep, key=lambda k: (int(starts[k]), int(alloc[k])))
-    last_end = 0
-    last_blk = -1
-    for k in order:
-        s, e, blk = int(starts[k]), int(ends[k]), int(alloc[k])
-        if s < last_end:
-            add(Finding("bat-overlap", "corruption", f"block {blk} at {s:#x} overlaps block {last_blk}", fixable=True))
-            drop.add(blk)
-            continue
-        last_end, last_blk = e, blk
-    live = [(int(starts[k]), int(ends[k])) for k in order if int(alloc[k]) not in drop]
+    # The table a chunk at a time, each with numpy: a zeroed table of millions of entries is one
+    # finding per kind, and the temporaries stay at one chunk.
+    drop = np.zeros(n, dtype=bool)                     # entries --repair clears
+    kept_blocks, kept_starts = [], []
+    for c0 in range(0, n, CHECK_CHUNK):
+        part = bat[c0:c0 + CHECK_CHUNK]
+        alloc = np.flatnonzero(part != BAT_UNUSED)
+        starts = part[alloc] * SECTOR
+        bad = (starts + unit > end_of_data) | (starts < FOOTER_SIZE)
+        if bad.any():
+            add(Finding.many("bat-range", "corruption", int(bad.sum()),
+                             f"BAT entries pointing outside the data area, which ends at {end_of_data:#x}",
+                             _examples(lambda blk, s: f"entry {c0 + blk} -> {s:#x}..{s + unit:#x}",
+                                       *_first(bad, alloc, starts)), fixable=True))
+        region = np.full(len(alloc), -1, dtype=np.int8)   # the first metadata region each block overlaps
+        for i, (lo, hi) in reversed(list(enumerate(meta))):
+            region[~bad & (starts < hi) & (starts + unit > lo)] = i
+        hit = region >= 0
+        if hit.any():
+            add(Finding.many("bat-overlap", "corruption", int(hit.sum()), "blocks overlapping metadata or other blocks",
+                             _examples(lambda blk, s, i: f"block {c0 + blk} at {s:#x} overlaps metadata at "
+                                                         f"{meta[i][0]:#x}..{meta[i][1]:#x}",
+                                       *_first(hit, alloc, starts, region)), fixable=True))
+        bad |= hit
+        drop[c0 + alloc[bad]] = True
+        kept_blocks.append(c0 + alloc[~bad])
+        kept_starts.append(starts[~bad])
+    # Blocks overlapping each other: in order of offset, a block starting before the end of the
+    # last kept one is dropped. Kept blocks do not overlap, so the loop runs once per block the
+    # file really holds.
+    blocks, starts = np.concatenate(kept_blocks), np.concatenate(kept_starts)
+    del kept_blocks, kept_starts
+    order = np.lexsort((blocks, starts))
+    blocks, starts = blocks[order], starts[order]
+    kept = np.ones(len(order), dtype=bool)
+    if len(order) > 1 and (starts[1:] < starts[:-1] + unit).any():
+        kept[:] = False
+        i = 0
+        while i < len(order):
+            kept[i] = True
+            i = int(np.searchsorted(starts, starts[i] + unit, side="left"))
+        lost = np.flatnonzero(~kept)
+        last = np.flatnonzero(kept)
+        some = lost[:EXAMPLES]
+        owners = last[np.searchsorted(last, some, side="right") - 1]
+        add(Finding.many("bat-overlap", "corruption", len(lost), "blocks overlapping metadata or other blocks",
+                         _examples(lambda blk, s, other: f"block {blk} at {s:#x} overlaps block {other}",
+                                   blocks[some], starts[some], blocks[owners]), fixable=True))
+        drop[blocks[lost]] = True
+    live = starts[kept]                               # offsets of the blocks kept, ascending
     report.allocated_blocks = len(live)
-    if drop:
-        newbat = bat.copy()
-        newbat[sorted(drop)] = BAT_UNUSED
-        plan.writes.append((toff, newbat.astype(">u4").tobytes()))
+    if drop.any():
+        newbat = bat.astype(">u4")
+        newbat[drop] = BAT_UNUSED
+        plan.writes.append((toff, newbat.tobytes()))
+        del newbat
     if f.disk_type != DISK_DIFFERENCING:
         _check_dynamic_bitmaps(file, live, bs, report, plan)
     # Leaks: data-area bytes nothing references.
     # Gaps smaller than a block are alignment padding (Windows aligns data to 4 KiB), not leaks.
-    used_end = max([meta_end] + [e for _, e in live])
-    gaps, pos = 0, meta_end
-    for s, e in live:
-        if s - pos >= unit:
-            gaps += s - pos
-        pos = max(pos, e)
+    used_end = max(meta_end, int(live[-1]) + unit) if len(live) else meta_end
+    before = np.maximum(np.concatenate(([meta_end], live[:-1] + unit)), meta_end)
+    gap = live - before
+    gaps = int(gap[gap >= unit].sum())
     tail_leak = end_of_data - used_end
     tail_leak = tail_leak if tail_leak >= unit else 0
     if gaps:
@@ -263,14 +363,14 @@ def _check_vhd(file: ImageFile, report: CheckReport, plan: _Plan) -> None:
         _check_parent_identity(file.path, report)
 
 
-def _check_dynamic_bitmaps(file: ImageFile, live: list, bs: int, report: CheckReport, plan: _Plan) -> None:
+def _check_dynamic_bitmaps(file: ImageFile, live: np.ndarray, bs: int, report: CheckReport, plan: _Plan) -> None:
     """Dynamic VHD: a clear bitmap bit promises a zero sector. QEMU and vdisk read the data
     regardless, libvhdi trusts the bit: non-zero data under a clear bit reads differently in
-    different tools. Only blocks whose bitmap is not all ones are read."""
+    different tools. Only blocks whose bitmap is not all ones are read. *live*: block offsets."""
     nbytes = _bitmap_bytes(bs)
     spb = bs // SECTOR
     bad_blocks, bad_sectors = 0, 0
-    for start, _ in live:
+    for start in live.tolist():
         raw = file.pread(nbytes, start)
         bits = np.unpackbits(np.frombuffer(raw[: bitmap_used_bytes(bs)], dtype=np.uint8))[:spb].astype(bool)
         if bits.all():
@@ -346,29 +446,50 @@ def _check_vdi(file: ImageFile, report: CheckReport, plan: _Plan) -> None:
                     f"{n} blocks of {bs} bytes cannot hold the virtual size {hdr['disk_size']}"))
     if hdr["uuid_create"] == bytes(16) or hdr["uuid_modify"] == bytes(16):
         add(Finding("uuid-null", "corruption", "image or modification UUID is null"))
+    try:                                      # the format's and vdisk's bounds, as when opening
+        limits.check_table(path, "header", "blocks_in_image", None, entries=n, entry_bytes=4, table_offset=ob,
+                           file_size=size, format_max=VDI_MAX_BLOCKS)
+    except VDiskError as exc:
+        report.error = str(exc)
+        return
     slot = extra + bs
-    entries = np.frombuffer(file.pread(4 * n, ob), dtype="<u4").astype(np.int64)
-    alloc = np.flatnonzero(entries < BLOCK_ZERO)
     fixed = itype == 2
     file_slots = max(0, (size - od) // slot) if not fixed else n
-    bad: set[int] = set()
-    owner: dict[int, int] = {}
-    for blk in alloc.tolist():
-        s = int(entries[blk])
-        if s >= n or (s >= file_slots and not fixed):
-            add(Finding("map-range", "corruption",
-                        f"block map entry {blk} points to slot {s}, beyond the image ({n} blocks, {file_slots} slots in the file)",
-                        fixable=True))
-            bad.add(blk)
-        elif s in owner:
-            add(Finding("map-overlap", "corruption", f"block map entry {blk} shares slot {s} with entry {owner[s]}",
-                        fixable=True))
-            bad.add(blk)
-        else:
-            owner[s] = blk
-    used = len(owner)
+    # The map a chunk at a time, each chunk with numpy; owner[s] is the first entry using slot s.
+    # Slots beyond the file are out of range, so owner is bounded by what the file holds.
+    nobody = 0xFFFFFFFF
+    owner = np.full(min(n, file_slots), nobody, dtype=np.uint32)
+    for first, entries in _table_chunks(file, ob, n, "<u4"):
+        far = np.flatnonzero((entries < BLOCK_ZERO) & (entries >= len(owner)))
+        if len(far):
+            add(Finding.many("map-range", "corruption", len(far),
+                             f"block map entries pointing past the image's {n} blocks or the file's "
+                             f"{file_slots} slots",
+                             _examples(lambda i, s: f"entry {first + i} -> slot {s}", far, entries[far[:EXAMPLES]]),
+                             fixable=True))
+        near = np.flatnonzero(entries < len(owner))
+        slots = entries[near]
+        taken, at = np.unique(slots, return_index=True)         # the first entry of each slot
+        new = owner[taken] == nobody
+        owner[taken[new]] = near[at[new]] + first
+        shared = np.ones(len(near), dtype=bool)
+        shared[at[new]] = False
+        shared = np.flatnonzero(shared)
+        if len(shared):
+            some = slots[shared[:EXAMPLES]]
+            add(Finding.many("map-overlap", "corruption", len(shared),
+                             "block map entries sharing a slot with an earlier entry",
+                             _examples(lambda i, s, other: f"entry {first + i} -> slot {s} of entry {other}",
+                                       near[shared[:EXAMPLES]], some, owner[some]), fixable=True))
+        if len(far) or len(shared):
+            repaired = entries.astype("<u4")
+            repaired[far] = 0xFFFFFFFF
+            repaired[near[shared]] = 0xFFFFFFFF
+            plan.writes.append((ob + 4 * first, repaired.tobytes()))
+    in_use = np.flatnonzero(owner != nobody)
+    used = len(in_use)
     report.allocated_blocks = used
-    top = max(owner) + 1 if owner else 0
+    top = int(in_use[-1]) + 1 if used else 0
     new_count = counted
     if counted < top:
         add(Finding("allocated-count", "corruption",
@@ -390,10 +511,6 @@ def _check_vdi(file: ImageFile, report: CheckReport, plan: _Plan) -> None:
                         fixable=True))
             plan.final_size = od + top * slot
         report.leaked_bytes = holes * slot + max(0, tail)
-    if bad:
-        newmap = entries.copy()
-        newmap[sorted(bad)] = 0xFFFFFFFF
-        plan.writes.append((ob, newmap.astype("<u4").tobytes()))
     if new_count != counted:
         hdr["blocks_allocated"] = new_count
         plan.writes.append((PRE_HEADER_SIZE, HeaderV1.build(hdr)[:min(hsize, HEADER_V1_PLUS)]))

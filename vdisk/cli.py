@@ -74,6 +74,19 @@ def emit_json(obj) -> None:
     sys.stdout.write("\n")
 
 
+def emit_json_array(items) -> None:
+    """Print an iterable as a JSON array on stdout as it is consumed, one item per line, so
+    memory stays flat however many items there are."""
+    out = sys.stdout
+    encode = json.JSONEncoder(default=str).encode
+    sep = "[\n  "
+    for item in items:
+        out.write(sep)
+        out.write(encode(item))
+        sep = ",\n  "
+    out.write("[]\n" if sep.startswith("[") else "\n]\n")
+
+
 def add_open_options(parser: argparse.ArgumentParser, *, format_flag: str = "-f") -> None:
     """The options every command that opens an image takes: forced format, parent search, size policy."""
     parser.add_argument(format_flag, "--format", dest="format", choices=("vhd", "vdi", "raw"),
@@ -307,17 +320,16 @@ def cmd_convert(args) -> int:
 def cmd_map(args) -> int:
     if getattr(args, "svg", None):
         return _map_svg(args)
-    from .info import image_map
-    with open_image(args, args.image) as d:
-        runs = image_map(d)
-    if args.json:
-        emit_json(runs)
-        return 0
-    print(f"{'start':>18} {'length':>18}  {'kind':<11} {'layer':>5} {'offset':>18}  file")
-    for r in runs:
-        layer = "-" if r["layer"] is None else str(r["layer"])
-        off = "-" if r["offset"] is None else f"{r['offset']:#x}"
-        print(f"{r['start']:#18x} {r['length']:#18x}  {r['kind']:<11} {layer:>5} {off:>18}  {r['file'] or '-'}")
+    from .info import iter_map
+    with open_image(args, args.image) as d:           # runs are written as they are found
+        if args.json:
+            emit_json_array(iter_map(d))
+            return 0
+        print(f"{'start':>18} {'length':>18}  {'kind':<11} {'layer':>5} {'offset':>18}  file")
+        for r in iter_map(d):
+            layer = "-" if r["layer"] is None else str(r["layer"])
+            off = "-" if r["offset"] is None else f"{r['offset']:#x}"
+            print(f"{r['start']:#18x} {r['length']:#18x}  {r['kind']:<11} {layer:>5} {off:>18}  {r['file'] or '-'}")
     return 0
 
 

@@ -2,15 +2,20 @@
 
     with vdisk.open("disk.vhd") as d:
         facts = image_info(d)          # dict with the stable keys listed in INFO_KEYS
-        runs = image_map(d)            # list of dicts with the keys in MAP_KEYS
+        for run in iter_map(d):        # dicts with the keys in MAP_KEYS, one run at a time
+            ...
 
 :func:`info_for_path` also describes a differencing image whose parent cannot be found (the
 image's own facts, with ``parent_error`` saying what is missing) instead of failing.
+
+Memory: both walk the disk with :func:`vdisk.runs.iter_runs`, so beyond the block maps the open
+image holds anyway (8 bytes per table entry) they keep a bounded window of runs, whatever the
+number of runs; :func:`image_map` alone builds the whole list, for callers that want one.
 """
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from .chain import layer_info
 from .disk import Disk
@@ -18,6 +23,7 @@ from .engine import ExtentKind
 from .errors import ParentError
 from .geometry import MAX_GEOMETRY
 from .probe import open_layer
+from .runs import iter_runs
 
 #: Keys of :func:`image_info`'s dict (always present; null where they do not apply).
 INFO_KEYS = ("path", "format", "subtype", "virtual_size", "chs_size", "block_size", "file_size",
@@ -66,11 +72,10 @@ def _chain_entry(layer, info) -> dict:
 
 
 def _usage(disk: Disk) -> dict:
-    totals = {k: 0 for k in KIND_NAMES.values()}
-    if disk.size:
-        for ext in disk.extents():
-            totals[KIND_NAMES[ext.kind]] += ext.length
-    return totals
+    by_kind = {kind: 0 for kind in KIND_NAMES}
+    for _, length, kind, _, _ in iter_runs(disk):
+        by_kind[kind] += length
+    return {KIND_NAMES[kind]: total for kind, total in by_kind.items()}
 
 
 def image_info(disk: Disk, *, parent_error: Optional[str] = None) -> dict:
@@ -123,18 +128,20 @@ def info_for_path(path: str, *, format: Optional[str] = None, parent_search: Seq
             alone.close()
 
 
-def image_map(disk: Disk) -> list[dict]:
-    """Runs of the virtual disk like `qemu-img map`: where each is stored (layer, file, offset)."""
-    out: list[dict] = []
-    if not disk.size:
-        return out
-    for voff, length, kind, level, foff in disk.map_runs(0, disk.size):
-        layer = None if level < 0 else int(level)
+def iter_map(disk: Disk) -> Iterator[dict]:
+    """Runs of the virtual disk like `qemu-img map`: where each is stored (layer, file, offset),
+    one dict at a time (memory stays flat however many runs the disk has)."""
+    paths = [info.path for info in disk.chain]
+    for voff, length, kind, level, foff in iter_runs(disk):
         data = kind == ExtentKind.DATA
-        out.append({
-            "start": int(voff), "length": int(length), "kind": KIND_NAMES[ExtentKind(kind)],
-            "layer": layer,
-            "file": disk.chain[layer].path if data else None,
+        yield {
+            "start": int(voff), "length": int(length), "kind": KIND_NAMES[kind],
+            "layer": None if level < 0 else int(level),
+            "file": paths[level] if data else None,
             "offset": int(foff) if data else None,
-        })
-    return out
+        }
+
+
+def image_map(disk: Disk) -> list[dict]:
+    """:func:`iter_map` as one list."""
+    return list(iter_map(disk))

@@ -25,6 +25,7 @@ import numpy as np
 from .disk import Disk
 from .engine import ExtentKind
 from .progress import human_bytes
+from .runs import iter_runs
 
 SECTOR = 512
 #: Data colours by chain layer (0 = the top image), then repeated.
@@ -77,7 +78,7 @@ def _add(counts: np.ndarray, start: int, end: int, cell: int) -> None:
 
 
 def allocation_cells(disk: Disk, max_cells: int = 512) -> Cells:
-    """What each cell of the virtual disk holds, from one pass over :meth:`Disk.extents`."""
+    """What each cell of the virtual disk holds, from one pass over the disk's runs."""
     size = disk.size
     cell = cell_size_for(size, max_cells)
     n = max(1, -(-size // cell)) if size else 0
@@ -85,15 +86,14 @@ def allocation_cells(disk: Disk, max_cells: int = 512) -> Cells:
     data = np.zeros((layers, n), dtype=np.int64)
     zero = np.zeros(n, dtype=np.int64)
     unallocated = np.zeros(n, dtype=np.int64)
-    if size:
-        for ext in disk.extents():
-            if ext.kind == ExtentKind.DATA:
-                target = data[ext.layer or 0]
-            elif ext.kind == ExtentKind.ZERO:
-                target = zero
-            else:
-                target = unallocated
-            _add(target, ext.offset, ext.offset + ext.length, cell)
+    for start, length, kind, level, _ in iter_runs(disk):      # a window of runs at a time
+        if kind == ExtentKind.DATA:
+            target = data[level]
+        elif kind == ExtentKind.ZERO:
+            target = zero
+        else:
+            target = unallocated
+        _add(target, start, start + length, cell)
     return Cells(size, cell, data, zero, unallocated)
 
 
