@@ -296,6 +296,9 @@ def open_vdi(file: ImageFile, strict: bool = False) -> VdiLayer:
             raise bad("offset_data", f"data at {od:#x} overlaps the block map ({n} entries at {ob:#x})")
     if ob + 4 * n > file_size:
         raise bad("offset_blocks", f"block map ({n} entries at {ob:#x}) lies past the end of the file")
+    # and within what vdisk holds in memory for one table (the same budget create keeps to)
+    limits.check_table(path, "header", "blocks_in_image", V1_FIELD_OFFSETS.get("blocks_in_image"), entries=n,
+                       entry_bytes=4, table_offset=ob, file_size=file_size, format_max=MAX_BLOCKS)
     if header["uuid_create"] == NULL_UUID:
         raise bad("uuid_create", "image UUID is null")
     if header["uuid_modify"] == NULL_UUID and pre.version != VERSION_0:
