@@ -16,6 +16,7 @@ guest, 56 the parent's blob; the parent also holds noise at 0-8 and 20-22, under
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 import os
 import random
 import subprocess
@@ -24,6 +25,7 @@ from pathlib import Path
 import pytest
 
 import vdisk
+from vdisk.devices.scsi import ScsiDisk
 from vdisk.serve.iscsi import BackgroundIscsiServer
 from vdisk.serve.nbd import BackgroundNBDServer
 
@@ -157,7 +159,7 @@ class Chain:
 
 def boot(chain: Chain, device: str, drive_args: list[str]) -> tuple[str, guest_support.GuestResult]:
     result = guest_support.run_guest(chain.initrd(device), drive_args, chain.folder / "console.log",
-                                     timeout=150)
+                                     timeout=60)
     verdicts = result.lines(VERDICT)
     assert verdicts, f"no verdict from the guest (exit {result.returncode}):\n{result.tail()}"
     assert verdicts[-1].startswith(f"{VERDICT} OK"), f"{verdicts[-1]}\n{result.tail()}"
@@ -203,6 +205,32 @@ def check_from_host(chain: Chain, verdict: str) -> None:
         b"cat /dir/f%d\nfile %d of %d written by the guest\n" % (n, n, FILES) for n in range(FILES))
 
 
+class CommandLog:
+    """Every SCSI command vdisk's device model ran: opcodes, the VPD pages asked for, and the
+    (opcode, sense key) of each CHECK CONDITION."""
+
+    def __init__(self, monkeypatch):
+        self.ops: Counter = Counter()
+        self.vpd: set[int] = set()
+        self.checks: Counter = Counter()
+        execute = ScsiDisk.execute_lun      # what the target runs (execute also answers checks
+        log = self                          # made before a write's data arrives)
+
+        def recording(lu, lun, cdb, data_out=None, **kw):
+            result = execute(lu, lun, cdb, data_out, **kw)
+            if result is None:              # a write's checks passed; it runs when its data is in
+                return None
+            op = cdb[0]
+            log.ops[op] += 1
+            if op == 0x12 and cdb[1] & 1:
+                log.vpd.add(cdb[2])
+            if not result.ok:
+                log.checks[(op, result.sense[2] & 0x0F if len(result.sense) > 2 else None)] += 1
+            return result
+
+        monkeypatch.setattr(ScsiDisk, "execute_lun", recording)
+
+
 def test_guest_over_nbd_virtio_blk(judges, tmp_path):
     chain = Chain(tmp_path, seed=13)
     with BackgroundNBDServer([str(chain.child)], names=["guest"], rw=True) as server:
@@ -214,8 +242,9 @@ def test_guest_over_nbd_virtio_blk(judges, tmp_path):
     assert int(field(verdict, "trimmed")) > 0
 
 
-def test_guest_over_iscsi_scsi_block(judges, tmp_path):
+def test_guest_over_iscsi_scsi_block(judges, tmp_path, monkeypatch):
     chain = Chain(tmp_path, seed=31)
+    log = CommandLog(monkeypatch)
     iqn = "iqn.2026-01.org.example.vdisk:guest"
     with BackgroundIscsiServer(str(chain.child), iqn=iqn, rw=True).start() as server:
         verdict, _ = boot(chain, "/dev/sda", [
@@ -231,3 +260,13 @@ def test_guest_over_iscsi_scsi_block(judges, tmp_path):
     assert field(verdict, "rotational") == "0"
     assert field(verdict, "optimal_io") == str(2 * MiB)
     assert field(verdict, "discard") == "zeros"
+    print("SCSI commands:", {f"{op:02x}": n for op, n in sorted(log.ops.items())},
+          "VPD pages:", sorted(f"{p:02x}" for p in log.vpd),
+          "CHECK CONDITIONs:", {f"{op:02x}/{key}": n for (op, key), n in log.checks.items()})
+    # The guest's own probing reached the device model (QEMU's iscsi driver asks for neither).
+    assert {0xB0, 0xB1}.issubset(log.vpd) and log.ops[0x1A] + log.ops[0x5A] > 0
+    assert log.ops[0x42] + log.ops[0x93] + log.ops[0x41] > 0, "no UNMAP/WRITE SAME from fstrim"
+    assert log.ops[0x35] + log.ops[0x91] > 0, "no SYNCHRONIZE CACHE from sync"
+    data_path = {0x28, 0x2A, 0x88, 0x8A, 0x35, 0x91, 0x41, 0x93, 0x42}
+    failed = {k: n for k, n in log.checks.items() if k[0] in data_path or k[1] in (3, 4)}
+    assert not failed, f"the guest's commands failed: {failed}"
