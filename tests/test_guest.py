@@ -231,15 +231,34 @@ class CommandLog:
         monkeypatch.setattr(ScsiDisk, "execute_lun", recording)
 
 
-def test_guest_over_nbd_virtio_blk(judges, tmp_path):
+def counting(monkeypatch, disk, names: tuple[str, ...]) -> Counter:
+    """Count the calls the server makes to these methods of ``disk``."""
+    calls: Counter = Counter()
+    for name in names:
+        method = getattr(disk, name)
+
+        def counted(*args, _method=method, _name=name, **kw):
+            calls[_name] += 1
+            return _method(*args, **kw)
+
+        monkeypatch.setattr(disk, name, counted)
+    return calls
+
+
+def test_guest_over_nbd_virtio_blk(judges, tmp_path, monkeypatch):
     chain = Chain(tmp_path, seed=13)
-    with BackgroundNBDServer([str(chain.child)], names=["guest"], rw=True) as server:
-        uri = f"nbd://127.0.0.1:{server.port}/guest"
-        verdict, _ = boot(chain, "/dev/vda", [
-            "-drive", f"file={uri},format=raw,if=none,id=d0,cache=writeback,discard=unmap",
-            "-device", "virtio-blk-pci,drive=d0"])
+    with vdisk.open(chain.child, "r+") as disk:
+        calls = counting(monkeypatch, disk, ("pwrite", "discard", "write_zeroes", "flush"))
+        with BackgroundNBDServer([disk], names=["guest"], rw=True) as server:
+            uri = f"nbd://127.0.0.1:{server.port}/guest"
+            verdict, _ = boot(chain, "/dev/vda", [
+                "-drive", f"file={uri},format=raw,if=none,id=d0,cache=writeback,discard=unmap",
+                "-device", "virtio-blk-pci,drive=d0"])
+    print("NBD server calls:", dict(calls))
     check_from_host(chain, verdict)
     assert int(field(verdict, "trimmed")) > 0
+    # blkdiscard, mke2fs and fstrim reached vdisk as NBD_CMD_TRIM, sync as NBD_CMD_FLUSH.
+    assert calls["discard"] > 0 and calls["flush"] > 0 and calls["pwrite"] > 0
 
 
 def test_guest_over_iscsi_scsi_block(judges, tmp_path, monkeypatch):
