@@ -16,10 +16,9 @@ guest, 56 the parent's blob; the parent also holds noise at 0-8 and 20-22, under
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
-import os
 import random
 import subprocess
+from collections import Counter
 from pathlib import Path
 
 import pytest
