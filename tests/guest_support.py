@@ -26,7 +26,10 @@ MODULES = ("virtio_pci", "virtio_blk", "virtio_scsi", "sd_mod")
 
 def kernel() -> Optional[tuple[Path, Path]]:
     """(vmlinuz, its /lib/modules folder) of an installed cloud kernel, newest first, or None."""
-    for image in sorted(glob.glob("/boot/vmlinuz-*-cloud-amd64"), reverse=True):
+    def version_key(path: str) -> list:
+        return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
+
+    for image in sorted(glob.glob("/boot/vmlinuz-*-cloud-amd64"), key=version_key, reverse=True):
         version = os.path.basename(image)[len("vmlinuz-"):]
         modules = Path("/lib/modules") / version
         if os.access(image, os.R_OK) and (modules / "modules.dep").exists():
@@ -48,9 +51,18 @@ def mke2fs() -> Optional[str]:
     return next((p for p in MKE2FS_PATHS if os.access(p, os.X_OK)), None)
 
 
+def qemu_has_iscsi() -> bool:
+    """QEMU's libiscsi block driver is a module (qemu-block-extra); without it "Unknown driver"."""
+    probe = subprocess.run([QEMU, "-drive", "driver=iscsi,help"], capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL)
+    return "Unknown driver" not in probe.stderr
+
+
 def missing_judges() -> list[str]:
     """What the guest test needs and this machine lacks (CI installs all of it)."""
     missing = [tool for tool in (QEMU, "e2fsck", "debugfs", "ldd") if shutil.which(tool) is None]
+    if QEMU not in missing and not qemu_has_iscsi():
+        missing.append("QEMU's libiscsi block driver (apt-get install qemu-block-extra)")
     if kernel() is None:
         missing.append("a cloud kernel (/boot/vmlinuz-*-cloud-amd64: apt-get install linux-image-cloud-amd64)")
     if busybox() is None:

@@ -158,7 +158,7 @@ class Chain:
 
 def boot(chain: Chain, device: str, drive_args: list[str]) -> tuple[str, guest_support.GuestResult]:
     result = guest_support.run_guest(chain.initrd(device), drive_args, chain.folder / "console.log",
-                                     timeout=60)
+                                     timeout=90)
     verdicts = result.lines(VERDICT)
     assert verdicts, f"no verdict from the guest (exit {result.returncode}):\n{result.tail()}"
     assert verdicts[-1].startswith(f"{VERDICT} OK"), f"{verdicts[-1]}\n{result.tail()}"
