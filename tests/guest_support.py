@@ -1,5 +1,5 @@
 """A real Linux guest as a judge: Debian's cloud kernel under QEMU (TCG), an initramfs built here
-from busybox, the host's mke2fs and the kernel's own modules, and a serial console to read the
+from busybox, the host's mke2fs and e2fsck and the kernel's own modules, and a serial console to read the
 guest's verdict from.
 
 Everything the guest needs is found on the host (:func:`missing_judges` names what is not), so a
@@ -19,7 +19,8 @@ from typing import Iterable, Optional, Union
 
 QEMU = "qemu-system-x86_64"
 BUSYBOX_PATHS = ("/bin/busybox", "/usr/bin/busybox")
-MKE2FS_PATHS = ("/sbin/mke2fs", "/usr/sbin/mke2fs")
+# e2fsprogs tools copied into the guest (busybox's mke2fs makes ext2 only and it has no fsck).
+E2FS_TOOLS = ("mke2fs", "e2fsck")
 # What the guest needs from the cloud kernel's modules (the rest comes from modules.dep).
 MODULES = ("virtio_pci", "virtio_blk", "virtio_scsi", "sd_mod")
 
@@ -47,8 +48,8 @@ def busybox() -> Optional[str]:
     return None
 
 
-def mke2fs() -> Optional[str]:
-    return next((p for p in MKE2FS_PATHS if os.access(p, os.X_OK)), None)
+def e2fs_tool(name: str) -> Optional[str]:
+    return next((p for p in (f"/sbin/{name}", f"/usr/sbin/{name}") if os.access(p, os.X_OK)), None)
 
 
 def qemu_has_iscsi() -> bool:
@@ -64,11 +65,11 @@ def missing_judges() -> list[str]:
     if QEMU not in missing and not qemu_has_iscsi():
         missing.append("QEMU's libiscsi block driver (apt-get install qemu-block-extra)")
     if kernel() is None:
-        missing.append("a cloud kernel (/boot/vmlinuz-*-cloud-amd64: apt-get install linux-image-cloud-amd64)")
+        missing.append("a cloud kernel (/boot/vmlinuz-*-cloud-amd64: "
+                       "apt-get install linux-image-cloud-amd64)")
     if busybox() is None:
         missing.append("a static busybox (apt-get install busybox-static)")
-    if mke2fs() is None:
-        missing.append("mke2fs (e2fsprogs)")
+    missing += [f"{name} (e2fsprogs)" for name in E2FS_TOOLS if e2fs_tool(name) is None]
     return missing
 
 
@@ -164,7 +165,7 @@ def module_order(modules_dir: Path, wanted: Iterable[str]) -> list[str]:
 
 def build_initramfs(init_script: str, data: dict[str, bytes]) -> bytes:
     """An initramfs whose /init is ``init_script`` (run by busybox sh), with busybox's applets,
-    the host's mke2fs and its libraries, the block-device modules (insmod-ed in order from
+    the host's mke2fs and e2fsck with their libraries, the block-device modules (insmod-ed in order from
     /modules.order) and ``data`` (guest path -> bytes)."""
     image_modules = kernel()
     assert image_modules is not None
@@ -176,9 +177,12 @@ def build_initramfs(init_script: str, data: dict[str, bytes]) -> bytes:
     archive.node("dev/null", stat.S_IFCHR, 1, 3, 0o666)
     archive.host_file("bin/busybox", busybox())
     archive.symlink("bin/sh", "busybox")
-    tool = mke2fs()
-    archive.host_file("sbin/mke2fs", tool)
-    for lib in shared_libraries(tool):
+    libraries: set[str] = set()
+    for name in E2FS_TOOLS:
+        tool = e2fs_tool(name)
+        archive.host_file("sbin/" + name, tool)
+        libraries.update(shared_libraries(tool))
+    for lib in sorted(libraries):
         archive.host_file(lib, lib)
     if os.path.exists("/etc/mke2fs.conf"):
         archive.host_file("etc/mke2fs.conf", "/etc/mke2fs.conf")

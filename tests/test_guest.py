@@ -5,10 +5,10 @@ SYNCHRONIZE CACHE, the VPD pages it probes -- reach vdisk's SCSI device model un
 
 In the guest, /init (busybox sh) checks the parent's data through the child, writes a pattern
 with O_DIRECT and reads it back, discards a range whose parent holds data, makes ext4 with the
-host's mke2fs, writes files, runs fstrim, remounts and compares, then prints one verdict line on
-the serial console and powers off. The host then checks the verdict, the base image unchanged,
-the pattern and the discarded range through ``vdisk.open``, and the filesystem with
-``e2fsck -fn`` and ``debugfs`` on a raw copy read through vdisk.
+host's mke2fs, writes files, runs fstrim, remounts and compares, runs the host's e2fsck -fn,
+then prints one verdict line on the serial console and powers off. The host then checks the
+verdict, the base image unchanged, the pattern and the discarded range through ``vdisk.open``,
+and the filesystem with ``e2fsck -fn`` and ``debugfs`` on a raw copy read through vdisk.
 
 Layout of the 64 MiB disk (MiB): 0-40 ext4, 44 the guest's pattern, 48-50 discarded by the
 guest, 56 the parent's blob; the parent also holds noise at 0-8 and 20-22, under the filesystem.
@@ -58,22 +58,24 @@ done
 echo "guest: $DEV is $(cat /sys/class/block/${DEV#/dev/}/size) sectors, discard max" \
   "$(cat /sys/class/block/${DEV#/dev/}/queue/discard_max_bytes) bytes," \
   "rotational $(cat /sys/class/block/${DEV#/dev/}/queue/rotational)"
-MiB=1048576
+# read_at FILE OFFSET LENGTH: O_DIRECT, so the bytes come from the disk, not the page cache
+read_at() { dd if=$DEV of=$1 bs=64k skip=$(($2/65536)) count=$(($3/65536)) iflag=direct 2>/dev/null; }
 
 # The parent's blob, through the child.
-dd if=$DEV of=/tmp/parent bs=64k skip=$((@PARENT_AT@/65536)) count=$((@PARENT_LEN@/65536)) iflag=direct 2>/dev/null
+read_at /tmp/parent @PARENT_AT@ @PARENT_LEN@ || fail "parent read"
 cmp -s /tmp/parent /data/parent || fail "parent blob differs through the child"
 
-# A pattern written with O_DIRECT and read back with O_DIRECT after the caches are dropped.
-dd if=/data/pattern of=$DEV bs=64k seek=$((@PATTERN_AT@/65536)) oflag=direct conv=fsync 2>/dev/null || fail "pattern write"
+# A pattern written with O_DIRECT and read back after the caches are dropped.
+dd if=/data/pattern of=$DEV bs=64k seek=$((@PATTERN_AT@/65536)) oflag=direct conv=fsync 2>/dev/null \
+  || fail "pattern write"
 echo 3 > /proc/sys/vm/drop_caches
-dd if=$DEV of=/tmp/back bs=64k skip=$((@PATTERN_AT@/65536)) count=$((@PATTERN_LEN@/65536)) iflag=direct 2>/dev/null
+read_at /tmp/back @PATTERN_AT@ @PATTERN_LEN@ || fail "pattern read"
 cmp -s /tmp/back /data/pattern || fail "pattern read back differs"
 
-# A discard over the parent's noise.
+# A discard over the parent's noise: what does the range read afterwards?
 blkdiscard -o @DISCARD_AT@ -l @DISCARD_LEN@ $DEV || fail "blkdiscard"
-dd if=$DEV of=/tmp/disc bs=64k skip=$((@DISCARD_AT@/65536)) count=$((@DISCARD_LEN@/65536)) iflag=direct 2>/dev/null
-if cmp -s /tmp/disc /data/noise; then DISCARD=kept; \
+read_at /tmp/disc @DISCARD_AT@ @DISCARD_LEN@ || fail "discarded range read"
+if cmp -s /tmp/disc /data/noise; then DISCARD=kept
 elif [ "$(tr -d '\000' < /tmp/disc | wc -c)" = 0 ]; then DISCARD=zeros; else DISCARD=other; fi
 
 # ext4 on the first @FS_BLOCKS@ blocks, files, fstrim, a remount that compares.
@@ -99,10 +101,11 @@ cmp -s /mnt/pattern /data/pattern || fail "pattern file differs after remount"
 [ "$(cat /mnt/dir/f7)" = "file 7 of @FILES@ written by the guest" ] || fail "small file differs"
 [ "$(ls /mnt/dir | wc -l)" = @FILES@ ] || fail "file count"
 umount /mnt || fail "umount ro"
+FSCK=$(/sbin/e2fsck -fn $DEV 2>&1) || { echo "$FSCK"; fail "e2fsck in the guest"; }
 sync
 Q=/sys/class/block/${DEV#/dev/}/queue
-echo "@VERDICT@ OK trimmed=$TRIMMED rotational=$(cat $Q/rotational) optimal_io=$(cat $Q/optimal_io_size)" \
-  "max_sectors_kb=$(cat $Q/max_sectors_kb) discard=$DISCARD"
+echo "@VERDICT@ OK trimmed=$TRIMMED rotational=$(cat $Q/rotational)" \
+  "optimal_io=$(cat $Q/optimal_io_size) max_sectors_kb=$(cat $Q/max_sectors_kb) discard=$DISCARD"
 poweroff -f
 sleep 5
 """
