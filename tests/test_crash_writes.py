@@ -125,9 +125,10 @@ def _run(top: str, ops: list[tuple], rec: Recorder) -> list[tuple]:
 
 
 def _allowed(content: np.ndarray, done: list[tuple], cut: int) -> tuple[np.ndarray, list, tuple]:
-    """(values at the last flush completed before event *cut*, writes begun since, and a key
-    naming that pair). A write has begun when one of its events happened (one that made none
-    changed nothing); a flush has completed when all of its events happened."""
+    """(values at the last flush completed before event *cut*, writes called since, and a key
+    naming that pair). A write was called when the events before its own had happened (its
+    effect may be in memory only: a zero marker or a released block waits for the flush); a
+    flush has completed when all of its events happened."""
     durable = content.copy()
     since: list = []
     flushed = -1
@@ -139,7 +140,7 @@ def _allowed(content: np.ndarray, done: list[tuple], cut: int) -> tuple[np.ndarr
                 durable[o:o + len(d)] = np.frombuffer(d, np.uint8)
             since = []
             flushed = i
-        elif start + 1 < cut:
+        elif start < cut:
             since.append((off, data))
         else:
             break
