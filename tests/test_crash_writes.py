@@ -1,10 +1,11 @@
-"""Ordinary writes survive a crash at every mutation: a seeded workload of writes, zero writes,
-discards, flushes and block allocations is cut before each write/truncation of the image file, in
-two crash models (crash_sim.py): **kill** (every issued write persists) and **power cut** (the
-file at its last barrier plus any subset of the later writes, in order; every subset where there
-are at most 2**EXHAUSTIVE_BITS of them, else SAMPLES seeded random subsets plus none and all).
-Cuts fall before every event, barriers included. The terminal summary shows how many crash
-states each combination tried; scripts/crash_counts.py prints the same table on its own.
+"""Ordinary writes survive a crash at every mutation: seeded workloads of writes, zero writes,
+discards, flushes and block allocations (SEEDS of them per combination) are cut before each
+write, truncation and barrier of the image file, in two crash models (crash_sim.py): **kill**
+(every issued write persists) and **power cut** (the file at its last barrier plus any subset of
+the later writes, in order; every subset where there are at most 2**EXHAUSTIVE_BITS of them,
+else SAMPLES seeded random subsets plus none and all).
+The terminal summary shows how many crash states each combination tried; scripts/crash_counts.py
+prints the same table on its own, for any number of workloads.
 
 Each crash state is judged by
 * an allowed-values model: every virtual byte reads its value at the last completed flush or
