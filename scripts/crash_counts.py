@@ -5,7 +5,7 @@ values, vdisk check, qemu-img check for base VDI, a read-write reopen) and print
 
     .venv/bin/python scripts/crash_counts.py               # the test's seeds
     .venv/bin/python scripts/crash_counts.py --seeds 20    # more workloads per combination
-    .venv/bin/python scripts/crash_counts.py --only vdi-dynamic --first-seed 100
+    .venv/bin/python scripts/crash_counts.py --only vdi-dynamic --first-seed 100 --ops 30
 
 A bad state stops the run with the assertion that names it and a non-zero exit.
 """
@@ -30,7 +30,9 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=len(matrix.SEEDS), help="workloads per combination")
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--only", action="append", choices=list(matrix.COMBOS), help="one combination (repeatable)")
+    ap.add_argument("--ops", type=int, default=matrix.OPS, help="operations per workload")
     args = ap.parse_args()
+    matrix.OPS = args.ops
     tmp = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
     states: dict = {}
     for combo in args.only or list(matrix.COMBOS):
