@@ -89,6 +89,10 @@ class VdiLayer(Layer):
                  present: Optional[tuple[int, int]] = None) -> int:
         with self._lock:
             self._touch()
+            if self.allocated < self._durable_allocated:
+                # The slot was freed by a discard the file does not know of yet: its map still
+                # points a block at it. Make the discard durable before the slot is reused.
+                self.flush()
             slot = self.allocated
             start = self.offset_data + slot * self.slot_size
             self._truncate_pending = None                  # the freed tail is in use again

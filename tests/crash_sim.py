@@ -1,16 +1,19 @@
 """Faithful crash states from a log of what reached the I/O seam (vdisk.io.fault_hook).
 
 A :class:`Recorder` lets a workload run to its end while it logs, per file, every mutation (a
-write with the bytes it left, a truncation with the new size) and every barrier (fdatasync).
-From that one log :func:`crash_files` builds the files as a crash at mutation *n* leaves them
-(mutations 1..n-1 were issued, n and later never were), in two models:
+write with the bytes it left, a truncation with the new size) and every barrier (fdatasync),
+each at its place *seq* in one sequence over all files. From that one log
+:meth:`Recorder.crash_files` builds the files as a crash just before event *cut* leaves them
+(events 1..cut-1 happened, cut and later never did), in two models:
 
 * **kill** — the process dies; every issued write persists.
 * **power cut** — each file is what it was at its last barrier before the cut, plus any subset
   (*keep*) of its later mutations applied *in their order*. (Undoing writes one by one in
   reverse is not the same: it can resurrect bytes that a kept later write had replaced.)
 
-A mutation is the unit: kept or lost whole (torn sectors are not modelled).
+A mutation is the unit: kept or lost whole (torn sectors are not modelled). Cuts fall before
+barriers as well as before mutations: the last write before a barrier, kept while earlier ones
+since the previous barrier are lost, is a state only a cut just before that barrier produces.
 """
 from __future__ import annotations
 
@@ -29,12 +32,13 @@ class Mutation:
     kind: str                   # "write" or "truncate"
     offset: int                 # write offset, or the new size of a truncation
     data: bytes = b""
+    seq: int = 0                # place among all events (mutations and barriers), 1-based
 
 
 @dataclass
 class FileLog:
     initial: bytes
-    events: list = field(default_factory=list)     # Mutation, or ("sync", mutations issued before it)
+    events: list = field(default_factory=list)     # Mutation, or ("sync", its seq)
 
 
 def apply(content: bytearray, m: Mutation) -> None:
@@ -57,6 +61,7 @@ class Recorder:
     def __init__(self):
         self.files: dict[str, FileLog] = {}
         self.count = 0                               # mutations issued so far
+        self.seq = 0                                 # events (mutations and barriers) so far
         self._last: Optional[Mutation] = None        # a write whose bytes are read back next call
         self._fds: dict[str, int] = {}
 
@@ -80,11 +85,12 @@ class Recorder:
         if log is None:
             size = os.fstat(file.fd).st_size
             log = self.files[path] = FileLog(self._read(path, size, 0) if size else b"")
+        self.seq += 1
         if kind == "sync":
-            log.events.append(("sync", self.count))
+            log.events.append(("sync", self.seq))
             return
         self.count += 1
-        m = Mutation(self.count, path, kind, offset)      # truncate: offset is the new size
+        m = Mutation(self.count, path, kind, offset, seq=self.seq)   # truncate: offset is the new size
         if kind == "write":
             m.data = bytes(length)                   # placeholder of the right length
             self._last = m
@@ -98,7 +104,7 @@ class Recorder:
 
     # -- crash states ---------------------------------------------------------------------------
     def pending(self, cut: int) -> dict[str, list[Mutation]]:
-        """Per file, the mutations issued before *cut* and after that file's last barrier."""
+        """Per file, the mutations issued before event *cut* and after that file's last barrier."""
         out = {}
         for path, log in self.files.items():
             todo: list[Mutation] = []
@@ -106,17 +112,18 @@ class Recorder:
                 if isinstance(ev, tuple):
                     if ev[1] < cut:
                         todo = []
-                elif ev.number < cut:
+                elif ev.seq < cut:
                     todo.append(ev)
             if todo:
                 out[path] = todo
         return out
 
     def crash_files(self, cut: int, keep: Optional[Iterable[int]] = None) -> dict[str, bytes]:
-        """Every logged file as a crash before mutation *cut* leaves it.
+        """Every logged file as a crash just before event *cut* (a seq) leaves it.
 
-        *keep* None is the kill model; otherwise the numbers of the mutations after each file's
-        last barrier that reached the disk (the power cut model; others are lost).
+        *keep* None is the kill model; otherwise the numbers (:attr:`Mutation.number`) of the
+        mutations after each file's last barrier that reached the disk (the power cut model;
+        the others are lost).
         """
         keep_set = None if keep is None else set(keep)
         out = {}
@@ -127,7 +134,7 @@ class Recorder:
                 if isinstance(ev, tuple) and ev[1] < cut:
                     durable_upto = i + 1
             for i, ev in enumerate(log.events):
-                if isinstance(ev, tuple) or ev.number >= cut:
+                if isinstance(ev, tuple) or ev.seq >= cut:
                     continue
                 if keep_set is None or i < durable_upto or ev.number in keep_set:
                     apply(content, ev)

@@ -1,8 +1,11 @@
-"""Ordinary writes survive a crash at every mutation: a seeded workload of writes, zero writes,
-discards, flushes and block allocations is cut before each write/truncation of the image file, in
-two crash models (crash_sim.py): **kill** (every issued write persists) and **power cut** (the
-file at its last barrier plus any subset of the later writes, in order; every subset where there
-are at most 2**EXHAUSTIVE_BITS of them, else SAMPLES seeded random subsets plus none and all).
+"""Ordinary writes survive a crash at every mutation: seeded workloads of writes, zero writes,
+discards, flushes and block allocations (SEEDS of them per combination) are cut before each
+write, truncation and barrier of the image file, in two crash models (crash_sim.py): **kill**
+(every issued write persists) and **power cut** (the file at its last barrier plus any subset of
+the later writes, in order; every subset where there are at most 2**EXHAUSTIVE_BITS of them,
+else SAMPLES seeded random subsets plus none and all).
+The terminal summary shows how many crash states each combination tried; scripts/crash_counts.py
+prints the same table on its own, for any number of workloads.
 
 Each crash state is judged by
 * an allowed-values model: every virtual byte reads its value at the last completed flush or
@@ -22,6 +25,7 @@ import os
 import random
 import shutil
 import subprocess
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -34,6 +38,7 @@ KiB, MiB = 1 << 10, 1 << 20
 EXHAUSTIVE_BITS = 3
 SAMPLES = 6
 OPS = 14
+SEEDS = range(3)                # workloads per combination
 
 # (format, subtype, differencing?, virtual size, block size). VDI uses 1 MiB blocks, the only
 # size QEMU's VDI driver accepts, so qemu-img can judge.
@@ -97,12 +102,13 @@ def _workload(seed: int, size: int, bs: int) -> list[tuple]:
 
 
 def _run(top: str, ops: list[tuple], rec: Recorder) -> list[tuple]:
-    """Run *ops* on *top* under *rec*; returns (kind, off, data, first mutation, last mutation)."""
+    """Run *ops* on *top* under *rec*; returns (kind, off, data, events before, events after)
+    where events are the recorder's seq (mutations and barriers) before and after the operation."""
     done = []
     d = vdisk.open(top, "r+")
     with hooked(rec):
         for kind, off, n, data in ops:
-            start = rec.count
+            start = rec.seq
             if kind == "write":
                 d.pwrite(data, off)
             elif kind == "zero":
@@ -111,29 +117,35 @@ def _run(top: str, ops: list[tuple], rec: Recorder) -> list[tuple]:
                 d.discard(off, n)
             else:
                 d.flush()
-            done.append((kind, off, data, start, rec.count))
-        start = rec.count
+            done.append((kind, off, data, start, rec.seq))
+        start = rec.seq
         d.close()                                            # a close is a flush
-        done.append(("flush", 0, b"", start, rec.count))
+        done.append(("flush", 0, b"", start, rec.seq))
     rec.close()
     return done
 
 
-def _allowed(content: np.ndarray, done: list[tuple], cut: int) -> tuple[np.ndarray, list]:
-    """(values at the last flush completed before *cut*, writes issued since)."""
+def _allowed(content: np.ndarray, done: list[tuple], cut: int) -> tuple[np.ndarray, list, tuple]:
+    """(values at the last flush completed before event *cut*, writes called since, and a key
+    naming that pair). A write was called when the events before its own had happened (its
+    effect may be in memory only: a zero marker or a released block waits for the flush); a
+    flush has completed when all of its events happened."""
     durable = content.copy()
     since: list = []
-    for kind, off, data, start, end in done:
-        if start >= cut:
-            break
+    flushed = -1
+    for i, (kind, off, data, start, end) in enumerate(done):
         if kind == "flush":
-            if end < cut:
-                for o, d in since:
-                    durable[o:o + len(d)] = np.frombuffer(d, np.uint8)
-                since = []
-        else:
+            if end >= cut:
+                break
+            for o, d in since:
+                durable[o:o + len(d)] = np.frombuffer(d, np.uint8)
+            since = []
+            flushed = i
+        elif start < cut:
             since.append((off, data))
-    return durable, since
+        else:
+            break
+    return durable, since, (flushed, len(since))
 
 
 def _bad_bytes(got: bytes, durable: np.ndarray, since: list) -> int:
@@ -185,34 +197,91 @@ def _judge(combo: str, top: str, files: dict, durable, since, power_cut: bool, c
         assert d.pread(4096, size - 4096) == b"\x5a" * 4096
 
 
-@pytest.mark.parametrize("combo", list(COMBOS))
-def test_a_crash_at_any_mutation_leaves_old_or_new_bytes_and_a_usable_image(tmp_path, combo):
+def crash_states(folder: str, combo: str, seed: int = 0, ops: Optional[list] = None) -> dict:
+    """Run the seeded workload (or *ops*) on a new *combo* image in *folder*, judge the image
+    after a crash at every event in both models (asserting on the first bad state), and return
+    the counts."""
     fmt, _subtype, diff, size, bs = COMBOS[combo]
     if fmt == "vdi" and not diff:
         _qemu_img()                                          # the judge first
-    top, content = _build(str(tmp_path), combo)
-    ops = _workload(seed=sum(map(ord, combo)), size=size, bs=bs or 64 * KiB)
+    top, content = _build(folder, combo)
+    if ops is None:
+        ops = _workload(seed=seed, size=size, bs=bs or 64 * KiB)
     rec = Recorder()
     done = _run(top, ops, rec)
-    total = rec.count
-    assert total > 10, f"{combo}: the workload made only {total} mutations"
-    rng = random.Random(total)
-    counts = dict(mutations=total, kill=0, power_cut=0, distinct=0, leaks=0)
+    assert rec.count > 5, f"{combo}: the workload made only {rec.count} mutations"
+    rng = random.Random(rec.seq)
+    counts = dict(mutations=rec.count, events=rec.seq, kill=0, power_cut=0, distinct=0, leaks=0)
     counts["footer restored by open"] = 0
     seen = set()
-    for cut in range(1, total + 2):
-        durable, since = _allowed(content, done, cut)
+    for cut in range(1, rec.seq + 2):                        # before each event, and after all
+        durable, since, allowed_key = _allowed(content, done, cut)
         states = [(False, None)]
         pending = [m.number for ms in rec.pending(cut).values() for m in ms]
         states += [(True, keep) for keep in _subsets(pending, rng)]
         for power_cut, keep in states:
             counts["power_cut" if power_cut else "kill"] += 1
             files = rec.crash_files(cut, keep)
-            key = hashlib.sha1(b"".join(files[p] for p in sorted(files))).digest() + bytes([power_cut])
+            # One judgement per file state and allowed-values model (the same bytes can be
+            # judged against a stricter model at a later cut).
+            key = (hashlib.sha1(b"".join(files[p] for p in sorted(files))).digest(), power_cut, allowed_key)
             if key in seen:
                 continue
             seen.add(key)
             counts["distinct"] += 1
             _judge(combo, top, files, durable, since, power_cut, counts)
-    STATES[combo] = counts
-    print(f"\n{combo}: {counts}")
+    return counts
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _state_table(request):
+    """The number of crash states tried, per combination, in the terminal summary."""
+    yield
+    if not STATES:
+        return
+    tr = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if tr is not None and capture is not None:
+        with capture.global_and_fixture_disabled():
+            tr.write_line("")
+            tr.write_sep("-", "crash states judged per combination (test_crash_writes)")
+            for line in format_table(STATES):
+                tr.write_line(line)
+
+
+def format_table(states: dict) -> list[str]:
+    cols = ["mutations", "events", "kill", "power_cut", "distinct", "leaks", "footer restored by open"]
+    head = f"{'combination':18s}" + "".join(f"{c:>{max(9, len(c) + 1)}s}" for c in cols)
+    lines = [head]
+    total = dict.fromkeys(cols, 0)
+    for combo, c in states.items():
+        lines.append(f"{combo:18s}" + "".join(f"{c[k]:>{max(9, len(k) + 1)}d}" for k in cols))
+        for k in cols:
+            total[k] += c[k]
+    lines.append(f"{'all':18s}" + "".join(f"{total[k]:>{max(9, len(k) + 1)}d}" for k in cols))
+    return lines
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("combo", list(COMBOS))
+def test_a_crash_at_any_event_leaves_old_or_new_bytes_and_a_usable_image(tmpfs_path, combo, seed):
+    counts = crash_states(str(tmpfs_path), combo, seed=sum(map(ord, combo)) + seed)
+    prev = STATES.setdefault(combo, dict.fromkeys(counts, 0))
+    for k, v in counts.items():
+        prev[k] += v
+
+
+@pytest.mark.parametrize("combo", ["vdi-dynamic", "vhd-dynamic"])
+def test_a_block_discarded_and_its_space_reused_before_a_flush_survives_a_crash(tmpfs_path, combo):
+    """A discard frees the last VDI slot at once, but the file's block map still points a block
+    at it until the next flush: an allocation reusing the slot before then made the durable map
+    point the discarded block at another block's data (and cut the file under it)."""
+    _fmt, _subtype, _diff, size, bs = COMBOS[combo]
+    bs = bs or 64 * KiB
+    last = (size // 4 + size // 2 - 1) // bs                 # the base's last written block
+    ops = [("discard", last * bs, bs, bytes(bs)),
+           ("write", (last + 1) * bs + 100, 3000, random.Random(1).randbytes(3000)),
+           ("write", last * bs + 700, 1000, random.Random(2).randbytes(1000)),
+           ("flush", 0, 0, b"")]
+    counts = crash_states(str(tmpfs_path), combo, ops=ops)
+    assert counts["distinct"] > 10

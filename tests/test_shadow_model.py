@@ -1,6 +1,10 @@
 """Shadow copies against a model: every surviving shadow reads exactly the bytes the image held
 when it was made, and the live image reads its model, through writes, discards, creates, deletes
-(oldest, middle, all), diff-area evictions, reopens and crashes cut at the I/O seam."""
+(oldest, middle, all), diff-area evictions, reopens and crashes cut at the I/O seam.
+
+After a crash the live image is judged, not adopted: every byte must read its value at the last
+completed flush of the live image (creating a shadow and closing flush it) or a value written
+over it since; only then does the model go on from what the image reads."""
 from __future__ import annotations
 
 import os
@@ -8,6 +12,7 @@ import random
 import shutil
 import tempfile
 
+import numpy as np
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -67,6 +72,8 @@ class ShadowMachine(RuleBasedStateMachine):
         super().__init__()
         self.tmp = tempfile.mkdtemp(prefix="vdisk-shadow-", dir=FAST_TMP)
         self.path, self.live = make_image(self.tmp, self.kind)
+        self.durable = bytes(self.live)                 # the live image at its last flush
+        self.since: list[tuple[int, bytes]] = []        # live writes since then
         self.disk = open_shadowed(self.path, "r+")
         self.shadows: list[tuple[str, bytes]] = []      # (id, content at creation), oldest first
         self.limited = False
@@ -89,6 +96,31 @@ class ShadowMachine(RuleBasedStateMachine):
         if gone:
             assert self.limited, "shadows disappeared without any limit"
         self.shadows = self.shadows[len(gone):]
+
+    def _written(self, offset: int, data: bytes) -> None:
+        self.live[offset:offset + len(data)] = data
+        self.since.append((offset, data))
+
+    def _flushed(self) -> None:
+        self.durable = bytes(self.live)
+        self.since = []
+
+    def _judge_live_after_crash(self, cut_write: tuple | None, flushed: bool) -> None:
+        """The live image after a crash: each byte its value at the last flush or one written
+        since (*cut_write*, the cut operation's own, included); exactly the model when the
+        crash came after a flush that nothing followed. The model then goes on from it."""
+        got = self.disk.pread(SIZE, 0)
+        if flushed:
+            assert got == self.live, "the live image lost writes that a completed flush made durable"
+        g = np.frombuffer(got, np.uint8)
+        ok = g == np.frombuffer(self.durable, np.uint8)
+        for off, data in self.since + ([cut_write] if cut_write else []):
+            ok[off:off + len(data)] |= g[off:off + len(data)] == np.frombuffer(data, np.uint8)
+        bad = np.flatnonzero(~ok)
+        assert not len(bad), (f"{len(bad)} live bytes read neither their value at the last flush nor one "
+                              f"written since, first at {int(bad[0])}")
+        self.live[:] = got
+        self._flushed()
 
     def _span(self, offset: int, length: int) -> tuple[int, int]:
         return offset, min(length, SIZE - offset)
@@ -137,27 +169,28 @@ class ShadowMachine(RuleBasedStateMachine):
     def write(self, offset, length, value):
         offset, length = self._span(offset, length)
         self.disk.pwrite(bytes([value]) * length, offset)
-        self.live[offset:offset + length] = bytes([value]) * length
+        self._written(offset, bytes([value]) * length)
         self._sync_evictions()
 
     @rule(offset=offsets, length=lengths)
     def write_zeroes(self, offset, length):
         offset, length = self._span(offset, length)
         self.disk.write_zeroes(offset, length)
-        self.live[offset:offset + length] = bytes(length)
+        self._written(offset, bytes(length))
         self._sync_evictions()
 
     @rule(offset=offsets, length=lengths)
     def discard(self, offset, length):
         offset, length = self._span(offset, length)
         self.disk.discard(offset, length)
-        self.live[offset:offset + length] = bytes(length)
+        self._written(offset, bytes(length))
         self._sync_evictions()
 
     # -- shadows -------------------------------------------------------------------------------
     @rule()
     def create(self):
         info = self.disk.create_shadow("model")
+        self._flushed()
         self.shadows.append((info.id, bytes(self.live)))
         self._sync_evictions()
         assert len(self.disk.shadows) <= self.disk.shadow_set.catalog.max_shadows
@@ -196,6 +229,7 @@ class ShadowMachine(RuleBasedStateMachine):
     @rule()
     def reopen(self):
         self.disk.close()
+        self._flushed()
         if self.shadows:
             sid, content = self.shadows[0]
             with open_shadow_view(self.path, sid) as view:     # a read-only open of one shadow
@@ -226,33 +260,31 @@ class ShadowMachine(RuleBasedStateMachine):
         self._adopt(op, offset, length, value, before, exact=False)
 
     def _adopt(self, op, offset, length, value, before, exact):
-        """Bring the model in line with an operation that finished, or was cut at any point."""
+        """Bring the model in line with an operation that finished, or judge the live image
+        after one cut at any point (a kill: shadows must stay exact regardless)."""
         alive = [s.id for s in self.disk.shadows]
+        new = bytes([value]) * length if op == "write" else bytes(length) if op == "discard" else None
+        extra = [sid for sid in alive if sid not in before] if op == "create" else []
+        if exact:
+            if new is not None:
+                self._written(offset, new)
+            if op in ("create", "close"):
+                self._flushed()
+        else:
+            # A shadow that exists was made after create's flush, and nothing followed it.
+            self._judge_live_after_crash((offset, new) if new is not None else None, flushed=bool(extra))
         if op in ("write", "discard"):
-            new = bytes([value]) * length if op == "write" else bytes(length)
-            if exact:
-                self.live[offset:offset + length] = new
-            else:
-                # Unflushed live writes may be lost in a crash; shadows must stay exact regardless.
-                self.live[:] = self.disk.pread(SIZE, 0)
             self._sync_evictions()
         elif op == "create":
-            if not exact:
-                self.live[:] = self.disk.pread(SIZE, 0)
-            extra = [sid for sid in alive if sid not in before]
             assert len(extra) <= 1 and (exact is False or len(extra) == 1)
             if extra:
                 self.shadows.append((extra[0], bytes(self.live)))
             self._sync_evictions()
         elif op == "delete":
-            if not exact:
-                self.live[:] = self.disk.pread(SIZE, 0)
             self.shadows = [(sid, c) for sid, c in self.shadows if sid in alive]
             if exact and before:
                 assert before[len(before) // 2] not in alive
         else:
-            if not exact:
-                self.live[:] = self.disk.pread(SIZE, 0)
             self._sync_evictions()
 
     # -- what must always hold -----------------------------------------------------------------
