@@ -48,6 +48,8 @@ MAX_INFLIGHT_BYTES = 64 * 1024 * 1024   # per connection: READ/WRITE payload in 
 MAX_INFLIGHT_REQUESTS = 64              # per connection
 MAX_TOTAL_INFLIGHT_BYTES = 256 * 1024 * 1024   # all connections together
 HANDSHAKE_TIMEOUT = 60.0                # seconds a client may take to reach transmission (TLS included)
+#: bytes of replies the transport may hold before the next reply waits for it to drain
+TRANSPORT_QUEUE = 4 * 1024 * 1024
 SEND_TIMEOUT = 60.0                     # seconds replies may wait for a client that reads nothing
 
 
@@ -341,6 +343,12 @@ class NBDServer:
         inflight: set = set()
         budget = {"bytes": 0, "count": 0}
         write_turn = asyncio.Lock()
+        # Replies may queue in the transport up to a few MiB (not asyncio's 64 KiB) before the
+        # next waits its turn, so the socket never idles between replies of a pipelining client.
+        try:
+            writer.transport.set_write_buffer_limits(high=TRANSPORT_QUEUE)
+        except (AttributeError, NotImplementedError):
+            pass
         disk = None
         broken = False
         deadline = (loop.time() + self.handshake_timeout) if self.handshake_timeout else None
