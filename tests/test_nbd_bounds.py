@@ -5,13 +5,16 @@
   in-flight budget (64 MiB) plus the reply being handed over; several such clients together hold
   at most the server-wide budget; once their replies have not moved for ``send_timeout`` they
   are dropped and the memory comes back.
-* A client that pipelines ``NBD_OPT_LIST`` and never reads the replies makes the handshake
-  state machine stop parsing once its queued output is full.
+* Eight clients that pipeline ``NBD_OPT_LIST`` and never read the replies take every slot of a
+  ``--shared 8`` server; the wait for their sockets to drain counts against the handshake
+  deadline, so they are dropped on time and a correct client gets in. The handshake state
+  machine stops parsing once its queued output is full.
 """
 from __future__ import annotations
 
 import socket
 import struct
+import threading
 import time
 import tracemalloc
 
@@ -108,6 +111,55 @@ def test_clients_that_never_read_are_dropped_and_a_correct_one_is_served(image, 
         c.close()
     assert waited < 10
     assert current < 16 * MiB, current / MiB                  # the hogs' replies are gone
+
+
+def list_flood(port: int, seconds: float) -> socket.socket:
+    """A client that sends its flags and then NBD_OPT_LIST after NBD_OPT_LIST, reading nothing,
+    for as long as the server keeps taking them (at most ``seconds``)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    s.sendall(struct.pack(">I", 3))
+    burst = struct.pack(">QII", P.IHAVEOPT, P.OPT_LIST, 0) * 4096
+    s.settimeout(0.2)
+    end = time.monotonic() + seconds
+    try:
+        while time.monotonic() < end:
+            s.sendall(burst)
+    except (socket.timeout, OSError):
+        pass                                      # the server stopped reading: our goal
+    return s
+
+
+HANDSHAKE = 3.0
+
+
+def test_eight_list_floods_do_not_hold_the_slots_past_the_deadline(image, traced):
+    """Eight clients that pipeline NBD_OPT_LIST and never read the replies take every slot of a
+    shared=8 server; the wait for their sockets to drain counts against the handshake deadline,
+    so they are dropped on time and a correct client gets in."""
+    with BackgroundNBDServer([image], shared=8, handshake_timeout=HANDSHAKE) as srv:
+        floods = []
+        threads = [threading.Thread(target=lambda: floods.append(list_flood(srv.port, 1.0)))
+                   for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        t0 = time.monotonic()
+        c = RawClient(srv.port, timeout=20)              # waits for a slot, then negotiates
+        c.greeting()
+        size, _ = c.go(b"")
+        waited = time.monotonic() - t0
+        assert size == SIZE
+        c.request(CMD_READ, 0, 4096, cookie=1)
+        pieces, err = c.structured_read(1)
+        assert err == 0
+        _, peak = tracemalloc.get_traced_memory()
+        c.close()
+        for s in floods:
+            s.close()
+    assert waited < HANDSHAKE + 5                         # the deadline, not forever
+    assert peak < 48 * MiB, peak / MiB                    # 8 x (1 MiB read + 256 KiB replies) + slack
 
 
 def test_the_state_machine_stops_parsing_while_replies_pile_up():
