@@ -71,6 +71,8 @@ class VdiLayer(Layer):
 
     def allocate(self, block: int, pieces: Sequence[tuple[int, bytes]],
                  present: Optional[tuple[int, int]] = None) -> int:
+        if self.subtype == "fixed":
+            return self._allocate_fixed(block, pieces)
         with self._lock:
             self._touch()
             slot = self.allocated
@@ -93,6 +95,40 @@ class VdiLayer(Layer):
             self._dirty_entries.add(block)
             return data_at
 
+    def _allocate_fixed(self, block: int, pieces: Sequence[tuple[int, bytes]]) -> int:
+        """A fixed image already holds a slot for every block: a block whose map entry is free or
+        zero gets one of the slots no entry references (its own slot when free), never a new one
+        past the end (that would make a slot number the image cannot have). The slot's old bytes
+        are unreferenced, so the parts of the block not written are zeroed."""
+        with self._lock:
+            used = np.zeros(len(self.block_map), dtype=bool)
+            bm = self.block_map
+            slots = (bm[bm >= 0] - self.block_extra - self.offset_data) // self.slot_size
+            used[slots[(slots >= 0) & (slots < len(used))]] = True
+            if block < len(used) and not used[block]:
+                slot = block
+            else:
+                free = np.flatnonzero(~used)
+                if not len(free):
+                    raise FormatError(self.path, "block map", f"entry[{block}]", self.offset_blocks + 4 * block,
+                                      "a fixed image with no unreferenced slot has an entry without one")
+                slot = int(free[0])
+            self._touch()
+            data_at = self._slot_offset(slot)
+            written = sorted((off, off + len(data)) for off, data in pieces)
+            pos = 0
+            for lo, hi in written + [(self.block_size, self.block_size)]:
+                while pos < lo:                            # zero what the pieces leave, in chunks
+                    n = min(lo - pos, 1 << 20)
+                    self.file.pwrite(bytes(n), data_at + pos)
+                    pos += n
+                pos = max(pos, hi)
+            for off, data in pieces:
+                self.file.pwrite(data, data_at + off)
+            self.block_map[block] = data_at
+            self._dirty_entries.add(block)
+            return data_at
+
     def mark_zero(self, block: int) -> None:
         with self._lock:
             self._touch()
@@ -103,7 +139,7 @@ class VdiLayer(Layer):
         """Free a block only when it occupies the last slot (so slots stay dense); else False."""
         with self._lock:
             e = int(self.block_map[block])
-            if e < 0 or (e - self.block_extra - self.offset_data) // self.slot_size != self.allocated - 1:
+            if self.subtype == "fixed" or e < 0 or (e - self.block_extra - self.offset_data) // self.slot_size != self.allocated - 1:
                 return False
             self._touch()
             self.block_map[block] = ZERO if self.is_differencing else ABSENT

@@ -368,6 +368,8 @@ def _check_vdi(file: ImageFile, report: CheckReport, plan: _Plan) -> None:
             owner[s] = blk
     used = len(owner)
     report.allocated_blocks = used
+    if fixed:
+        _check_fixed_vdi_map(entries, n, used, add)
     top = max(owner) + 1 if owner else 0
     new_count = counted
     if counted < top:
@@ -399,6 +401,19 @@ def _check_vdi(file: ImageFile, report: CheckReport, plan: _Plan) -> None:
         plan.writes.append((PRE_HEADER_SIZE, HeaderV1.build(hdr)[:min(hsize, HEADER_V1_PLUS)]))
     if itype in (3, 4):
         _check_parent_identity(path, report)
+
+
+def _check_fixed_vdi_map(entries: np.ndarray, n: int, used: int, add) -> None:
+    """A fixed VDI stores every block in its own slot: a free or zero map entry contradicts the
+    image type (QEMU: "allocated blocks mismatch") and leaves a slot that nothing references."""
+    unmapped = np.flatnonzero(entries >= BLOCK_ZERO)
+    if not len(unmapped):
+        return
+    first = int(unmapped[0])
+    what = "zero" if entries[first] == BLOCK_ZERO else "free"
+    add(Finding("fixed-unmapped", "corruption",
+                f"fixed image: {len(unmapped)} of {n} block map entries hold no slot (first: entry {first} is "
+                f"{what}, {int(entries[first]):#010x}); {n - used} slot(s) in the file are referenced by nothing"))
 
 
 # ---------------------------------------------------------------------------------------------
