@@ -115,3 +115,138 @@ def test_a_fixed_vdi_block_whose_own_slot_is_taken_gets_the_free_one(tmp_path):
         f.seek(data)
         assert f.read(512) == b"\x5a" * 512
     assert check_json(path)[0] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# VHD parent locator claiming more reserved space than the file has
+# ---------------------------------------------------------------------------------------------
+PLAT_W2RU = 0x57327275
+
+
+def set_locator(path, index: int, *, space: int, code: int = PLAT_W2RU, length=None, offset=None) -> None:
+    """Rewrite parent locator *index* of a dynamic header, checksum recomputed (so the image
+    opens and the deeper code trusts it)."""
+    raw = bytearray(path.read_bytes()[:64 * 1024])
+    hoff = Footer.parse(bytes(raw[:512])).data_offset
+    at = hoff + 0x240 + 24 * index
+    old_code, _, old_length, _, old_offset = struct.unpack(">IIIIQ", raw[at:at + 24])
+    entry = struct.pack(">IIIIQ", code, space, old_length if length is None else length, 0,
+                        old_offset if offset is None else offset)
+    header = bytearray(raw[hoff:hoff + 1024])
+    header[0x240 + 24 * index:0x240 + 24 * index + 24] = entry
+    with open(path, "r+b") as f:
+        f.seek(hoff)
+        f.write(with_checksum(bytes(header), HEADER_CHECKSUM_OFFSET))
+
+
+def written_image(path, *, parent=None):
+    """8 MiB VHD with data in blocks 0 and 2 (a dynamic one, or a differencing child of *parent*)."""
+    if parent is None:
+        d = vdisk.create(path, 8 * MiB, format="vhd")
+    else:
+        d = vdisk.create(path, format="vhd", parent=parent)
+    with d:
+        d.pwrite(b"\x11" * 4096, 0)
+        d.pwrite(b"\x22" * 4096, 4 * MiB + 512)
+    return path
+
+
+@pytest.fixture
+def base(tmp_path):
+    path = tmp_path / "base.vhd"
+    with vdisk.create(path, 8 * MiB, format="vhd") as d:
+        d.pwrite(b"\x33" * MiB, 2 * MiB)
+    return path
+
+
+def hostile_pair(tmp_path, kind: str, base):
+    """(image with locator 0 claiming 0xFFFFFFFF bytes, untouched copy to compare with)."""
+    if kind == "dynamic":
+        image = written_image(tmp_path / "dyn.vhd")
+        # A dynamic image has no locators: give it one pointing at the header, as a fuzzer did.
+        set_locator(image, 0, space=0xFFFFFFFF, length=16, offset=0x200)
+    else:
+        image = written_image(tmp_path / "child.vhd", parent=base)
+        set_locator(image, 0, space=0xFFFFFFFF)
+    reference = tmp_path / f"ref-{image.name}"
+    shutil.copyfile(image, reference)
+    return image, reference
+
+
+def judge_same(a, b) -> None:
+    r = subprocess.run([need("qemu-img"), "compare", "-f", "vpc", "-F", "vpc", a, b], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "differencing"])
+def test_check_reports_a_locator_claiming_space_the_file_does_not_have(tmp_path, base, kind):
+    need("qemu-img")
+    image, _ = hostile_pair(tmp_path, kind, base)
+    code, report = check_json(image)
+    assert code == 2
+    (finding,) = [f for f in report["findings"] if f["kind"] == "locator-space"]
+    assert finding["severity"] == "corruption" and finding["fixable"]
+    assert "parent locator 0" in finding["message"] and "0x" in finding["message"]
+    assert not [f for f in report["findings"] if f["kind"].startswith("bat-")]   # the blocks are fine
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "differencing"])
+def test_compact_never_grows_a_file_whose_locator_claims_4_gib(tmp_path, base, kind):
+    need("qemu-img")
+    image, reference = hostile_pair(tmp_path, kind, base)
+    size = image.stat().st_size
+    r = cli("compact", image)
+    assert r.returncode == 0, r.stderr
+    assert "reclaimed -" not in r.stdout
+    assert image.stat().st_size <= size
+    judge_same(image, reference)                             # and no block was taken for a hole
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "differencing"])
+@pytest.mark.parametrize("footer", ["present", "missing"])
+def test_check_repair_cuts_the_claim_and_never_grows_the_file(tmp_path, base, kind, footer):
+    need("qemu-img")
+    image, reference = hostile_pair(tmp_path, kind, base)
+    size = image.stat().st_size
+    if footer == "missing":                                  # repair then rebuilds the end of the file
+        with open(image, "r+b") as f:
+            f.truncate(size - 512)
+    r = cli("check", "--repair", image)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "locator" in r.stdout
+    assert image.stat().st_size <= size
+    assert check_json(image)[0] == 0
+    judge_same(image, reference)
+
+
+def test_a_reservation_over_the_blocks_does_not_make_them_corrupt(tmp_path, base):
+    """Locator 1's data is 32 bytes at 0xc00; a 1 MiB reservation would cover the first blocks. The
+    claim gives way to the data: check offers to cut it, and repair keeps every block."""
+    need("qemu-img")
+    image = written_image(tmp_path / "child.vhd", parent=base)
+    set_locator(image, 1, space=MiB)
+    reference = tmp_path / "ref.vhd"
+    shutil.copyfile(image, reference)
+    assert cli("info", image).returncode == 0
+    code, report = check_json(image)
+    assert code == 2 and [f["kind"] for f in report["findings"]] == ["locator-space"]
+    r = cli("check", "--repair", image)
+    assert r.returncode == 0, r.stdout + r.stderr
+    with vdisk.open(image) as d:
+        assert d.pread(4096, 0) == b"\x11" * 4096
+    judge_same(image, reference)
+
+
+def test_opening_a_child_without_its_end_footer_for_writing_does_not_grow_it(tmp_path, base):
+    """The driver rebuilds a lost end footer after the last structure: a claimed reservation past
+    the file is not a structure."""
+    image = tmp_path / "child.vhd"
+    vdisk.create(image, format="vhd", parent=base).close()
+    set_locator(image, 1, space=0xFFFFFFFF)
+    size = image.stat().st_size
+    with open(image, "r+b") as f:
+        f.truncate(size - 512)
+    with vdisk.open(image, "r+") as d:
+        assert d.pread(MiB, 2 * MiB) == b"\x33" * MiB
+    assert image.stat().st_size <= size

@@ -19,9 +19,9 @@ from .errors import VDiskError
 from .io import ImageFile
 from vdisk.formats.vhd_structs import (BAT_UNUSED, DISK_DIFFERENCING, DISK_FIXED, FOOTER_CHECKSUM_OFFSET,
                                        FOOTER_COOKIE, FOOTER_SIZE, HEADER_CHECKSUM_OFFSET, HEADER_COOKIE,
-                                       HEADER_SIZE, SUBTYPE_NAMES as VHD_SUBTYPES, DynamicHeader, Footer,
-                                       vhd_checksum, with_checksum)
-from vdisk.formats.vhd import _bitmap_bytes, bitmap_used_bytes
+                                       HEADER_SIZE, LOCATOR_OFFSET, LOCATOR_SIZE, SUBTYPE_NAMES as VHD_SUBTYPES,
+                                       DynamicHeader, Footer, vhd_checksum, with_checksum)
+from vdisk.formats.vhd import _bitmap_bytes, bitmap_used_bytes, locator_extents
 from vdisk.formats.vdi_structs import (BLOCK_ZERO, HEADER_V1, HEADER_V1_PLUS, PRE_HEADER_SIZE,
                                        SIGNATURE, SUBTYPE_NAMES as VDI_SUBTYPES, VERSION_0, HeaderV1, PreHeader)
 
@@ -188,23 +188,14 @@ def _check_vhd(file: ImageFile, report: CheckReport, plan: _Plan) -> None:
     bat = np.frombuffer(file.pread(4 * n, toff), dtype=">u4").astype(np.int64)
     bat_len = -(-4 * n // SECTOR) * SECTOR
     meta = [(0, FOOTER_SIZE), (hoff, hoff + HEADER_SIZE), (toff, toff + bat_len)]
-    if f.disk_type == DISK_DIFFERENCING:
-        for i, loc in enumerate(h.parent_locators):
-            if loc.platform_code == 0 or loc.platform_data_length == 0:
-                continue
-            space = loc.platform_data_space
-            space = space * SECTOR if space < SECTOR else space
-            lo, hi = loc.platform_data_offset, loc.platform_data_offset + max(space, loc.platform_data_length)
-            if loc.platform_data_offset + loc.platform_data_length > size:
-                add(Finding("locator-range", "corruption", f"parent locator {i} points outside the file"))
-            else:
-                meta.append((lo, hi))
-    meta_end = max(hi for _, hi in meta)
     end_of_data = size - FOOTER_SIZE if eof is not None else size
     unit = _bitmap_bytes(bs) + bs
     alloc = np.flatnonzero(bat != BAT_UNUSED)
     starts = bat[alloc] * SECTOR
     ends = starts + unit
+    meta += _check_locators(h, hraw, hoff, size, end_of_data, starts, meta, f.disk_type == DISK_DIFFERENCING,
+                            add, plan)
+    meta_end = max(hi for _, hi in meta)
     drop: set[int] = set()
     for k in range(len(alloc)):
         blk, s, e = int(alloc[k]), int(starts[k]), int(ends[k])
@@ -261,6 +252,38 @@ def _check_vhd(file: ImageFile, report: CheckReport, plan: _Plan) -> None:
         plan.footer_at = new_end
     if f.disk_type == DISK_DIFFERENCING:
         _check_parent_identity(file.path, report)
+
+
+def _check_locators(h, hraw: bytes, hoff: int, size: int, end_of_data: int, starts: np.ndarray, meta: list,
+                    differencing: bool, add, plan: _Plan) -> list:
+    """Parent locators: data inside the file, reserved space no larger than the room the file
+    has for it (a claim past the data or over a block would make compaction or a repair grow
+    the file, or drop the blocks). Returns the metadata regions they hold (differencing only;
+    a dynamic image's locators point at nothing the format reads)."""
+    blocks = starts[(starts >= FOOTER_SIZE) & (starts < end_of_data)]
+    others = np.concatenate([blocks, np.array([lo for lo, _ in meta], dtype=np.int64)])
+    regions, cut = [], []
+    for e in locator_extents(h.parent_locators, others, end_of_data):
+        if differencing and e.data_end > size:
+            add(Finding("locator-range", "corruption", f"parent locator {e.index} points outside the file"))
+            continue
+        if differencing:
+            regions.append((e.start, e.end))
+        if e.overclaimed:
+            cut.append(e)
+    for e in cut:
+        add(Finding("locator-space", "corruption",
+                    f"parent locator {e.index} at {e.start:#x} claims reserved space up to {e.claimed_end:#x}, "
+                    f"beyond the next structure or the end of data at {e.end:#x}", fixable=True))
+    if cut:
+        fixed = bytearray(next((d for o, d in plan.writes if o == hoff), hraw))
+        for e in cut:
+            room = e.end - e.start
+            at = LOCATOR_OFFSET + LOCATOR_SIZE * e.index + 4           # platform_data_space
+            fixed[at:at + 4] = (room if room >= SECTOR else 0).to_bytes(4, "big")
+        plan.writes[:] = [(o, d) for o, d in plan.writes if o != hoff]
+        plan.writes.append((hoff, with_checksum(bytes(fixed), HEADER_CHECKSUM_OFFSET)))
+    return regions
 
 
 def _check_dynamic_bitmaps(file: ImageFile, live: list, bs: int, report: CheckReport, plan: _Plan) -> None:
@@ -514,6 +537,7 @@ def _repair(path: str, report: CheckReport, plan: _Plan) -> list[str]:
         "allocated-count": "corrected the header's allocated-block counter",
         "bitmap-mismatch": "marked the sectors that hold data as written in the sector bitmaps",
         "leak-tail": "truncated the unreferenced bytes at the end of the file",
+        "locator-space": "cut the reserved space of parent locators to the room the file has for them",
     }
     for kind in sorted(kinds):
         if kind in messages:
