@@ -76,15 +76,20 @@ def locator_extents(locators, occupied, end_of_data: int) -> list[LocatorExtent]
     the file to hold it, or the blocks after it look as if they overlapped it.
     """
     used = [(i, loc) for i, loc in enumerate(locators) if loc.platform_code and loc.platform_data_length]
-    starts = np.sort(np.concatenate([np.asarray(occupied, dtype=np.int64).ravel(),
-                                     np.array([loc.platform_data_offset for _, loc in used], dtype=np.int64)]))
+    others = np.sort(np.asarray(occupied, dtype=np.int64).ravel())
+    locs = np.sort(np.array([loc.platform_data_offset for _, loc in used], dtype=np.int64))
     out = []
     for i, loc in used:
         lo = int(loc.platform_data_offset)
         data_end = lo + int(loc.platform_data_length)
         claimed = lo + locator_space_bytes(int(loc.platform_data_space))
-        k = int(np.searchsorted(starts, lo, side="right"))
-        limit = min(end_of_data, int(starts[k])) if k < len(starts) else end_of_data
+        limit = end_of_data
+        k = int(np.searchsorted(others, lo, side="left"))      # a structure at lo itself bounds it
+        if k < len(others):
+            limit = min(limit, int(others[k]))
+        k = int(np.searchsorted(locs, lo, side="right"))       # another locator after it
+        if k < len(locs):
+            limit = min(limit, int(locs[k]))
         out.append(LocatorExtent(i, lo, data_end, claimed, max(data_end, min(claimed, limit))))
     return out
 
