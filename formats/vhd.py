@@ -190,6 +190,14 @@ class SparseVhdLayer(Layer):
         self._lock = threading.RLock()
         self.sector_granular = self.subtype == "differencing"
 
+    def locator_extents(self) -> list[LocatorExtent]:
+        """Where the used parent locators lie, each reservation cut to the room the file has
+        for it (see :func:`locator_extents`): what compact, resize and relink may rely on."""
+        h = DynamicHeader.parse(self.header_raw)
+        units = self.block_map[self.block_map >= 0] - self.bitmap_bytes
+        others = np.concatenate([units, np.array([0, self.header_offset, self.bat_offset], dtype=np.int64)])
+        return locator_extents(h.parent_locators, others, self.footer_offset)
+
     # -- bitmaps ------------------------------------------------------------------------------
     def _bitmap_at(self, block: int) -> int:
         return int(self.block_map[block]) - self.bitmap_bytes

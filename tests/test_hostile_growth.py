@@ -174,6 +174,7 @@ def hostile_pair(tmp_path, kind: str, base):
 
 
 def judge_same(a, b) -> None:
+    """QEMU opens a differencing VHD on its own (no parent): it compares the blocks each file holds."""
     r = subprocess.run([need("qemu-img"), "compare", "-f", "vpc", "-F", "vpc", a, b], capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -250,3 +251,45 @@ def test_opening_a_child_without_its_end_footer_for_writing_does_not_grow_it(tmp
     with vdisk.open(image, "r+") as d:
         assert d.pread(MiB, 2 * MiB) == b"\x33" * MiB
     assert image.stat().st_size <= size
+
+
+def test_relink_never_writes_a_longer_path_into_a_claimed_reservation_over_a_block(tmp_path, base):
+    """Locator 1 (32 bytes at 0xc00, block 0 at 0x1000) claims 4 GiB. A parent moved to a long
+    path needs more than the 1 KiB there is: the path goes to the end of the file instead of over
+    block 0's bitmap (which left an image that no longer opened)."""
+    need("qemu-img")
+    image = written_image(tmp_path / "child.vhd", parent=base)
+    for i in (0, 1):
+        set_locator(image, i, space=0xFFFFFFFF)
+    reference = tmp_path / "ref.vhd"
+    shutil.copyfile(image, reference)
+    far = tmp_path.joinpath(*["d" * 60] * 9)
+    far.mkdir(parents=True)
+    base.rename(far / base.name)
+    size = image.stat().st_size
+    r = cli("relink", image, "--parent-search", far)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert image.stat().st_size <= size + 4096                # the two new paths, nothing more
+    judge_same(image, reference)
+    with vdisk.open(image) as d:                              # the locator now names the new place
+        assert d.chain[1].path == str(far / base.name)
+        assert d.pread(4096, 0) == b"\x11" * 4096 and d.pread(MiB, 2 * MiB) == b"\x33" * MiB
+
+
+def test_resize_moves_only_the_locator_bytes_the_file_holds(tmp_path):
+    """A larger table must move what lies in its way; a locator claiming 4 GiB there moved 4 GiB
+    (a MemoryError traceback under a memory limit)."""
+    need("qemu-img")
+    image = written_image(tmp_path / "dyn.vhd")
+    set_locator(image, 0, space=0xFFFFFFFF, length=16, offset=0x800)     # over block 0's bitmap
+    reference = tmp_path / "ref.vhd"
+    shutil.copyfile(image, reference)
+    r = subprocess.run([sys.executable, "-m", "vdisk", "resize", image, "1G"], capture_output=True, text=True,
+                       timeout=120, preexec_fn=lambda: __import__("resource").setrlimit(
+                           __import__("resource").RLIMIT_AS, (1 << 30, 1 << 30)))
+    assert r.returncode == 0, r.stderr
+    assert image.stat().st_size < reference.stat().st_size + 2 * (2 * MiB + 512) + 8192
+    with vdisk.open(image) as d, vdisk.open(reference) as ref:
+        assert d.size == 1 << 30
+        assert d.pread(8 * MiB, 0) == ref.pread(8 * MiB, 0)
+    assert check_json(image)[0] == 0

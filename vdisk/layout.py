@@ -17,8 +17,7 @@ import numpy as np
 from .errors import UnsupportedError
 from vdisk.formats.base import SECTOR, ZERO, Layer
 from vdisk.formats.vdi_structs import BLOCK_FREE, BLOCK_ZERO, PRE_HEADER_SIZE
-from vdisk.formats.vhd import locator_extents
-from vdisk.formats.vhd_structs import BAT_UNUSED, DynamicHeader, Footer
+from vdisk.formats.vhd_structs import BAT_UNUSED, Footer
 
 
 class SparseFile:
@@ -37,14 +36,11 @@ class SparseFile:
             self.table_offset = layer.bat_offset
             self.entries = layer.bat_entries
             self.table_len = -(-4 * self.entries // SECTOR) * SECTOR
-            h = DynamicHeader.parse(layer.header_raw)
             regions = [(0, 512), (layer.header_offset, layer.header_offset + 1024),
                        (self.table_offset, self.table_offset + self.table_len)]
             # A locator's reserved space counts only as far as the file has room for it: the
             # end of metadata never lies past the data, so moving blocks never grows the file.
-            units = self.unit_starts()
-            others = np.concatenate([units[units >= 0], np.array([lo for lo, _ in regions], dtype=np.int64)])
-            regions += [(e.start, e.end) for e in locator_extents(h.parent_locators, others, layer.footer_offset)]
+            regions += [(e.start, e.end) for e in layer.locator_extents()]
             self.meta_end = -(-max(hi for _, hi in regions) // SECTOR) * SECTOR
             self.end_of_data = layer.footer_offset
             self.grid = None                                # VHD blocks may sit at any sector
