@@ -75,7 +75,7 @@ class VdiLayer(Layer):
             return self._allocate_fixed(block, pieces)
         with self._lock:
             self._touch()
-            slot = self.allocated
+            slot = self._next_slot()
             start = self.offset_data + slot * self.slot_size
             self._truncate_pending = None                  # the freed tail is in use again
             # Anything past the last counted slot is a leftover of an interrupted allocation:
@@ -94,6 +94,18 @@ class VdiLayer(Layer):
             self.block_map[block] = data_at
             self._dirty_entries.add(block)
             return data_at
+
+    def _next_slot(self) -> int:
+        """The slot after the counted ones, unless the count claims slots the file does not hold
+        (a damaged count): then the first slot past both the file's whole slots and every slot
+        in use, so one write never grows the file by a gap of slots nobody wrote."""
+        slot = self.allocated
+        held = (self.file.size() - self.offset_data) // self.slot_size
+        if slot <= held:
+            return slot
+        bm = self.block_map
+        used = (bm[bm >= 0] - self.block_extra - self.offset_data) // self.slot_size
+        return max(int(held), int(used.max()) + 1 if len(used) else 0)
 
     def _allocate_fixed(self, block: int, pieces: Sequence[tuple[int, bytes]]) -> int:
         """A fixed image already holds a slot for every block: a block whose map entry is free or

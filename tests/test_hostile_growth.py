@@ -117,6 +117,28 @@ def test_a_fixed_vdi_block_whose_own_slot_is_taken_gets_the_free_one(tmp_path):
     assert check_json(path)[0] == 0
 
 
+def test_a_dynamic_vdi_counting_slots_the_file_lacks_grows_by_one_slot_per_new_block(tmp_path):
+    """blocks_allocated says 7936 slots, the file holds 1: the next block goes right after the
+    file's slots (the write grew the file from 3 MiB to 8.3 GB), and the count is corrected."""
+    qemu_img, qemu_io = need("qemu-img"), need("qemu-io")
+    path = tmp_path / "dyn.vdi"
+    with vdisk.create(path, 8 << 30, format="vdi", block_size=MiB) as d:
+        d.pwrite(b"a" * 512, 0)
+    with open(path, "r+b") as f:
+        f.seek(0x184)
+        f.write(struct.pack("<I", 7936))
+    assert check_json(path)[0] == 2                              # allocated-count: check sees it
+    size = path.stat().st_size
+    with vdisk.open(path, "r+") as d:
+        d.pwrite(b"b" * 512, 1 << 30)
+    assert path.stat().st_size == size + MiB
+    assert check_json(path)[0] == 0
+    assert subprocess.run([qemu_img, "check", path], capture_output=True).returncode == 0
+    reads = subprocess.run([qemu_io, "-r", "-c", "read -P 0x61 0 512", "-c", f"read -P 0x62 {1 << 30} 512",
+                            "-c", f"read -P 0 {(1 << 30) + 512} {MiB - 512}", path], capture_output=True, text=True)
+    assert reads.returncode == 0 and "verification failed" not in reads.stdout, reads.stdout
+
+
 # ---------------------------------------------------------------------------------------------
 # VHD parent locator claiming more reserved space than the file has
 # ---------------------------------------------------------------------------------------------

@@ -512,6 +512,10 @@ def _repair(path: str, report: CheckReport, plan: _Plan) -> list[str]:
     done = []
     file = ImageFile(path, writable=True)
     try:
+        if plan.final_size is not None and plan.final_size > file.size() + FOOTER_SIZE:
+            # A repair cuts or puts back a footer; more growth means a layout claim the file
+            # does not back. Refuse before anything is written.
+            raise VDiskError(f"{path}: the repair would grow the file from {file.size()} to {plan.final_size} bytes")
         with journal.Transaction(file, "repair") as tx:
             if plan.writes:
                 tx.write_many(plan.writes)
