@@ -193,7 +193,7 @@ def _check_vhd(file: ImageFile, report: CheckReport, plan: _Plan) -> None:
     alloc = np.flatnonzero(bat != BAT_UNUSED)
     starts = bat[alloc] * SECTOR
     ends = starts + unit
-    meta += _check_locators(h, hraw, hoff, size, end_of_data, starts, meta, f.disk_type == DISK_DIFFERENCING,
+    meta += _check_locators(h, hraw, hoff, size, end_of_data, bat, meta, f.disk_type == DISK_DIFFERENCING,
                             add, plan)
     meta_end = max(hi for _, hi in meta)
     drop: set[int] = set()
@@ -254,13 +254,25 @@ def _check_vhd(file: ImageFile, report: CheckReport, plan: _Plan) -> None:
         _check_parent_identity(file.path, report)
 
 
-def _check_locators(h, hraw: bytes, hoff: int, size: int, end_of_data: int, starts: np.ndarray, meta: list,
+def _check_locators(h, hraw: bytes, hoff: int, size: int, end_of_data: int, bat: np.ndarray, meta: list,
                     differencing: bool, add, plan: _Plan) -> list:
     """Parent locators: data inside the file, reserved space no larger than the room the file
     has for it (a claim past the data or over a block would make compaction or a repair grow
     the file, or drop the blocks). Returns the metadata regions they hold (differencing only;
     a dynamic image's locators point at nothing the format reads)."""
-    blocks = starts[(starts >= FOOTER_SIZE) & (starts < end_of_data)]
+    # A locator's room ends at the first block at or after it: that block per locator, found a
+    # chunk of the table at a time (never a copy of the whole table).
+    points = [loc.platform_data_offset for loc in h.parent_locators if loc.platform_code]
+    nearest = np.full(len(points), np.iinfo(np.int64).max, dtype=np.int64)
+    for c0 in range(0, len(bat), 1 << 20):
+        part = bat[c0:c0 + (1 << 20)]
+        starts = part[part != BAT_UNUSED] * SECTOR
+        starts = starts[(starts >= FOOTER_SIZE) & (starts < end_of_data)]
+        for i, lo in enumerate(points):
+            after = starts[starts >= lo]
+            if len(after):
+                nearest[i] = min(nearest[i], int(after.min()))
+    blocks = nearest[nearest < np.iinfo(np.int64).max]
     others = np.concatenate([blocks, np.array([lo for lo, _ in meta], dtype=np.int64)])
     regions, cut = [], []
     for e in locator_extents(h.parent_locators, others, end_of_data):
