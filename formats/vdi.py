@@ -265,6 +265,9 @@ def open_vdi(file: ImageFile, strict: bool = False) -> VdiLayer:
             raise bad("header_size", f"header size {hdr_size:#x} is smaller than {HEADER_V1:#x}")
         if hdr_size > 4096:
             raise bad("header_size", f"absurd header size {hdr_size:#x}")
+        if len(raw) < min(hdr_size, HEADER_V1_PLUS):
+            raise bad("header_size", f"a {hdr_size}-byte header at {PRE_HEADER_SIZE:#x} runs past the end of the "
+                                     f"{file_size}-byte file")
         if hdr_size < HEADER_V1_PLUS:
             raw = raw[:HEADER_V1] + bytes(HEADER_V1_PLUS - HEADER_V1)
         header = {k: v for k, v in HeaderV1.parse(raw).items() if not k.startswith("_")}

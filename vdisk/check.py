@@ -364,6 +364,9 @@ def _check_vdi(file: ImageFile, report: CheckReport, plan: _Plan) -> None:
     if hsize < HEADER_V1:
         report.error = f"{path}: VDI header size {hsize:#x} is too small"
         return
+    if len(raw) < min(hsize, HEADER_V1_PLUS):
+        report.error = f"{path}: the {hsize}-byte VDI header runs past the end of the {size}-byte file"
+        return
     if hsize < HEADER_V1_PLUS:
         raw = raw[:HEADER_V1] + bytes(HEADER_V1_PLUS - HEADER_V1)
     hdr = {k: v for k, v in HeaderV1.parse(raw).items() if not k.startswith("_")}
