@@ -87,13 +87,15 @@ class VdiLayer(Layer):
 
     def allocate(self, block: int, pieces: Sequence[tuple[int, bytes]],
                  present: Optional[tuple[int, int]] = None) -> int:
+        if self.subtype == "fixed":
+            return self._allocate_fixed(block, pieces)
         with self._lock:
             self._touch()
             if self.allocated < self._durable_allocated:
                 # The slot was freed by a discard the file does not know of yet: its map still
                 # points a block at it. Make the discard durable before the slot is reused.
                 self.flush()
-            slot = self.allocated
+            slot = self._next_slot()
             start = self.offset_data + slot * self.slot_size
             self._truncate_pending = None                  # the freed tail is in use again
             # Anything past the last counted slot is a leftover of an interrupted allocation:
@@ -113,6 +115,52 @@ class VdiLayer(Layer):
             self._dirty_entries.add(block)
             return data_at
 
+    def _next_slot(self) -> int:
+        """The slot after the counted ones, unless the count claims slots the file does not hold
+        (a damaged count): then the first slot past both the file's whole slots and every slot
+        in use, so one write never grows the file by a gap of slots nobody wrote."""
+        slot = self.allocated
+        held = (self.file.size() - self.offset_data) // self.slot_size
+        if slot <= held:
+            return slot
+        bm = self.block_map
+        used = (bm[bm >= 0] - self.block_extra - self.offset_data) // self.slot_size
+        return max(int(held), int(used.max()) + 1 if len(used) else 0)
+
+    def _allocate_fixed(self, block: int, pieces: Sequence[tuple[int, bytes]]) -> int:
+        """A fixed image already holds a slot for every block: a block whose map entry is free or
+        zero gets one of the slots no entry references (its own slot when free), never a new one
+        past the end (that would make a slot number the image cannot have). The slot's old bytes
+        are unreferenced, so the parts of the block not written are zeroed."""
+        with self._lock:
+            used = np.zeros(len(self.block_map), dtype=bool)
+            bm = self.block_map
+            slots = (bm[bm >= 0] - self.block_extra - self.offset_data) // self.slot_size
+            used[slots[(slots >= 0) & (slots < len(used))]] = True
+            if block < len(used) and not used[block]:
+                slot = block
+            else:
+                free = np.flatnonzero(~used)
+                if not len(free):
+                    raise FormatError(self.path, "block map", f"entry[{block}]", self.offset_blocks + 4 * block,
+                                      "a fixed image with no unreferenced slot has an entry without one")
+                slot = int(free[0])
+            self._touch()
+            data_at = self._slot_offset(slot)
+            written = sorted((off, off + len(data)) for off, data in pieces)
+            pos = 0
+            for lo, hi in written + [(self.block_size, self.block_size)]:
+                while pos < lo:                            # zero what the pieces leave, in chunks
+                    n = min(lo - pos, 1 << 20)
+                    self.file.pwrite(bytes(n), data_at + pos)
+                    pos += n
+                pos = max(pos, hi)
+            for off, data in pieces:
+                self.file.pwrite(data, data_at + off)
+            self.block_map[block] = data_at
+            self._dirty_entries.add(block)
+            return data_at
+
     def mark_zero(self, block: int) -> None:
         with self._lock:
             self._touch()
@@ -123,7 +171,7 @@ class VdiLayer(Layer):
         """Free a block only when it occupies the last slot (so slots stay dense); else False."""
         with self._lock:
             e = int(self.block_map[block])
-            if e < 0 or (e - self.block_extra - self.offset_data) // self.slot_size != self.allocated - 1:
+            if self.subtype == "fixed" or e < 0 or (e - self.block_extra - self.offset_data) // self.slot_size != self.allocated - 1:
                 return False
             self._touch()
             self.block_map[block] = ZERO if self.is_differencing else ABSENT
@@ -263,6 +311,9 @@ def open_vdi(file: ImageFile, strict: bool = False) -> VdiLayer:
             raise bad("header_size", f"header size {hdr_size:#x} is smaller than {HEADER_V1:#x}")
         if hdr_size > 4096:
             raise bad("header_size", f"absurd header size {hdr_size:#x}")
+        if len(raw) < min(hdr_size, HEADER_V1_PLUS):
+            raise bad("header_size", f"a {hdr_size}-byte header at {PRE_HEADER_SIZE:#x} runs past the end of the "
+                                     f"{file_size}-byte file")
         if hdr_size < HEADER_V1_PLUS:
             raw = raw[:HEADER_V1] + bytes(HEADER_V1_PLUS - HEADER_V1)
         header = {k: v for k, v in HeaderV1.parse(raw).items() if not k.startswith("_")}

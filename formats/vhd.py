@@ -5,7 +5,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 import uuid as uuidlib
 
 import numpy as np
@@ -44,6 +44,54 @@ def _bitmap_bytes(block_size: int) -> int:
     Blocks of 512-2048 bytes have fewer than 8 sectors; their bitmap is still one sector, never
     zero bytes (an empty bitmap would read as "all present" and compact as "none present")."""
     return -(-bitmap_used_bytes(block_size) // SECTOR) * SECTOR
+
+
+class LocatorExtent(NamedTuple):
+    """The file bytes parent locator *index* holds: [start, end)."""
+    index: int
+    start: int
+    data_end: int           # start + platform_data_length: the locator's data
+    claimed_end: int        # start + the reserved space its entry claims
+    end: int                # what vdisk honours: the data, plus as much of the claim as is free
+
+    @property
+    def overclaimed(self) -> bool:
+        """The entry claims reserved space that overlaps something else or lies past the data."""
+        return self.claimed_end > self.end
+
+
+def locator_space_bytes(space: int) -> int:
+    """platform_data_space in bytes. Units quirk Q8: the spec counts sectors, Virtual PC, Hyper-V,
+    VirtualBox and libvhd write bytes; a value below 512 can only be sectors."""
+    return space * SECTOR if space < SECTOR else space
+
+
+def locator_extents(locators, occupied, end_of_data: int) -> list[LocatorExtent]:
+    """Extents of the used parent locators (code and length non-zero) of a dynamic header.
+
+    *occupied* holds the start offsets of everything else in the file (footer copy, header,
+    BAT, blocks). The reserved space a locator claims beyond its data is a claim about free room,
+    honoured only up to the next start (another locator's included) and *end_of_data*: a hostile
+    claim (0xFFFFFFFF bytes) must never make compaction keep 4 GiB of "metadata", a repair grow
+    the file to hold it, or the blocks after it look as if they overlapped it.
+    """
+    used = [(i, loc) for i, loc in enumerate(locators) if loc.platform_code and loc.platform_data_length]
+    others = np.sort(np.asarray(occupied, dtype=np.int64).ravel())
+    locs = np.sort(np.array([loc.platform_data_offset for _, loc in used], dtype=np.int64))
+    out = []
+    for i, loc in used:
+        lo = int(loc.platform_data_offset)
+        data_end = lo + int(loc.platform_data_length)
+        claimed = lo + locator_space_bytes(int(loc.platform_data_space))
+        limit = end_of_data
+        k = int(np.searchsorted(others, lo, side="left"))      # a structure at lo itself bounds it
+        if k < len(others):
+            limit = min(limit, int(others[k]))
+        k = int(np.searchsorted(locs, lo, side="right"))       # another locator after it
+        if k < len(locs):
+            limit = min(limit, int(locs[k]))
+        out.append(LocatorExtent(i, lo, data_end, claimed, max(data_end, min(claimed, limit))))
+    return out
 
 
 def is_vhd(head: bytes, tail: bytes) -> bool:
@@ -149,6 +197,14 @@ class SparseVhdLayer(Layer):
         self._dirty_bat: set[int] = set()
         self._lock = threading.RLock()
         self.sector_granular = self.subtype == "differencing"
+
+    def locator_extents(self) -> list[LocatorExtent]:
+        """Where the used parent locators lie, each reservation cut to the room the file has
+        for it (see :func:`locator_extents`): what compact, resize and relink may rely on."""
+        h = DynamicHeader.parse(self.header_raw)
+        units = self.block_map[self.block_map >= 0] - self.bitmap_bytes
+        others = np.concatenate([units, np.array([0, self.header_offset, self.bat_offset], dtype=np.int64)])
+        return locator_extents(h.parent_locators, others, self.footer_offset)
 
     # -- bitmaps ------------------------------------------------------------------------------
     def _bitmap_at(self, block: int) -> int:
@@ -404,7 +460,11 @@ def _open_sparse(file: ImageFile, file_size: int, fi: _FooterInfo, common: dict,
         b = int(np.flatnonzero(block_map == vb)[1 if va == vb else 0])
         raise FormatError(path, "BAT", f"entry[{b}]", toff + 4 * b, f"block overlaps block {a}")
     if footer_offset is None:           # footer lost: end of data is after the last structure
-        footer_offset = max([hi for _, hi in regions] + [int(starts[-1]) + unit if len(starts) else 0])
+        reserved = []
+        if f.disk_type == DISK_DIFFERENCING:
+            others = np.concatenate([starts, np.array([0, hoff, toff], dtype=np.int64)])
+            reserved = [e.end for e in locator_extents(h.parent_locators, others, file_size)]
+        footer_offset = max([hi for _, hi in regions] + reserved + [int(starts[-1]) + unit if len(starts) else 0])
         footer_offset = -(-footer_offset // SECTOR) * SECTOR
         if file.writable and fi.end_missing:
             _restore_end_footer(file, fi.raw, footer_offset)
@@ -443,9 +503,6 @@ def _read_locators(file: ImageFile, file_size: int, h, hoff: int):
         code = loc.platform_code
         if code == 0:
             continue
-        space = loc.platform_data_space
-        # Units quirk: < 512 means sectors (spec), else bytes (Virtual PC, Hyper-V, VirtualBox).
-        space_bytes = space * SECTOR if space < SECTOR else space
         length, off = loc.platform_data_length, loc.platform_data_offset
         where = hoff + LOCATOR_OFFSET + LOCATOR_SIZE * i
         if length > 64 * 1024 or off + length > file_size:
@@ -453,7 +510,8 @@ def _read_locators(file: ImageFile, file_size: int, h, hoff: int):
                               f"locator data ({length} bytes at {off:#x}) lies outside the file")
         if length == 0:
             continue
-        regions.append((off, off + max(space_bytes, length)))
+        # Blocks must not overlap the data; the reserved space is only a claim (locator_extents).
+        regions.append((off, off + length))
         data = file.pread(length, off)
         try:
             if code == PLAT_W2RU:

@@ -27,9 +27,10 @@ from .errors import VDiskError
 from .io import ImageFile
 from vdisk.formats.vhd_structs import (BAT_UNUSED, DISK_DIFFERENCING, DISK_FIXED, FOOTER_CHECKSUM_OFFSET,
                                        FOOTER_COOKIE, FOOTER_SIZE, HEADER_CHECKSUM_OFFSET, HEADER_COOKIE,
-                                       HEADER_FIELD_OFFSETS, HEADER_SIZE, SUBTYPE_NAMES as VHD_SUBTYPES,
+                                       HEADER_FIELD_OFFSETS, HEADER_SIZE, LOCATOR_OFFSET, LOCATOR_SIZE,
+                                       SUBTYPE_NAMES as VHD_SUBTYPES,
                                        DynamicHeader, Footer, vhd_checksum, with_checksum)
-from vdisk.formats.vhd import MAX_DYNAMIC_SIZE, _bitmap_bytes, bitmap_used_bytes
+from vdisk.formats.vhd import MAX_DYNAMIC_SIZE, _bitmap_bytes, bitmap_used_bytes, locator_extents
 from vdisk.formats.vdi import MAX_BLOCKS as VDI_MAX_BLOCKS
 from vdisk.formats.vdi_structs import (BLOCK_ZERO, HEADER_V1, HEADER_V1_PLUS, PRE_HEADER_SIZE,
                                        SIGNATURE, SUBTYPE_NAMES as VDI_SUBTYPES, VERSION_0, HeaderV1, PreHeader)
@@ -269,20 +270,11 @@ def _check_vhd(file: ImageFile, report: CheckReport, plan: _Plan) -> None:
     bat = limits.read_table(file.pread, toff, n, ">u4")
     bat_len = -(-4 * n // SECTOR) * SECTOR
     meta = [(0, FOOTER_SIZE), (hoff, hoff + HEADER_SIZE), (toff, toff + bat_len)]
-    if f.disk_type == DISK_DIFFERENCING:
-        for i, loc in enumerate(h.parent_locators):
-            if loc.platform_code == 0 or loc.platform_data_length == 0:
-                continue
-            space = loc.platform_data_space
-            space = space * SECTOR if space < SECTOR else space
-            lo, hi = loc.platform_data_offset, loc.platform_data_offset + max(space, loc.platform_data_length)
-            if loc.platform_data_offset + loc.platform_data_length > size:
-                add(Finding("locator-range", "corruption", f"parent locator {i} points outside the file"))
-            else:
-                meta.append((lo, hi))
-    meta_end = max(hi for _, hi in meta)
     end_of_data = size - FOOTER_SIZE if eof is not None else size
     unit = _bitmap_bytes(bs) + bs
+    meta += _check_locators(h, hraw, hoff, size, end_of_data, bat, meta, f.disk_type == DISK_DIFFERENCING,
+                            add, plan)
+    meta_end = max(hi for _, hi in meta)
     # The table a chunk at a time, each with numpy: a zeroed table of millions of entries is one
     # finding per kind, and the temporaries stay at one chunk.
     drop = np.zeros(n, dtype=bool)                     # entries --repair clears
@@ -363,6 +355,50 @@ def _check_vhd(file: ImageFile, report: CheckReport, plan: _Plan) -> None:
         _check_parent_identity(file.path, report)
 
 
+def _check_locators(h, hraw: bytes, hoff: int, size: int, end_of_data: int, bat: np.ndarray, meta: list,
+                    differencing: bool, add, plan: _Plan) -> list:
+    """Parent locators: data inside the file, reserved space no larger than the room the file
+    has for it (a claim past the data or over a block would make compaction or a repair grow
+    the file, or drop the blocks). Returns the metadata regions they hold (differencing only;
+    a dynamic image's locators point at nothing the format reads)."""
+    # A locator's room ends at the first block at or after it: that block per locator, found a
+    # chunk of the table at a time (never a copy of the whole table).
+    points = [loc.platform_data_offset for loc in h.parent_locators if loc.platform_code]
+    nearest = np.full(len(points), np.iinfo(np.int64).max, dtype=np.int64)
+    for c0 in range(0, len(bat), 1 << 20):
+        part = bat[c0:c0 + (1 << 20)]
+        starts = part[part != BAT_UNUSED] * SECTOR
+        starts = starts[(starts >= FOOTER_SIZE) & (starts < end_of_data)]
+        for i, lo in enumerate(points):
+            after = starts[starts >= lo]
+            if len(after):
+                nearest[i] = min(nearest[i], int(after.min()))
+    blocks = nearest[nearest < np.iinfo(np.int64).max]
+    others = np.concatenate([blocks, np.array([lo for lo, _ in meta], dtype=np.int64)])
+    regions, cut = [], []
+    for e in locator_extents(h.parent_locators, others, end_of_data):
+        if differencing and e.data_end > size:
+            add(Finding("locator-range", "corruption", f"parent locator {e.index} points outside the file"))
+            continue
+        if differencing:
+            regions.append((e.start, e.end))
+        if e.overclaimed:
+            cut.append(e)
+    for e in cut:
+        add(Finding("locator-space", "corruption",
+                    f"parent locator {e.index} at {e.start:#x} claims reserved space up to {e.claimed_end:#x}, "
+                    f"beyond the next structure or the end of data at {e.end:#x}", fixable=True))
+    if cut:
+        fixed = bytearray(next((d for o, d in plan.writes if o == hoff), hraw))
+        for e in cut:
+            room = e.end - e.start
+            at = LOCATOR_OFFSET + LOCATOR_SIZE * e.index + 4           # platform_data_space
+            fixed[at:at + 4] = (room if room >= SECTOR else 0).to_bytes(4, "big")
+        plan.writes[:] = [(o, d) for o, d in plan.writes if o != hoff]
+        plan.writes.append((hoff, with_checksum(bytes(fixed), HEADER_CHECKSUM_OFFSET)))
+    return regions
+
+
 def _check_dynamic_bitmaps(file: ImageFile, live: np.ndarray, bs: int, report: CheckReport, plan: _Plan) -> None:
     """Dynamic VHD: a clear bitmap bit promises a zero sector. QEMU and vdisk read the data
     regardless, libvhdi trusts the bit: non-zero data under a clear bit reads differently in
@@ -429,6 +465,9 @@ def _check_vdi(file: ImageFile, report: CheckReport, plan: _Plan) -> None:
     if hsize < HEADER_V1:
         report.error = f"{path}: VDI header size {hsize:#x} is too small"
         return
+    if len(raw) < min(hsize, HEADER_V1_PLUS):
+        report.error = f"{path}: the {hsize}-byte VDI header runs past the end of the {size}-byte file"
+        return
     if hsize < HEADER_V1_PLUS:
         raw = raw[:HEADER_V1] + bytes(HEADER_V1_PLUS - HEADER_V1)
     hdr = {k: v for k, v in HeaderV1.parse(raw).items() if not k.startswith("_")}
@@ -459,7 +498,13 @@ def _check_vdi(file: ImageFile, report: CheckReport, plan: _Plan) -> None:
     # Slots beyond the file are out of range, so owner is bounded by what the file holds.
     nobody = 0xFFFFFFFF
     owner = np.full(min(n, file_slots), nobody, dtype=np.uint32)
+    unmapped, first_unmapped = 0, None                 # fixed images: entries without a slot
     for first, entries in _table_chunks(file, ob, n, "<u4"):
+        if fixed:
+            nomap = np.flatnonzero(entries >= BLOCK_ZERO)
+            if len(nomap) and first_unmapped is None:
+                first_unmapped = (first + int(nomap[0]), int(entries[nomap[0]]))
+            unmapped += len(nomap)
         far = np.flatnonzero((entries < BLOCK_ZERO) & (entries >= len(owner)))
         if len(far):
             add(Finding.many("map-range", "corruption", len(far),
@@ -489,6 +534,8 @@ def _check_vdi(file: ImageFile, report: CheckReport, plan: _Plan) -> None:
     in_use = np.flatnonzero(owner != nobody)
     used = len(in_use)
     report.allocated_blocks = used
+    if unmapped:
+        _check_fixed_vdi_map(unmapped, first_unmapped, n, used, add)
     top = int(in_use[-1]) + 1 if used else 0
     new_count = counted
     if counted < top:
@@ -516,6 +563,16 @@ def _check_vdi(file: ImageFile, report: CheckReport, plan: _Plan) -> None:
         plan.writes.append((PRE_HEADER_SIZE, HeaderV1.build(hdr)[:min(hsize, HEADER_V1_PLUS)]))
     if itype in (3, 4):
         _check_parent_identity(path, report)
+
+
+def _check_fixed_vdi_map(unmapped: int, first: tuple[int, int], n: int, used: int, add) -> None:
+    """A fixed VDI stores every block in its own slot: a free or zero map entry contradicts the
+    image type (QEMU: "allocated blocks mismatch") and leaves a slot that nothing references."""
+    index, value = first
+    what = "zero" if value == BLOCK_ZERO else "free"
+    add(Finding("fixed-unmapped", "corruption",
+                f"fixed image: {unmapped} of {n} block map entries hold no slot (first: entry {index} is "
+                f"{what}, {value:#010x}); {n - used} slot(s) in the file are referenced by nothing"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -595,6 +652,10 @@ def _repair(path: str, report: CheckReport, plan: _Plan) -> list[str]:
     done = []
     file = ImageFile(path, writable=True)
     try:
+        if plan.final_size is not None and plan.final_size > file.size() + FOOTER_SIZE:
+            # A repair cuts or puts back a footer; more growth means a layout claim the file
+            # does not back. Refuse before anything is written.
+            raise VDiskError(f"{path}: the repair would grow the file from {file.size()} to {plan.final_size} bytes")
         with journal.Transaction(file, "repair") as tx:
             if plan.writes:
                 tx.write_many(plan.writes)
@@ -620,6 +681,7 @@ def _repair(path: str, report: CheckReport, plan: _Plan) -> list[str]:
         "allocated-count": "corrected the header's allocated-block counter",
         "bitmap-mismatch": "marked the sectors that hold data as written in the sector bitmaps",
         "leak-tail": "truncated the unreferenced bytes at the end of the file",
+        "locator-space": "cut the reserved space of parent locators to the room the file has for them",
     }
     for kind in sorted(kinds):
         if kind in messages:

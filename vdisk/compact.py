@@ -241,6 +241,11 @@ def compact(path: str, *, dry_run: bool = False, to: Optional[str] = None, verif
         final_size = new_end + (512 if sf.format == "vhd" else 0)
         changed = bool(moves) or not np.array_equal(new_map, layer.block_map) or final_size < size_before
         report.size_after = min(final_size, size_before) if changed else size_before
+        if final_size > size_before:
+            # Compaction only moves data down and cuts the end; a larger end means a layout claim
+            # the file does not back. Refuse before anything is written.
+            raise VDiskError(f"{path}: compaction would grow the file from {size_before} to {final_size} bytes "
+                             f"(its metadata claims room the file does not have); run 'vdisk check {path}'")
         if changed and not dry_run:
             for blk, src, dst in moves:
                 new_map[blk] = dst + sf.skip

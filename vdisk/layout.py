@@ -17,7 +17,7 @@ import numpy as np
 from .errors import UnsupportedError
 from vdisk.formats.base import SECTOR, ZERO, Layer
 from vdisk.formats.vdi_structs import BLOCK_FREE, BLOCK_ZERO, PRE_HEADER_SIZE
-from vdisk.formats.vhd_structs import BAT_UNUSED, DynamicHeader, Footer
+from vdisk.formats.vhd_structs import BAT_UNUSED, Footer
 
 
 class SparseFile:
@@ -36,15 +36,11 @@ class SparseFile:
             self.table_offset = layer.bat_offset
             self.entries = layer.bat_entries
             self.table_len = -(-4 * self.entries // SECTOR) * SECTOR
-            h = DynamicHeader.parse(layer.header_raw)
             regions = [(0, 512), (layer.header_offset, layer.header_offset + 1024),
                        (self.table_offset, self.table_offset + self.table_len)]
-            for loc in h.parent_locators:
-                if loc.platform_code and loc.platform_data_length:
-                    space = loc.platform_data_space
-                    space = space * SECTOR if space < SECTOR else space
-                    regions.append((loc.platform_data_offset,
-                                    loc.platform_data_offset + max(space, loc.platform_data_length)))
+            # A locator's reserved space counts only as far as the file has room for it: the
+            # end of metadata never lies past the data, so moving blocks never grows the file.
+            regions += [(e.start, e.end) for e in layer.locator_extents()]
             self.meta_end = -(-max(hi for _, hi in regions) // SECTOR) * SECTOR
             self.end_of_data = layer.footer_offset
             self.grid = None                                # VHD blocks may sit at any sector

@@ -162,6 +162,7 @@ def vhd_link_writes(layer, parent_path: str, parent_layer) -> tuple[list[tuple[i
     locs = [{k: v for k, v in loc.items() if k != "_io"} for loc in h["parent_locators"]]
     changes, writes = [], []
     end = layer.footer_offset
+    room = {e.index: e.end - e.start for e in layer.locator_extents()}
     if not any(loc["platform_code"] in RELATIVE | ABSOLUTE | {PLAT_MACX} for loc in locs):
         free = [i for i, loc in enumerate(locs) if not loc["platform_code"]]
         for code, i in zip((PLAT_W2RU, PLAT_W2KU), free):
@@ -183,9 +184,10 @@ def vhd_link_writes(layer, parent_path: str, parent_layer) -> tuple[list[tuple[i
             old = file.pread(loc["platform_data_length"], loc["platform_data_offset"])
         if old == blob:
             continue
-        space = loc["platform_data_space"]
-        space = space * SECTOR if space < SECTOR else space
-        if loc["platform_data_offset"] and len(blob) <= space:
+        # The room the file really has there, not what the entry claims (a claim of 0xFFFFFFFF
+        # bytes would let a longer path overwrite the block after it).
+        space = room.get(i, 0)
+        if loc["platform_data_offset"] and len(blob) <= space and space >= SECTOR:
             at = loc["platform_data_offset"]
             writes.append((at, blob + bytes(min(space, -(-len(blob) // SECTOR) * SECTOR) - len(blob))))
         else:

@@ -203,14 +203,16 @@ def _resize_vhd_dynamic(layer, new_size: int) -> int:
             block_map[b] = end + sf.skip
             end += sf.unit
             moved += 1
-        for loc in h["parent_locators"]:
+        # A locator's reservation only as far as the file has room for it (not a claimed 4 GiB).
+        held = {e.index: e.end - e.start for e in layer.locator_extents()}
+        for i, loc in enumerate(h["parent_locators"]):
             if not loc["platform_code"] or not loc["platform_data_length"]:
                 continue
-            space = loc["platform_data_space"]
-            space = space * SECTOR if space < SECTOR else space
+            span = held.get(i, loc["platform_data_length"])
             lo = loc["platform_data_offset"]
-            if lo < new_table_end and lo + max(space, loc["platform_data_length"]) > old_table_end:
-                blob = _read_exact(file, lo, max(space, loc["platform_data_length"]))
+            if lo < new_table_end and lo + span > old_table_end:
+                blob = _read_exact(file, lo, span)
+                loc["platform_data_space"] = span if span >= SECTOR else 0
                 writes_beyond.append((end, blob))
                 loc["platform_data_offset"] = end
                 end += -(-len(blob) // SECTOR) * SECTOR
