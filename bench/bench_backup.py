@@ -20,7 +20,6 @@ start-up, the same for both, is not counted).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import random
 import shutil
@@ -32,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, ROOT, UNIT, make_half_allocated  # noqa: E402
+from common import OUT, ROOT, UNIT, make_half_allocated, sha256  # noqa: E402
 
 import vdisk  # noqa: E402
 from vdisk import backup as vbackup  # noqa: E402
@@ -45,14 +44,6 @@ def run(cmd: list) -> float:
     t0 = time.perf_counter()
     subprocess.run([str(c) for c in cmd], check=True, cwd=str(ROOT), stdout=subprocess.DEVNULL)
     return time.perf_counter() - t0
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fresh_copy(src: Path, dst: Path) -> Path:

@@ -16,7 +16,6 @@ openssl; vdisk ``--tls-creds``, qemu-nbd ``--object tls-creds-x509``) and qemu-i
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import random
 import shutil
@@ -33,6 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import vdisk  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from common import sha256  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
 BLOCK = 2 << 20
@@ -101,14 +103,6 @@ def timed_convert(port: int, out: Path, certs: "Path | None") -> float:
     t0 = time.perf_counter()
     subprocess.run(["qemu-img", "convert", *source, "-O", "raw", str(out)], check=True)
     return time.perf_counter() - t0
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def main() -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
-import ipaddress
 import itertools
 import logging
 import os
@@ -32,6 +31,7 @@ from typing import Callable, Optional, Union
 from ..devices.scsi import ScsiDisk
 from ..errors import VDiskError
 from .iscsi_auth import AuthPolicy
+from .loopback import is_loopback
 from .iscsi_pdu import (BHS_LEN, MAX_ACCEPTED_DSL, DataOutBudget, LoginResult, Pdu, ProtocolError,
                         PduReader, ScsiTask, TargetConnection, pad4)
 
@@ -43,17 +43,6 @@ _log = logging.getLogger("vdisk.iscsi")
 DEFAULT_PORT = 3260
 IQN_PREFIX = "iqn.2026-01.org.vdisk"
 LOGIN_TIMEOUT = 30.0              # seconds from connect to the full feature phase
-
-
-def is_loopback(host: str) -> bool:
-    """Whether every address ``host`` names is a loopback address (wildcards are not)."""
-    try:
-        infos = socket.getaddrinfo(host or None, None, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
-    except socket.gaierror:
-        return False
-    addresses = {info[4][0].split("%")[0] for info in infos}
-    return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
 
 
 def check_exposure(host: str, auth: Optional[AuthPolicy], insecure: bool) -> None:

@@ -12,14 +12,13 @@ Only the standard library's :mod:`ssl` is used; TLS 1.2 is the oldest version of
 """
 from __future__ import annotations
 
-import ipaddress
 import os
-import socket
 import ssl
 from dataclasses import dataclass
 from typing import Optional
 
 from ..errors import VDiskError
+from .loopback import is_loopback
 
 __all__ = ["TlsConfig", "server_context", "is_loopback", "check_exposure", "connection_line",
            "peer_subject", "CA_CERT", "SERVER_CERT", "SERVER_KEY"]
@@ -107,17 +106,6 @@ def server_context(creds_dir: str, verify_peer: bool = False) -> ssl.SSLContext:
     else:
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
-
-
-def is_loopback(host: str) -> bool:
-    """Whether every address ``host`` names is a loopback address (wildcards are not)."""
-    try:
-        infos = socket.getaddrinfo(host or None, None, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
-    except socket.gaierror:
-        return False
-    addresses = {info[4][0].split("%")[0] for info in infos}
-    return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
 
 
 def check_exposure(host: str, tls: TlsConfig, insecure: bool) -> None:
