@@ -345,10 +345,7 @@ class NBDServer:
         write_turn = asyncio.Lock()
         # Replies may queue in the transport up to a few MiB (not asyncio's 64 KiB) before the
         # next waits its turn, so the socket never idles between replies of a pipelining client.
-        try:
-            writer.transport.set_write_buffer_limits(high=TRANSPORT_QUEUE)
-        except (AttributeError, NotImplementedError):
-            pass
+        writer.transport.set_write_buffer_limits(high=TRANSPORT_QUEUE)
         disk = None
         broken = False
         deadline = (loop.time() + self.handshake_timeout) if self.handshake_timeout else None
@@ -438,6 +435,7 @@ class NBDServer:
                         report("refused", f"TLS handshake failed: {reason}")
                         hard = True
                         break
+                    writer.transport.set_write_buffer_limits(high=TRANSPORT_QUEUE)   # the TLS transport
                     ssl_object = writer.get_extra_info("ssl_object")
                     who["tls_version"] = ssl_object.version() if ssl_object is not None else "?"
                     who["subject"] = peer_subject(ssl_object)
