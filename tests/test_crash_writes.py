@@ -50,7 +50,11 @@ COMBOS = {
     "vdi-fixed": ("vdi", "fixed", False, 4 * MiB, MiB),
     "vdi-dynamic": ("vdi", "dynamic", False, 4 * MiB, MiB),
     "vdi-differencing": ("vdi", "dynamic", True, 4 * MiB, MiB),
+    # A fixed VDI whose map entry 1 is free (0xFFFFFFFF, as a damaged image has it): vdisk writes
+    # such a block into its own slot, a write path of its own.
+    "vdi-fixed-unmapped": ("vdi", "fixed", False, 4 * MiB, MiB),
 }
+UNMAPPED = {"vdi-fixed-unmapped": 1}        # combo -> the block whose map entry is free at the start
 
 STATES: dict[str, dict] = {}        # combo -> counts, printed by the summary test
 
@@ -71,6 +75,13 @@ def _build(folder: str, combo: str) -> tuple[str, np.ndarray]:
         half = rng.integers(1, 256, size // 2, dtype=np.uint8)
         d.pwrite(half.tobytes(), size // 4)
         content[size // 4: size // 4 + size // 2] = half
+    if combo in UNMAPPED:
+        k = UNMAPPED[combo]
+        with open(base, "r+b") as f:
+            offset_blocks = int.from_bytes(f.read(0x158)[0x154:0x158], "little")
+            f.seek(offset_blocks + 4 * k)
+            f.write(b"\xff" * 4)
+        content[k * bs:(k + 1) * bs] = 0                     # an unmapped block reads as zeros
     if not diff:
         return base, content
     child = os.path.join(folder, f"child.{fmt}")
@@ -174,15 +185,18 @@ def _judge(combo: str, top: str, files: dict, durable, since, power_cut: bool, c
     report = check(top)
     sparse_vhd = fmt == "vhd" and COMBOS[combo][1] != "fixed"
     footer_lost = False
-    if report.exit_code == 2 and sparse_vhd and power_cut and \
-            {f.kind for f in report.findings if f.severity == "corruption"} == {"footer-missing"}:
+    corrupt = {f.kind for f in report.findings if f.severity == "corruption"}
+    still_unmapped = combo in UNMAPPED and report.exit_code == 2 and corrupt == {"fixed-unmapped"}
+    if report.exit_code == 2 and sparse_vhd and power_cut and corrupt == {"footer-missing"}:
         footer_lost = True
         counts["footer restored by open"] += 1
+    elif still_unmapped:
+        counts["still unmapped"] = counts.get("still unmapped", 0) + 1    # the damage it started with
     else:
         assert report.exit_code in (0, 3), f"{where}: {report.summary()}"
     if report.exit_code == 3:
         counts["leaks"] += 1
-    if fmt == "vdi" and not diff:
+    if fmt == "vdi" and not diff and not still_unmapped:
         q = subprocess.run([_qemu_img(), "check", "-f", "vdi", top], capture_output=True, text=True)
         assert q.returncode == 0, f"{where}: qemu-img check: {q.stdout}{q.stderr}"
     with vdisk.open(top, "r+") as d:
@@ -192,7 +206,8 @@ def _judge(combo: str, top: str, files: dict, durable, since, power_cut: bool, c
         assert bad == 0, f"{where}: {bad} bytes read neither their old value nor one written over them"
         d.pwrite(b"\x5a" * 4096, size - 4096)
     after = check(top)
-    assert after.exit_code in (0, 3), f"{where}, after a write through the reopened image: {after.summary()}"
+    if not still_unmapped:
+        assert after.exit_code in (0, 3), f"{where}, after a write through the reopened image: {after.summary()}"
     with vdisk.open(top) as d:
         assert d.pread(4096, size - 4096) == b"\x5a" * 4096
 
@@ -285,3 +300,17 @@ def test_a_block_discarded_and_its_space_reused_before_a_flush_survives_a_crash(
            ("flush", 0, 0, b"")]
     counts = crash_states(str(tmpfs_path), combo, ops=ops)
     assert counts["distinct"] > 10
+
+
+def test_a_write_into_a_fixed_vdi_block_with_a_free_map_entry_survives_a_crash(tmpfs_path):
+    """The write that maps an unmapped fixed-VDI block into its own slot (and zeroes the rest of
+    the slot), cut at every mutation in both models."""
+    combo = "vdi-fixed-unmapped"
+    _fmt, _subtype, _diff, size, bs = COMBOS[combo]
+    k = UNMAPPED[combo]
+    ops = [("write", k * bs + 5000, 7000, random.Random(3).randbytes(7000)),
+           ("flush", 0, 0, b""),
+           ("write", k * bs + 100, 300, random.Random(4).randbytes(300)),
+           ("flush", 0, 0, b"")]
+    counts = crash_states(str(tmpfs_path), combo, ops=ops)
+    assert counts["distinct"] > 5 and counts.get("still unmapped", 0) > 0
