@@ -409,20 +409,19 @@ def _chain(folder, data, fmt):
     size = 48 * bs
     base, top = os.path.join(folder, f"base.{fmt}"), os.path.join(folder, f"top.{fmt}")
     ops = st.tuples(st.sampled_from(["write", "zero"]), st.integers(0, size // 512 - 1), st.integers(1, 40))
+
+    def scribble(d, fill: bytes) -> None:
+        for op, sector, count in data.draw(st.lists(ops, max_size=12)):
+            count = min(count, size // 512 - sector)
+            if op == "write":
+                d.pwrite(fill * 512 * count, sector * 512)
+            else:
+                d.write_zeroes(sector * 512, 512 * count)
+
     with vdisk.create(base, size, format=fmt, block_size=bs) as d:
-        for op, sector, count in data.draw(st.lists(ops, max_size=12)):
-            count = min(count, size // 512 - sector)
-            if op == "write":
-                d.pwrite(b"\x11" * 512 * count, sector * 512)
-            else:
-                d.write_zeroes(sector * 512, 512 * count)
+        scribble(d, b"\x11")
     with vdisk.create(top, parent=base) as d:
-        for op, sector, count in data.draw(st.lists(ops, max_size=12)):
-            count = min(count, size // 512 - sector)
-            if op == "write":
-                d.pwrite(b"\x22" * 512 * count, sector * 512)
-            else:
-                d.write_zeroes(sector * 512, 512 * count)
+        scribble(d, b"\x22")
     return top
 
 
