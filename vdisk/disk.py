@@ -4,12 +4,12 @@ from __future__ import annotations
 import io
 import os
 import threading
-from dataclasses import dataclass
 from typing import Optional, Sequence
 import uuid as uuidlib
 
 from .chain import LayerInfo, layer_info, open_chain
-from .engine import Engine, ExtentKind
+from .blockdev import Extent, ExtentKind
+from .engine import Engine
 from .errors import RangeError, ReadOnlyError, UnsupportedError, VDiskError
 from .io import ImageFile
 from .probe import open_layer, probe
@@ -18,15 +18,6 @@ from vdisk.formats.vdi import create_vdi
 from vdisk.formats.vhd import create_vhd
 
 SUBTYPES = ("fixed", "dynamic")
-
-
-@dataclass(frozen=True)
-class Extent:
-    """A run of the virtual disk: where it comes from (kind) and which chain layer holds it."""
-    offset: int
-    length: int
-    kind: ExtentKind
-    layer: Optional[int]
 
 
 class Disk:
@@ -59,6 +50,11 @@ class Disk:
     @property
     def block_size(self) -> int:
         return self._layers[0].block_size
+
+    @property
+    def logical_sector_size(self) -> int:
+        """The sector a device presents to a guest: 512, or 4096 for an image made so."""
+        return self._layers[0].logical_sector_size
 
     @property
     def uuid(self) -> Optional[uuidlib.UUID]:

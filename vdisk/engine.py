@@ -6,21 +6,17 @@ the block maps, so Python work grows with the number of runs, not with the numbe
 """
 from __future__ import annotations
 
-import enum
 import threading
 from typing import Optional
 
 import numpy as np
 
+from .blockdev import ExtentKind
 from vdisk.formats.base import ABSENT, SECTOR, ZERO, Layer
 from vdisk.formats.raw import FlatLayer
 from . import chainmap
 
 
-class ExtentKind(enum.IntEnum):
-    DATA = 0          # stored in a layer's file
-    ZERO = 1          # reads as zeros by an explicit marker (VDI zero block)
-    UNALLOCATED = 2   # stored nowhere in the chain: reads as zeros
 
 
 DATA, ZEROK, UNALLOC = ExtentKind.DATA, ExtentKind.ZERO, ExtentKind.UNALLOCATED
