@@ -42,7 +42,7 @@ def timed(cmd: list[str]) -> float:
     return time.perf_counter() - t0
 
 
-IN_PROCESS = ("import sys, time; from vdisk.compact import compact; t = time.perf_counter(); "
+IN_PROCESS = ("import sys, time; from vdisk.ops.compact import compact; t = time.perf_counter(); "
               "compact(sys.argv[1]); print(time.perf_counter() - t)")
 
 

@@ -16,7 +16,7 @@ from typing import NoReturn
 import pytest
 
 from vdisk.errors import VDiskError
-from vdisk.layout import content_digest
+from vdisk.ops.layout import content_digest
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"

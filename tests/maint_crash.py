@@ -174,7 +174,7 @@ def assert_crash_safe(folder, operation, state, images, *, drop_every: int = 3, 
     qemu-img judges too, wherever it reads the image: a base VHD or VDI must read, byte for byte,
     as vdisk read it in the outcome state() found (qemu-img compare), and a VDI must pass
     qemu-img check. Tests using this carry @pytest.mark.judges("qemu-img") so that is checked first."""
-    from vdisk.check import check
+    from vdisk.ops.check import check
     need("qemu-img")
     pristine = snapshot(folder)
     judged = qemu_readable(folder, images)

@@ -27,12 +27,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import vdisk
-import vdisk.check as check_module
-import vdisk.runs as runs_module
+import vdisk.ops.check as check_module
+import vdisk.ops.runs as runs_module
 from vdisk import limits
-from vdisk.check import EXAMPLES, CheckReport, Finding, check
+from vdisk.ops.check import EXAMPLES, CheckReport, Finding, check
 from vdisk.cli import main
-from vdisk.runs import _run_bound, iter_runs
+from vdisk.ops.runs import _run_bound, iter_runs
 
 MiB = 1 << 20
 TiB = 1 << 40

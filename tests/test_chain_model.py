@@ -24,7 +24,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 import vdisk
 import vdisk.io
-from vdisk.check import check
+from vdisk.ops.check import check
 from crash_sim import Recorder, write_files
 
 from conftest import need_module

@@ -7,10 +7,10 @@ import struct
 
 import vdisk
 from vdisk import journal
-from vdisk.check import check
-from vdisk.compact import compact
+from vdisk.ops.check import check
+from vdisk.ops.compact import compact
 from vdisk.formats.vhd_structs import FOOTER_CHECKSUM_OFFSET, with_checksum
-from vdisk.layout import path_digest
+from vdisk.ops.layout import path_digest
 
 MiB = 1 << 20
 

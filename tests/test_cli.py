@@ -11,8 +11,8 @@ import types
 import pytest
 
 import vdisk
-from vdisk.cli import main, parse_size
-from vdisk.info import CHAIN_KEYS, INFO_KEYS, MAP_KEYS
+from vdisk.cli import build_parser, main, parse_size
+from vdisk.ops.info import CHAIN_KEYS, INFO_KEYS, MAP_KEYS
 from vdisk.progress import ProgressBar, human_bytes
 
 from conftest import cannot_here, interrupt
@@ -346,44 +346,29 @@ def test_compare_exit_codes_are_0_same_1_different_2_error(capsys, small_vhd, tm
     assert_one_line_error(err, "missing.vdi")
 
 
-# -- extension modules --------------------------------------------------------------------------
-def test_optional_modules_add_their_subcommands(capsys, monkeypatch):
-    mod = types.ModuleType("vdisk.cli_maint")
-
-    def register(subparsers):
-        p = subparsers.add_parser("frob", help="test command")
-        p.add_argument("what")
-        p.set_defaults(func=lambda args: 7 if args.what == "x" else 0)
-
-    mod.register = register
-    monkeypatch.setitem(sys.modules, "vdisk.cli_maint", mod)
-    assert run(capsys, "frob", "x")[0] == 7
-
-
-def test_a_broken_optional_module_does_not_break_the_other_commands(capsys, monkeypatch, small_vhd):
-    mod = types.ModuleType("vdisk.cli_shadow")
-
-    def register(subparsers):
-        raise RuntimeError("half-written module")
-
-    mod.register = register
-    monkeypatch.setitem(sys.modules, "vdisk.cli_shadow", mod)
-    status, out, err = run(capsys, "check", "--json", small_vhd)      # a command of vdisk.cli_maint
-    assert status == 0 and json.loads(out)["clean"]
-    assert "cannot load vdisk.cli_shadow" in err
+# -- command modules ----------------------------------------------------------------------------
+def test_every_command_module_registers_its_commands():
+    from vdisk.cli.main import COMMAND_MODULES
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    expected = {"image": {"info", "create", "convert", "map", "measure", "compare"},
+                "io": {"mount", "umount", "serve"},
+                "maint": {"check", "compact", "commit", "resize", "rebase", "relink", "recover"},
+                "shadow": {"shadow", "snapshot"},
+                "backup": {"backup", "restore", "verify"}}
+    assert [m.__name__.rsplit(".", 1)[1] for m in COMMAND_MODULES] == list(expected)
+    for names in expected.values():
+        assert names <= set(commands)
 
 
-def test_the_core_commands_do_not_load_the_optional_modules(capsys, monkeypatch, small_vhd):
-    mod = types.ModuleType("vdisk.cli_shadow")
-
-    def register(subparsers):
-        raise AssertionError("loaded for a core command")
-
-    mod.register = register
-    monkeypatch.setitem(sys.modules, "vdisk.cli_shadow", mod)
-    status, out, err = run(capsys, "info", "--json", small_vhd)
-    assert status == 0 and json.loads(out)["format"] == "vhd"
-    assert err == ""
+def test_help_and_usage_errors_load_no_library_code():
+    # Startup stays instant: the command modules import the library inside their handlers.
+    code = ("import sys\nfrom vdisk.cli import main\n"
+            "assert main(['--help']) == 0 and main(['convert']) == 2\n"
+            "heavy = sorted(m for m in sys.modules if m == 'numpy' or m.startswith(('vdisk.formats', 'vdisk.disk')))\n"
+            "print(heavy)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
 
 
 # -- mount / serve wiring -----------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import FIXTURES, fixture_image, manifest, need
 from vdisk.cli import main
-from vdisk.info import CHAIN_KEYS, INFO_KEYS
+from vdisk.ops.info import CHAIN_KEYS, INFO_KEYS
 
 ROWS = manifest()
 BIG = {"compactvd_3hfs.vdi.tar.bz2"}          # 7.7 GB sparse once decompressed

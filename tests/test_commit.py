@@ -7,9 +7,9 @@ import os
 import pytest
 
 import vdisk
-from vdisk.check import check
-from vdisk.commit import commit
-from vdisk.layout import path_digest
+from vdisk.ops.check import check
+from vdisk.ops.commit import commit
+from vdisk.ops.layout import path_digest
 
 from maint_crash import assert_crash_safe
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import vdisk
-from vdisk.check import check
-from vdisk.compact import compact
-from vdisk.layout import SparseFile, path_digest
+from vdisk.ops.check import check
+from vdisk.ops.compact import compact
+from vdisk.ops.layout import SparseFile, path_digest
 
 from conftest import need
 from maint_crash import assert_crash_safe

@@ -13,12 +13,12 @@ import pytest
 
 import vdisk
 from vdisk import journal
-from vdisk.check import check
-from vdisk.layout import path_digest
+from vdisk.ops.check import check
+from vdisk.ops.layout import path_digest
 
 MiB = 1 << 20
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMPACT = "import sys; from vdisk.compact import compact; compact(sys.argv[1])"
+COMPACT = "import sys; from vdisk.ops.compact import compact; compact(sys.argv[1])"
 
 
 def _build(path, fmt):

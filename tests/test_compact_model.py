@@ -9,9 +9,9 @@ import tempfile
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import vdisk
-from vdisk.check import check
-from vdisk.compact import compact
-from vdisk.layout import path_digest
+from vdisk.ops.check import check
+from vdisk.ops.compact import compact
+from vdisk.ops.layout import path_digest
 
 KiB = 1024
 BS = 64 * KiB

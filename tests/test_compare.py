@@ -9,8 +9,8 @@ import pytest
 import vdisk
 from conftest import need
 from test_convert import SIZE, SOURCES, build_source
-from vdisk.compare import compare
-from vdisk.convert import convert
+from vdisk.ops.compare import compare
+from vdisk.ops.convert import convert
 
 MiB = 1 << 20
 

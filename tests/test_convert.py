@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 import vdisk
-from vdisk.convert import ConvertResult, convert, nonzero_runs, plan_output, work_ranges
+from vdisk.ops.convert import ConvertResult, convert, nonzero_runs, plan_output, work_ranges
 
 MiB = 1 << 20
 SIZE = 5 * MiB + 3 * 4096 + 1024            # not a multiple of any block size
@@ -236,7 +236,7 @@ def test_existing_destination_is_refused_unless_forced(tmp_path):
 
 
 def test_failure_midway_leaves_neither_destination_nor_temporary_file(tmp_path, monkeypatch):
-    monkeypatch.setattr("vdisk.convert.CHUNK", 1 << 20)         # several reads for a small image
+    monkeypatch.setattr("vdisk.ops.convert.CHUNK", 1 << 20)         # several reads for a small image
     src, _ = build_source("vhd-dynamic", tmp_path)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -322,7 +322,7 @@ def test_convert_without_syncs_gives_the_same_image(tmp_path, dst_kind):
 @pytest.mark.parametrize("zero_detect", [True, False])
 @pytest.mark.judges("qemu-img")
 def test_output_blocks_bigger_than_a_chunk_are_filled_by_several_chunks(tmp_path, monkeypatch, zero_detect):
-    monkeypatch.setattr("vdisk.convert.CHUNK", 256 << 10)          # 8 chunks per 2 MiB block
+    monkeypatch.setattr("vdisk.ops.convert.CHUNK", 256 << 10)          # 8 chunks per 2 MiB block
     src, model = build_source("vdi-chain", tmp_path)
     dst = str(tmp_path / "big-blocks.vhd")
     with vdisk.open(src) as s:

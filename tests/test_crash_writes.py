@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 import vdisk
-from vdisk.check import check
+from vdisk.ops.check import check
 from crash_sim import Recorder, hooked, write_files
 
 KiB, MiB = 1 << 10, 1 << 20

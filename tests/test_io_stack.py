@@ -176,7 +176,7 @@ def test_dissect_fat_reads_files_mtools_wrote(tmp_path):
     mtools("mcopy", "-i", str(raw), str(tmp_path / "TWO.TXT"), "::/DIR/THREE.TXT")
     vhd = tmp_path / "fat.vhd"
     with vdisk.open(raw, format="raw") as src:
-        from vdisk.convert import convert
+        from vdisk.ops.convert import convert
         convert(src, vhd, "vhd", "dynamic", durable=False)
     with vdisk.open(vhd) as d:
         fs = FATFS(io.BufferedReader(d.as_file()))

@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import vdisk
 from vdisk.cli import main
-from vdisk.convert import convert
-from vdisk.measure import measure, stored_blocks
+from vdisk.ops.convert import convert
+from vdisk.ops.measure import measure, stored_blocks
 
 from conftest import FAST_TMP, fixture_image, need
 

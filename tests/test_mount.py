@@ -516,7 +516,7 @@ def _stat_errno(path) -> int:
 
 
 def _check_clean(image, fmt):
-    from vdisk.check import check
+    from vdisk.ops.check import check
     report = check(str(image))
     assert report.clean, report.summary()
     if fmt == "vdi":

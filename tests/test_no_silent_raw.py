@@ -12,7 +12,7 @@ import sys
 import pytest
 
 import vdisk
-from vdisk.check import check
+from vdisk.ops.check import check
 
 MiB = 1 << 20
 

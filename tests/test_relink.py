@@ -7,9 +7,9 @@ import os
 import pytest
 
 import vdisk
-from vdisk.check import check
-from vdisk.layout import path_digest
-from vdisk.relink import rebase, relink
+from vdisk.ops.check import check
+from vdisk.ops.layout import path_digest
+from vdisk.ops.relink import rebase, relink
 
 from maint_crash import assert_crash_safe
 

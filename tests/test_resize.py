@@ -8,8 +8,8 @@ import subprocess
 import pytest
 
 import vdisk
-from vdisk.check import check
-from vdisk.resize import resize
+from vdisk.ops.check import check
+from vdisk.ops.resize import resize
 
 from conftest import need
 from maint_crash import assert_crash_safe

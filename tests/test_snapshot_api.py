@@ -9,7 +9,7 @@ import pytest
 import vdisk
 import vdisk.io
 from vdisk import snapshot
-from vdisk.check import check
+from vdisk.ops.check import check
 from vdisk.shadow import open_shadowed
 
 MiB = 1 << 20

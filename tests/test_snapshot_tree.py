@@ -16,7 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 import vdisk
 from vdisk import snapshot
-from vdisk.check import check
+from vdisk.ops.check import check
 
 SIZE = 4 << 20
 PAGE = 4096           # 4 KiB-aligned writes: libvhdi mis-reads partly set VHD bitmap bytes

@@ -14,7 +14,7 @@ import pytest
 import vdisk
 from vdisk.cli import main
 from vdisk.engine import ExtentKind
-from vdisk.svgmap import (CELL_H, LAYER_COLOURS, UNALLOCATED_COLOUR, ZERO_COLOUR, allocation_cells,
+from vdisk.ops.svgmap import (CELL_H, LAYER_COLOURS, UNALLOCATED_COLOUR, ZERO_COLOUR, allocation_cells,
                           cell_size_for, density_strip, render_svg)
 
 from conftest import fixture_image

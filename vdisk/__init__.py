@@ -44,6 +44,10 @@ def __dir__():
     return sorted(set(globals()) | set(__all__))
 
 
+# Modules moved by the reorganisation into core / ops / cli keep their old names for one release.
+from . import _moved
+_moved.install()
+
 # A library reports, it does not print: warnings (checksum mismatches, repairable damage) go to the
 # "vdisk" logger and to Disk.warnings; the CLI shows them as `vdisk: warning: ...`.
 logging.getLogger("vdisk").addHandler(logging.NullHandler())

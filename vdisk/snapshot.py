@@ -15,11 +15,11 @@ The tree lives in ``IMAGE.snapshots/tree.json``::
 
 It is replaced atomically (write new, fsync, rename, fsync folder). Each operation records what
 it is about to do in ``pending`` first; every later operation on the tree finishes an interrupted
-one before anything else. The merges themselves (:mod:`vdisk.commit`, :mod:`vdisk.relink`) run
+one before anything else. The merges themselves (:mod:`vdisk.ops.commit`, :mod:`vdisk.ops.relink`) run
 as journaled transactions.
 
 Parents: a VHD child finds its parent by its relative locator (rewritten with
-:func:`vdisk.relink.relink` whenever a file moves); a VDI child by UUID, for which
+:func:`vdisk.ops.relink.relink` whenever a file moves); a VDI child by UUID, for which
 :func:`vdisk.open` also searches ``IMAGE.snapshots/`` and IMAGE's folder when that folder exists.
 """
 from __future__ import annotations
@@ -315,7 +315,7 @@ def _new_child(image: str, parent: str, fmt: str) -> None:
 
 def _fix_links(path: str, **kw) -> None:
     """Point a moved (or changed) differencing image at its parent again (journaled)."""
-    from .relink import relink
+    from vdisk.ops.relink import relink
     relink(path, search=search_paths_for_file(path), **kw)
 
 
@@ -375,8 +375,8 @@ def _dependents_of(image: str, tree: Tree, sid: str) -> list[str]:
 
 
 def _do_delete(image: str, tree: Tree) -> None:
-    from .commit import commit
-    from .relink import rebase
+    from vdisk.ops.commit import commit
+    from vdisk.ops.relink import rebase
     pend = tree.pending
     if all(s.id != pend["id"] for s in tree.snapshots):
         return                                        # finished before an interruption

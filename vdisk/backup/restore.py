@@ -49,8 +49,8 @@ def restore(paths, dst, *, format: Optional[str] = None, subtype: Optional[str] 
             progress: Optional[Progress] = None) -> RestoreResult:
     """Write the disk a backup chain holds into a new image *dst* (``vhd``/``vdi``/``raw``,
     default from its name). Every chunk that is read has its SHA-256 checked; zeros stay holes
-    (or unallocated blocks); the image gets its name only once complete (see vdisk.convert)."""
-    from vdisk.convert import convert
+    (or unallocated blocks); the image gets its name only once complete (see vdisk.ops.convert)."""
+    from vdisk.ops.convert import convert
     t0 = time.perf_counter()
     with open_backup(paths) as disk:
         ids = [bf.header.backup_id for bf in disk.backups]

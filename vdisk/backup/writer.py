@@ -30,7 +30,7 @@ class BackupWriter:
     """Append entries in virtual order; :meth:`finish` writes index and footer and publishes."""
 
     def __init__(self, dst, header: Header, *, force: bool = False):
-        from vdisk.convert import _probe_creatable, _temp_path
+        from vdisk.ops.convert import _probe_creatable, _temp_path
         self.dst = os.fspath(dst)
         self.header = header
         self.force = force
@@ -97,7 +97,7 @@ class BackupWriter:
 
     def finish(self) -> int:
         """Index, footer, fsync, rename into place, fsync the folder; returns the file size."""
-        from vdisk.convert import _publish
+        from vdisk.ops.convert import _publish
         n = self._n
         index = encode_index(self._rows[:n])
         self._rows = self._rows[:0]

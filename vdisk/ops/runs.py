@@ -20,8 +20,8 @@ import numpy as np
 
 from vdisk.formats.base import ABSENT, SECTOR
 
-from .disk import Disk
-from .engine import DATA
+from vdisk.disk import Disk
+from vdisk.engine import DATA
 
 #: Upper bound of the runs one window may produce (each a 5-tuple: a few MiB at most).
 WINDOW_RUNS = 1 << 15

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import sys
 
-from .cli import add_open_options, add_progress_option, emit_json, parse_size, progress_for
-from .progress import human_bytes
+from .common import add_open_options, add_progress_option, emit_json, parse_size, progress_for
+from vdisk.progress import human_bytes
 
 
 def _chunk_size(text: str) -> int:
@@ -21,7 +21,7 @@ def _chunk_size(text: str) -> int:
 
 
 def cmd_backup(args) -> int:
-    from .backup import backup
+    from vdisk.backup import backup
     bar = progress_for(args, "backup")
     try:
         r = backup(args.image, args.output, shadow=args.shadow, new_shadow=args.new_shadow, since=args.since,
@@ -45,7 +45,7 @@ def cmd_backup(args) -> int:
 
 
 def cmd_restore(args) -> int:
-    from .backup import restore
+    from vdisk.backup import restore
     bar = progress_for(args, "restore")
     try:
         r = restore(args.backups, args.output, format=args.output_format, subtype=args.subtype, force=args.force,
@@ -63,7 +63,7 @@ def cmd_restore(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .backup import verify
+    from vdisk.backup import verify
     bar = progress_for(args, "verify")
     try:
         report = verify(args.backups, progress=bar)

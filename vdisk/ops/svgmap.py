@@ -22,10 +22,10 @@ from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
 
-from .disk import Disk
-from .engine import ExtentKind
-from .progress import human_bytes
-from .runs import iter_runs
+from vdisk.disk import Disk
+from vdisk.engine import ExtentKind
+from vdisk.progress import human_bytes
+from vdisk.ops.runs import iter_runs
 
 SECTOR = 512
 #: Data colours by chain layer (0 = the top image), then repeated.
@@ -161,7 +161,7 @@ def render_svg(disk: Disk, cells: Cells, *, title: Optional[str] = None,
            f"<title>{escape(f'vdisk map of {name}')}</title>",
            "<style>text{font-family:DejaVu Sans,Arial,sans-serif;font-size:12px;fill:#1a202c}"
            ".h{font-size:15px;font-weight:bold}.cell rect{stroke:none}</style>",
-           f'<rect width="100%" height="100%" fill="#ffffff"/>',
+           '<rect width="100%" height="100%" fill="#ffffff"/>',
            f'<text class="h" x="{MARGIN}" y="{MARGIN + 14}">{escape(name)}</text>',
            f'<text x="{MARGIN}" y="{MARGIN + 34}">{escape(_header(disk, cells))}</text>']
     out.append(f'<g id="cells" {_attrs(data_size=cells.size, data_cell_bytes=cells.cell_bytes, data_columns=COLUMNS)}>')

@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import UnsupportedError
+from vdisk.errors import UnsupportedError
 from vdisk.formats.base import SECTOR, ZERO, Layer
 from vdisk.formats.vdi_structs import BLOCK_FREE, BLOCK_ZERO, PRE_HEADER_SIZE
 from vdisk.formats.vhd_structs import BAT_UNUSED, Footer

@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 
-from .errors import VDiskError
+from vdisk.errors import VDiskError
 
 
 def _library(module: str, *names: str):
@@ -30,7 +30,7 @@ def _library(module: str, *names: str):
 # -- mount / umount -----------------------------------------------------------------------------
 def cmd_mount(args) -> int:
     (mount_image,) = _library("vdisk.mount", "mount_image")
-    from .shadow import has_shadows, shadow_views
+    from vdisk.shadow import has_shadows, shadow_views
     # An image with shadow copies also shows each one read-only as shadows/<id>/disk, p1, ...
     views = shadow_views if has_shadows(args.image) else None
     pid = mount_image(args.image, args.mountpoint, rw=args.rw, foreground=args.foreground,
@@ -52,7 +52,7 @@ def cmd_umount(args) -> int:
 # -- serve --------------------------------------------------------------------------------------
 def _open_all(args, paths, rw: bool):
     """Open the images ourselves when open options were given (forced format, parent search)."""
-    from .cli import open_image
+    from .common import open_image
     disks = []
     try:
         for p in paths:
@@ -75,7 +75,7 @@ def split_shadow_ref(ref: str):
     image, shadow_id = ref.rsplit("@", 1)
     if not os.path.isfile(image):
         return ref, None
-    from .shadow import has_shadows
+    from vdisk.shadow import has_shadows
     if not has_shadows(image):
         raise VDiskError(f"{image}: has no shadow copies (asked for shadow {shadow_id!r})")
     return image, shadow_id
@@ -87,8 +87,8 @@ def _open_exports(args):
     refs = [split_shadow_ref(r) for r in args.images]
     if not any(sid for _, sid in refs) and not _needs_own_open(args):
         return list(args.images), args.name, []
-    from .cli import open_image
-    from .shadow import open_shadow_view
+    from .common import open_image
+    from vdisk.shadow import open_shadow_view
     opened = []
     try:
         for image, sid in refs:
@@ -162,7 +162,7 @@ def _port(text: str) -> int:
 
 def register(subparsers) -> None:
     """Add mount, umount and serve to the `vdisk` command line."""
-    from .cli import add_open_options
+    from .common import add_open_options
 
     p = subparsers.add_parser("mount", help="mount an image and its partitions as files (FUSE)")
     p.add_argument("image")

@@ -15,9 +15,9 @@ from typing import Optional
 
 import numpy as np
 
-from . import journal, limits
-from .errors import UnsupportedError, VDiskError
-from .layout import SparseFile
+from vdisk import journal, limits
+from vdisk.errors import UnsupportedError, VDiskError
+from vdisk.ops.layout import SparseFile
 from vdisk.formats.base import SECTOR, ZERO
 from vdisk.formats.vdi import MAX_BLOCKS as VDI_MAX_BLOCKS, MAX_VIRTUAL_SIZE as VDI_MAX_VIRTUAL_SIZE
 from vdisk.formats.vdi_structs import PRE_HEADER_SIZE

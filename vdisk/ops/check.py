@@ -22,9 +22,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from . import journal, limits
-from .errors import VDiskError
-from .io import ImageFile
+from vdisk import journal, limits
+from vdisk.errors import VDiskError
+from vdisk.io import ImageFile
 from vdisk.formats.vhd_structs import (BAT_UNUSED, DISK_DIFFERENCING, DISK_FIXED, FOOTER_CHECKSUM_OFFSET,
                                        FOOTER_COOKIE, FOOTER_SIZE, HEADER_CHECKSUM_OFFSET, HEADER_COOKIE,
                                        HEADER_FIELD_OFFSETS, HEADER_SIZE, LOCATOR_OFFSET, LOCATOR_SIZE,
@@ -429,8 +429,8 @@ def _check_dynamic_bitmaps(file: ImageFile, live: np.ndarray, bs: int, report: C
 
 def _check_parent_identity(path: str, report: CheckReport) -> None:
     """Find the parent the way the core does (locators / UUID scan) and verify its identity."""
-    from .chain import find_parent
-    from .probe import open_layer
+    from vdisk.chain import find_parent
+    from vdisk.probe import open_layer
     try:
         layer = open_layer(path, lock=False)
     except VDiskError:
@@ -579,7 +579,7 @@ def _check_fixed_vdi_map(unmapped: int, first: tuple[int, int], n: int, used: in
 # Entry point
 # ---------------------------------------------------------------------------------------------
 def _analyse(path: str, report: CheckReport, plan: _Plan) -> None:
-    from .probe import probe_file
+    from vdisk.probe import probe_file
     try:
         file = ImageFile(path, lock=False)
     except VDiskError as exc:

@@ -20,13 +20,13 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from . import journal
-from .chain import open_chain
-from .engine import Engine, ExtentKind
-from .errors import UnsupportedError, VDiskError
-from .layout import SparseFile, content_digest
-from .probe import open_layer
-from .relink import link_transaction_writes
+from vdisk import journal
+from vdisk.chain import open_chain
+from vdisk.engine import Engine, ExtentKind
+from vdisk.errors import UnsupportedError, VDiskError
+from vdisk.ops.layout import SparseFile, content_digest
+from vdisk.probe import open_layer
+from vdisk.ops.relink import link_transaction_writes
 from vdisk.formats.base import ABSENT
 from vdisk.formats.raw import FlatLayer
 

@@ -17,11 +17,11 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from . import journal
-from .engine import Engine, ExtentKind
-from .errors import UnsupportedError, VDiskError
-from .io import ImageFile
-from .layout import SparseFile, content_digest, plan_moves
+from vdisk import journal
+from vdisk.engine import Engine, ExtentKind
+from vdisk.errors import UnsupportedError, VDiskError
+from vdisk.io import ImageFile
+from vdisk.ops.layout import SparseFile, content_digest, plan_moves
 from vdisk.formats.base import ABSENT, SECTOR, ZERO
 
 MOVE_BATCH = 1 << 40           # bytes moved per journal barrier (undo records of holes are tiny)

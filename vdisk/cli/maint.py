@@ -1,6 +1,6 @@
 """`vdisk check|compact|commit|resize|rebase|relink|recover`: in-place maintenance commands.
 
-Each is a thin shell over the library call of the same name (vdisk.check, vdisk.compact, ...).
+Each is a thin shell over the library call of the same name (vdisk.ops.check, vdisk.ops.compact, ...).
 Every mutating command takes ``--verify``: the virtual content is hashed before and after where
 the operation must not change it, and any difference fails loudly (exit 1).
 ``check`` exits 0 clean, 1 could not run, 2 corruption found, 3 only leaks found (qemu-img's
@@ -8,8 +8,8 @@ convention), after repair when ``--repair`` is given.
 """
 from __future__ import annotations
 
-from .cli import add_progress_option, emit_json, parse_size, progress_for
-from .errors import VDiskError
+from .common import add_progress_option, emit_json, parse_size, progress_for
+from vdisk.errors import VDiskError
 
 # Repairs that change what the guest reads (entries pointing at garbage are dropped).
 CONTENT_REPAIRS = {"bat-range", "bat-overlap", "map-range", "map-overlap"}
@@ -29,8 +29,8 @@ def _out(args, report) -> None:
 
 # -- check ----------------------------------------------------------------------------------------
 def cmd_check(args) -> int:
-    from .check import check
-    from .layout import path_digest
+    from vdisk.ops.check import check
+    from vdisk.ops.layout import path_digest
     before = None
     if args.verify and args.repair:
         try:
@@ -49,7 +49,7 @@ def cmd_check(args) -> int:
 
 # -- compact --------------------------------------------------------------------------------------
 def cmd_compact(args) -> int:
-    from .compact import compact
+    from vdisk.ops.compact import compact
     bar = progress_for(args, "compact")
     try:
         report = compact(args.image, dry_run=args.dry_run, to=args.to, verify=args.verify,
@@ -62,7 +62,7 @@ def cmd_compact(args) -> int:
 
 # -- commit ---------------------------------------------------------------------------------------
 def cmd_commit(args) -> int:
-    from .commit import commit
+    from vdisk.ops.commit import commit
     bar = progress_for(args, "commit")
     try:
         report = commit(args.child, into=args.into, verify=args.verify, parent_search=tuple(args.search),
@@ -86,7 +86,7 @@ def _new_size(image: str, text: str) -> int:
 
 
 def cmd_resize(args) -> int:
-    from .resize import resize
+    from vdisk.ops.resize import resize
     report = resize(args.image, _new_size(args.image, args.size), shrink=args.shrink, verify=args.verify)
     _out(args, report)
     return 0
@@ -94,7 +94,7 @@ def cmd_resize(args) -> int:
 
 # -- rebase / relink ------------------------------------------------------------------------------
 def cmd_rebase(args) -> int:
-    from .relink import rebase
+    from vdisk.ops.relink import rebase
     report = rebase(args.child, args.parent, search=tuple(args.search), dry_run=args.dry_run,
                     verify=args.verify, unsafe=args.unsafe)
     _out(args, report)
@@ -102,7 +102,7 @@ def cmd_rebase(args) -> int:
 
 
 def cmd_relink(args) -> int:
-    from .relink import relink
+    from vdisk.ops.relink import relink
     report = relink(args.child, search=tuple(args.search), dry_run=args.dry_run, verify=args.verify,
                     allow_parent_modified=args.allow_parent_modified)
     _out(args, report)
@@ -111,8 +111,8 @@ def cmd_relink(args) -> int:
 
 # -- recover --------------------------------------------------------------------------------------
 def cmd_recover(args) -> int:
-    from . import journal
-    from .check import check
+    from vdisk import journal
+    from vdisk.ops.check import check
     result = journal.recover(args.image)
     status = 0
     if args.verify:

@@ -16,8 +16,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .disk import Disk
-from .engine import ExtentKind
+from vdisk.disk import Disk
+from vdisk.engine import ExtentKind
 
 CHUNK = 8 << 20
 

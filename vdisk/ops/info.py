@@ -8,7 +8,7 @@
 :func:`info_for_path` also describes a differencing image whose parent cannot be found (the
 image's own facts, with ``parent_error`` saying what is missing) instead of failing.
 
-Memory: both walk the disk with :func:`vdisk.runs.iter_runs`, so beyond the block maps the open
+Memory: both walk the disk with :func:`vdisk.ops.runs.iter_runs`, so beyond the block maps the open
 image holds anyway (8 bytes per table entry) they keep a bounded window of runs, whatever the
 number of runs; :func:`image_map` alone builds the whole list, for callers that want one.
 """
@@ -17,13 +17,13 @@ from __future__ import annotations
 import os
 from typing import Iterator, Optional, Sequence
 
-from .chain import layer_info
-from .disk import Disk
-from .engine import ExtentKind
-from .errors import ParentError
-from .geometry import MAX_GEOMETRY
-from .probe import open_layer
-from .runs import iter_runs
+from vdisk.chain import layer_info
+from vdisk.disk import Disk
+from vdisk.engine import ExtentKind
+from vdisk.errors import ParentError
+from vdisk.geometry import MAX_GEOMETRY
+from vdisk.probe import open_layer
+from vdisk.ops.runs import iter_runs
 
 #: Keys of :func:`image_info`'s dict (always present; null where they do not apply).
 INFO_KEYS = ("path", "format", "subtype", "virtual_size", "chs_size", "block_size", "file_size",
@@ -112,12 +112,12 @@ def image_info(disk: Disk, *, parent_error: Optional[str] = None) -> dict:
 def info_for_path(path: str, *, format: Optional[str] = None, parent_search: Sequence[str] = (),
                   size_policy: str = "current") -> dict:
     """:func:`image_info` for a file; a missing parent is reported, not raised."""
-    from . import open as vopen
+    from vdisk import open as vopen
     try:
         with vopen(path, format=format, parent_search=parent_search, size_policy=size_policy) as d:
             return image_info(d)
     except ParentError as exc:
-        from .backup import is_backup
+        from vdisk.backup import is_backup
         if format is None and is_backup(path):
             raise                       # an incremental backup alone is no disk (not a raw file either)
         layer = open_layer(os.fspath(path), fmt=format, size_policy=size_policy)

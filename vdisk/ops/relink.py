@@ -22,10 +22,10 @@ from urllib.parse import quote
 
 import numpy as np
 
-from . import journal
-from .engine import Engine, ExtentKind
-from .errors import ParentError, UnsupportedError, VDiskError
-from .probe import open_layer
+from vdisk import journal
+from vdisk.engine import Engine, ExtentKind
+from vdisk.errors import ParentError, UnsupportedError, VDiskError
+from vdisk.probe import open_layer
 from vdisk.formats.base import SECTOR
 from vdisk.formats.vdi_structs import PRE_HEADER_SIZE
 from vdisk.formats.vhd import parent_id_bytes
@@ -99,7 +99,7 @@ def _file_identity(path: str, fmt: str) -> Optional[bytes]:
 
 def find_parent_by_identity(child, search: Sequence[str]) -> tuple[str, str]:
     """(path, how) of the file whose identity the child records; ParentError lists what was tried."""
-    from .chain import find_parent
+    from vdisk.chain import find_parent
     tried = []
     try:
         parent, how = find_parent(child, parent_search=search, allow_parent_modified=True)
@@ -325,7 +325,7 @@ def _link(child, ppath: str, how: str, dry_run: bool, allow_modified: bool) -> R
 
 
 def _digest(path: str, search) -> Optional[str]:
-    from .layout import path_digest
+    from vdisk.ops.layout import path_digest
     try:
         return path_digest(path, parent_search=tuple(search))
     except VDiskError:
@@ -334,7 +334,7 @@ def _digest(path: str, search) -> Optional[str]:
 
 def _verify_after(path: str, ppath: str, before: Optional[str], search=()) -> bool:
     import vdisk
-    from .layout import content_digest
+    from vdisk.ops.layout import content_digest
     # A VDI records no path: its parent is found by UUID, so search where it was found.
     with vdisk.open(path, parent_search=[os.path.dirname(os.path.abspath(ppath)), *search]) as d:
         if os.path.realpath(d.chain[1].path) != os.path.realpath(ppath):
@@ -347,7 +347,7 @@ def _verify_after(path: str, ppath: str, before: Optional[str], search=()) -> bo
 
 def _rebase_content(child, new_parent: str, search, dry_run: bool, verify: bool, unsafe: bool) -> RelinkReport:
     """Rebase onto different content: copy where old and new parent differ, then relink."""
-    from .chain import open_chain
+    from vdisk.chain import open_chain
     report = RelinkReport(child.path, child.format, new_parent, "given explicitly", dry_run=dry_run)
     old_layers = None
     if not unsafe:

@@ -23,11 +23,11 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from . import disk as _disk
-from .disk import Disk
-from .engine import ExtentKind
-from .errors import VDiskError
-from .io import start_writeback
+from vdisk import disk as _disk
+from vdisk.disk import Disk
+from vdisk.engine import ExtentKind
+from vdisk.errors import VDiskError
+from vdisk.io import start_writeback
 from vdisk.formats.raw import FlatLayer
 
 #: Bytes read per request; big enough to amortise syscalls, small enough for bounded memory.

@@ -6,12 +6,12 @@ first); ``shadow diff --json`` is a JSON array of ``{"offset", "length"}`` in as
 """
 from __future__ import annotations
 
-from .cli import add_open_options, add_progress_option, emit_json, parse_size, progress_for, table
-from .errors import VDiskError
+from .common import add_open_options, add_progress_option, emit_json, parse_size, progress_for, table
+from vdisk.errors import VDiskError
 
 
 def _open(args, mode: str):
-    from .shadow import open_shadowed
+    from vdisk.shadow import open_shadowed
     return open_shadowed(args.image, mode, format=getattr(args, "format", None),
                          parent_search=getattr(args, "parent_search", None) or (),
                          size_policy=getattr(args, "size_policy", "current"))
@@ -78,7 +78,7 @@ def cmd_shadow_storage(args) -> int:
 
 
 def cmd_shadow_export(args) -> int:
-    from .shadow import export_shadow
+    from vdisk.shadow import export_shadow
     bar = progress_for(args, "export")
     try:
         result = export_shadow(args.image, args.id, args.dst, format=args.output_format, subtype=args.subtype,
@@ -103,7 +103,7 @@ def cmd_shadow_diff(args) -> int:
 
 # -- snapshot ---------------------------------------------------------------------------------------
 def cmd_snapshot_take(args) -> int:
-    from .snapshot import take
+    from vdisk.snapshot import take
     node = take(args.image, name=args.name, description=args.description or "")
     print(f"took snapshot {node.name} ({node.id}) of {args.image}")
     print(node.id)
@@ -111,7 +111,7 @@ def cmd_snapshot_take(args) -> int:
 
 
 def cmd_snapshot_list(args) -> int:
-    from .snapshot import snapshot_list
+    from vdisk.snapshot import snapshot_list
     nodes, current = snapshot_list(args.image)
     if args.json:
         emit_json([dict(n.to_dict(), current=(n.id == current)) for n in nodes])
@@ -136,14 +136,14 @@ def cmd_snapshot_list(args) -> int:
 
 
 def cmd_snapshot_revert(args) -> int:
-    from .snapshot import revert
+    from vdisk.snapshot import revert
     node = revert(args.image, args.snapshot, force=args.force)
     print(f"{args.image} now continues from snapshot {node.name} ({node.id})")
     return 0
 
 
 def cmd_snapshot_delete(args) -> int:
-    from .snapshot import delete
+    from vdisk.snapshot import delete
     node = delete(args.image, args.snapshot)
     print(f"deleted snapshot {node.name} ({node.id}) of {args.image}")
     return 0

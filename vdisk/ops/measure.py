@@ -4,7 +4,7 @@
         m = measure(src, format="vhd", subtype="fixed")     # what `vdisk convert -O vhd` writes
     m = measure(size=10 << 30, format="vdi")                # an empty new image of 10 GiB
 
-``required`` is the file size :func:`vdisk.convert.convert` produces from the source (or
+``required`` is the file size :func:`vdisk.ops.convert.convert` produces from the source (or
 :func:`vdisk.create` for a new empty image); ``fully_allocated`` the size once every block is
 stored. Which output blocks hold data comes from the source's allocation map, without reading
 it: convert's zero detection can only make the file smaller than ``required`` (never larger),
@@ -19,9 +19,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .convert import plan_output
-from .disk import Disk
-from .engine import ExtentKind
+from vdisk.ops.convert import plan_output
+from vdisk.disk import Disk
+from vdisk.engine import ExtentKind
 from vdisk.formats import vdi as _vdi
 from vdisk.formats import vhd as _vhd
 
@@ -76,7 +76,7 @@ def measure(source: Optional[Disk] = None, *, size: Optional[int] = None, format
     """Sizes of the image `vdisk convert` would make of *source*, or `vdisk create` of *size* bytes.
 
     Give exactly one of *source* and *size*. *format*/*subtype*/*target* mean what they mean
-    for :func:`vdisk.convert.convert` (default raw, as qemu-img measure), *block_size* the
+    for :func:`vdisk.ops.convert.convert` (default raw, as qemu-img measure), *block_size* the
     output's allocation unit (dynamic VHD/VDI only). Raises ValueError for contradictions.
     """
     if source is not None and size is None:
