@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from vdisk.errors import UnsupportedError
 from vdisk.io import ImageFile
 from .base import Layer, data_runs_from_holes
+from .driver import Driver
 
 RAW_BLOCK = 1 << 20
 
@@ -58,3 +60,28 @@ def open_raw(file: ImageFile, size: Optional[int] = None) -> RawLayer:
 def create_raw(file: ImageFile, size: int) -> RawLayer:
     file.truncate(size)
     return open_raw(file, size)
+
+
+class RawDriver(Driver):
+    """A raw file is the disk itself: recognised only when no other format claims the file."""
+    name = "raw"
+    probe_rank = 9
+    extensions = (".raw", ".img", ".bin", ".iso")
+    subtypes = ("raw", "fixed", "dynamic")
+    has_parents = False
+    size_granule = 1
+
+    def probe(self, head: bytes, tail: bytes, size: int) -> int:
+        return 1                      # the fallback, after every format with a signature
+
+    def open(self, file: ImageFile, *, writable: bool, size_policy: str = "current") -> Layer:
+        return open_raw(file)
+
+    def create(self, file: ImageFile, size: int, subtype: str, *, block_size: Optional[int],
+               size_policy: str, parent: Optional[Layer], parent_path: Optional[str]) -> Layer:
+        if parent is not None:
+            raise UnsupportedError("raw images have no parents")
+        return create_raw(file, size)
+
+
+DRIVER = RawDriver()

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import vdisk
-from vdisk.formats import vdi_structs as VS
-from vdisk.formats import vhd_structs as HS
+from vdisk.formats.vdi import structs as VS
+from vdisk.formats.vhd import structs as HS
 
 MiB = 1 << 20
 

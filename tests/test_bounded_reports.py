@@ -192,7 +192,7 @@ def test_a_table_beyond_vdisks_budget_is_an_error_not_an_allocation(tmp_path, mo
 
 def test_check_refuses_a_sparse_vhd_claiming_100_million_entries_in_one_line(tmp_path, budget):
     """400 MB (sparse) that could hold the table, but 100 M entries exceed vdisk's table budget."""
-    from vdisk.formats.vhd_structs import HEADER_CHECKSUM_OFFSET, with_checksum
+    from vdisk.formats.vhd.structs import HEADER_CHECKSUM_OFFSET, with_checksum
     path = tmp_path / "claims.vhd"
     vdisk.create(path, 64 * MiB, format="vhd", block_size=4096).close()
     hoff, _, _ = vhd_tables(path)

@@ -9,7 +9,7 @@ import vdisk
 from vdisk import journal
 from vdisk.ops.check import check
 from vdisk.ops.compact import compact
-from vdisk.formats.vhd_structs import FOOTER_CHECKSUM_OFFSET, with_checksum
+from vdisk.formats.vhd.structs import FOOTER_CHECKSUM_OFFSET, with_checksum
 from vdisk.ops.layout import path_digest
 
 MiB = 1 << 20

@@ -29,8 +29,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import vdisk
 from conftest import FAST_TMP, fixture_image
-from vdisk.formats.vdi_structs import V1_FIELD_OFFSETS
-from vdisk.formats.vhd_structs import (FOOTER_CHECKSUM_OFFSET, FOOTER_COOKIE, FOOTER_SIZE, HEADER_CHECKSUM_OFFSET,
+from vdisk.formats.vdi.structs import V1_FIELD_OFFSETS
+from vdisk.formats.vhd.structs import (FOOTER_CHECKSUM_OFFSET, FOOTER_COOKIE, FOOTER_SIZE, HEADER_CHECKSUM_OFFSET,
                                        HEADER_SIZE, LOCATOR_OFFSET, LOCATOR_SIZE, with_checksum)
 
 MEMORY_LIMIT = 1 << 30

@@ -17,7 +17,7 @@ import sys
 import pytest
 
 import vdisk
-from vdisk.formats.vhd_structs import HEADER_CHECKSUM_OFFSET, Footer, with_checksum
+from vdisk.formats.vhd.structs import HEADER_CHECKSUM_OFFSET, Footer, with_checksum
 
 pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.judges("qemu-img", "qemu-io")]
 

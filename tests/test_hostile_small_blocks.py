@@ -12,7 +12,7 @@ import sys
 import pytest
 
 import vdisk
-from vdisk.formats.vhd_structs import DynamicHeader
+from vdisk.formats.vhd.structs import DynamicHeader
 
 from conftest import need
 

@@ -14,7 +14,9 @@ import warnings
 MOVED = {f"vdisk.{name}": f"vdisk.ops.{name}" for name in (
     "check", "commit", "compact", "compare", "convert", "info", "layout", "measure", "relink",
     "resize", "svgmap", "runs")}
-MOVED.update({"vdisk.cli_io": "vdisk.cli.io", "vdisk.cli_maint": "vdisk.cli.maint",
+MOVED.update({"vdisk.formats.vhd_structs": "vdisk.formats.vhd.structs",
+              "vdisk.formats.vdi_structs": "vdisk.formats.vdi.structs",
+              "vdisk.cli_io": "vdisk.cli.io", "vdisk.cli_maint": "vdisk.cli.maint",
               "vdisk.cli_shadow": "vdisk.cli.shadow", "vdisk.cli_backup": "vdisk.cli.backup"})
 
 

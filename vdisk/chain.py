@@ -1,18 +1,16 @@
-"""Finding and verifying the parents of differencing images (VHD by locator, VDI by UUID)."""
+"""Finding and verifying the parents of differencing images: where to look and what identity to
+expect are the child's driver's answers; the chain walks them and keeps depth and loops in check."""
 from __future__ import annotations
 
-import glob
 import os
 import uuid as uuidlib
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 from .errors import ParentError, VDiskError
 from .probe import open_layer
 from vdisk.formats.base import Layer
-from vdisk.formats.vdi import peek_identity
-from vdisk.formats.vhd import parent_id_bytes
+from vdisk.formats.registry import driver_for
 
 MAX_DEPTH = 256
 
@@ -31,91 +29,12 @@ class LayerInfo:
 
 
 def _describe_id(layer: Layer) -> Optional[uuidlib.UUID]:
-    if layer.parent_id is None:
-        return None
-    if layer.format == "vdi":
-        return uuidlib.UUID(bytes_le=layer.parent_id)
-    return uuidlib.UUID(bytes=layer.parent_id)
+    return driver_for(layer).parent_uuid(layer)
 
 
 def layer_info(layer: Layer, found_by: str) -> LayerInfo:
     return LayerInfo(layer.path, layer.format, layer.subtype, layer.uuid, _describe_id(layer), found_by,
                      layer.size, layer.block_size)
-
-
-def _identity(layer: Layer) -> bytes:
-    if layer.format == "vdi":
-        return layer.header["uuid_create"]
-    return parent_id_bytes(layer)
-
-
-def _vhd_candidates(child: Layer, search: Sequence[str]) -> Iterable[tuple[str, str]]:
-    here = os.path.dirname(os.path.abspath(child.path))
-    names = []
-    for hint in child.parent_hints:
-        if hint.kind == "relative":
-            yield os.path.normpath(os.path.join(here, hint.path)), f"relative locator '{hint.path}'"
-        elif hint.kind == "absolute":
-            yield hint.path, f"absolute locator '{hint.path}'"
-        names.append(os.path.basename(hint.path))
-    for hint in child.parent_hints:
-        if hint.kind == "name":
-            yield os.path.join(here, hint.path), "parent name beside the child"
-    for d in search:
-        for name in dict.fromkeys(names):
-            yield os.path.join(d, name), f"search folder {d}"
-
-
-def _vdi_registry_locations(registry: str) -> Iterable[tuple[str, str]]:
-    try:
-        tree = ET.parse(registry)
-    except (OSError, ET.ParseError) as exc:
-        raise VDiskError(f"{registry}: cannot read VirtualBox media registry: {exc}") from None
-    base = os.path.dirname(os.path.abspath(registry))
-    for el in tree.iter():
-        if el.tag.rsplit("}", 1)[-1] == "HardDisk" and el.get("location"):
-            uid = (el.get("uuid") or "").strip("{}")
-            yield uid, os.path.normpath(os.path.join(base, el.get("location")))
-
-
-def _vdi_candidates(child: Layer, search: Sequence[str], registries: Sequence[str]) -> Iterable[tuple[str, str]]:
-    want = str(uuidlib.UUID(bytes_le=child.parent_id))
-    for reg in registries:
-        for uid, loc in _vdi_registry_locations(reg):
-            if uid.lower() == want:
-                yield loc, f"registry {reg}"
-    here = os.path.dirname(os.path.abspath(child.path))
-    for d in [here, *search]:
-        # Files whose header names the wanted UUID first: opening each .vdi of the folder in
-        # turn (tables and all) at every level made a deep chain's open quadratic. The others
-        # still follow, so a miss reports what each file is.
-        scan = [p for p in sorted(glob.glob(os.path.join(glob.escape(d), "*.vdi")))
-                if os.path.abspath(p) != os.path.abspath(child.path)]
-        ids = [_peeked_identity(p) for p in scan]
-        for path, ident in zip(scan, ids):
-            if ident == child.parent_id:
-                yield path, f"UUID scan of {d}"
-        for path, ident in zip(scan, ids):
-            if ident != child.parent_id:
-                yield path, f"UUID scan of {d}"
-
-
-#: (device, inode, size, mtime) -> creation UUID of VDI headers already read; bounded.
-_PEEKED: dict[tuple, Optional[bytes]] = {}
-_PEEKED_MAX = 4096
-
-
-def _peeked_identity(path: str) -> Optional[bytes]:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    if key not in _PEEKED:
-        if len(_PEEKED) >= _PEEKED_MAX:
-            _PEEKED.clear()
-        _PEEKED[key] = peek_identity(path)
-    return _PEEKED[key]
 
 
 def find_parent(child: Layer, *, parent_search: Sequence[str] = (), vbox_registry=None,
@@ -124,12 +43,11 @@ def find_parent(child: Layer, *, parent_search: Sequence[str] = (), vbox_registr
     """Open and verify the parent of *child*; ParentError lists every place tried."""
     tried: list[str] = []
     registries = [vbox_registry] if isinstance(vbox_registry, (str, os.PathLike)) else list(vbox_registry or ())
+    driver = driver_for(child)
     if explicit is not None:
         candidates: Iterable[tuple[str, str]] = [(explicit, "given explicitly")]
-    elif child.format == "vhd":
-        candidates = _vhd_candidates(child, parent_search)
     else:
-        candidates = _vdi_candidates(child, parent_search, registries)
+        candidates = driver.parent_candidates(child, parent_search, registries)
     seen = set()
     for path, how in candidates:
         if "\0" in path:                   # a hostile or damaged locator: no OS call takes it
@@ -144,7 +62,7 @@ def find_parent(child: Layer, *, parent_search: Sequence[str] = (), vbox_registr
             tried.append(f"{path} ({how}): not found")
             continue
         try:
-            parent = open_layer(path, size_policy=size_policy, fmt=None if explicit is None else None)
+            parent = open_layer(path, size_policy=size_policy)
         except VDiskError as exc:
             tried.append(f"{path} ({how}): {exc}")
             continue
@@ -152,17 +70,15 @@ def find_parent(child: Layer, *, parent_search: Sequence[str] = (), vbox_registr
             tried.append(f"{path} ({how}): is {parent.format}, not {child.format}")
             parent.close()
             continue
-        if _identity(parent) != child.parent_id:
+        if driver.identity(parent) != child.parent_id:
             tried.append(f"{path} ({how}): identity {parent.uuid} does not match {_describe_id(child)}")
             parent.close()
             continue
-        if child.format == "vdi":
-            want_mod = child.header.get("uuid_parent_modify", bytes(16))
-            if want_mod != bytes(16) and want_mod != parent.header["uuid_modify"] and not allow_parent_modified:
-                parent.close()
-                raise ParentError(f"{child.path}: parent {path} was modified after this differencing image "
-                                  f"was made (modification UUID {uuidlib.UUID(bytes_le=parent.header['uuid_modify'])}, "
-                                  f"expected {uuidlib.UUID(bytes_le=want_mod)})")
+        try:
+            driver.accept_parent(child, parent, allow_parent_modified)
+        except BaseException:
+            parent.close()
+            raise
         return parent, how
     name = next((h.path for h in child.parent_hints if h.kind == "name"), None)
     what = f"'{name}' " if name else ""

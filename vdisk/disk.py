@@ -13,11 +13,10 @@ from .engine import Engine
 from .errors import RangeError, ReadOnlyError, UnsupportedError, VDiskError
 from .io import ImageFile
 from .probe import open_layer, probe
-from vdisk.formats.raw import create_raw
-from vdisk.formats.vdi import create_vdi
-from vdisk.formats.vhd import create_vhd
+from vdisk.formats import registry
 
-SUBTYPES = ("fixed", "dynamic")
+#: what `create` makes when neither a format nor a parent says otherwise
+DEFAULT_FORMAT = "vhd"
 
 
 class Disk:
@@ -264,16 +263,17 @@ def create(path, size: Optional[int] = None, *, format: Optional[str] = None, su
     """
     path = os.fspath(path)
     if format is None:
-        format = "vhd" if parent is None else probe(os.fspath(parent))
-    if format not in ("vhd", "vdi", "raw"):
-        raise ValueError(f"format must be 'vhd', 'vdi' or 'raw', not {format!r}")
+        format = DEFAULT_FORMAT if parent is None else probe(os.fspath(parent))
+    if format not in registry.NAMES:
+        raise ValueError(f"format must be one of {', '.join(map(repr, registry.NAMES))}, not {format!r}")
+    driver = registry.driver(format)
     parent_layer = None
     if parent is not None:
         parent = os.fspath(parent)
         parent_layer = open_layer(parent)
-        if parent_layer.format == "raw":
+        if not registry.driver_for(parent_layer).has_parents:
             parent_layer.close()
-            raise UnsupportedError(f"{parent}: a raw file cannot be the parent of a differencing image")
+            raise UnsupportedError(f"{parent}: a {parent_layer.format} file cannot be the parent of a differencing image")
         if parent_layer.format != format:
             parent_layer.close()
             raise UnsupportedError(f"{path}: a {format} differencing image needs a {format} parent, "
@@ -284,21 +284,14 @@ def create(path, size: Optional[int] = None, *, format: Optional[str] = None, su
     else:
         if size is None:
             raise ValueError("size is required for a new base image")
-        if subtype not in SUBTYPES and not (format == "raw" and subtype in ("raw", "dynamic", "fixed")):
-            raise ValueError(f"subtype must be one of {SUBTYPES}, not {subtype!r}")
+        if subtype not in driver.subtypes:
+            raise ValueError(f"subtype must be one of {driver.subtypes}, not {subtype!r}")
         if size <= 0:
             raise ValueError(f"size must be positive, not {size}")
     file = ImageFile(path, create=True)
     try:
-        if format == "raw":
-            if parent_layer is not None:
-                raise UnsupportedError("raw images have no parents")
-            layer = create_raw(file, size)
-        elif format == "vhd":
-            layer = create_vhd(file, size, subtype, block_size=block_size, size_policy=size_policy,
-                               parent=parent_layer, parent_path=parent)
-        else:
-            layer = create_vdi(file, size, subtype, block_size=block_size, parent=parent_layer)
+        layer = driver.create(file, size, subtype, block_size=block_size, size_policy=size_policy,
+                              parent=parent_layer, parent_path=parent)
     except BaseException:
         file.close()
         if parent_layer is not None:

@@ -13,6 +13,7 @@ import numpy as np
 
 from .blockdev import ExtentKind
 from vdisk.formats.base import ABSENT, SECTOR, ZERO, Layer
+from vdisk.formats.registry import driver_for
 from vdisk.formats.raw import FlatLayer
 from . import chainmap
 
@@ -32,6 +33,8 @@ class Engine:
         self.top = layers[0]
         self.size = self.top.size
         self.lock = threading.RLock()
+        #: a partial write to a block the top lacks copies the whole block up first
+        self._copy_up = driver_for(self.top).copies_whole_blocks_up(self.top)
         #: resolved runs per top block, so reads cost the same at any chain depth (chainmap.py)
         self.map: Optional[chainmap.ChainMap] = chainmap.ChainMap(self) if len(layers) > 1 else None
 
@@ -238,9 +241,9 @@ class Engine:
         if top.sector_granular:
             a0, a1, buf = self._sector_align(b, in_off, piece, None)
             top.allocate(b, [(a0, buf)], present=(a0 // SECTOR, (a1 - a0) // SECTOR))
-        elif top.format == "vdi" and e == ABSENT and len(self.layers) > 1 and \
+        elif self._copy_up and e == ABSENT and len(self.layers) > 1 and \
                 not self.below_is_zero(bstart, min(bs, self.size - bstart)):
-            # VDI has no sector bitmap: copy the whole block up from the parent, then overlay.
+            # No sector bitmap (VDI): copy the whole block up from the parent, then overlay.
             full = self.read(bstart, min(bs, self.size - bstart), 1)
             full[in_off:in_off + len(piece)] = piece
             top.allocate(b, [(0, full)])

@@ -4,55 +4,51 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from .errors import FormatError, VDiskError
+from .errors import VDiskError
 from .io import ImageFile
+from vdisk.formats import registry
 from vdisk.formats.base import Layer
-from vdisk.formats.raw import open_raw
-from vdisk.formats.vdi import is_vdi, open_vdi, vdi_remnant, vdi_signature_problem
-from vdisk.formats.vhd import is_vhd, open_vhd, vhd_remnant
 
-FORMATS = ("raw", "vhd", "vdi")
+FORMATS = registry.NAMES
 
 
 def probe_file(file: ImageFile) -> str:
-    """'vdi', 'vhd' or 'raw'. Raw only for a file with no sign of another format: a name ending in
-    .vhd/.vdi, a VHD dynamic header or VDI header text without the signature that makes the
-    format are a damaged image, refused with a FormatError rather than read as a raw disk."""
+    """The name of the format whose driver is surest of the file (raw is the fallback). Raw
+    only for a file with no sign of another format: a name ending in another format's extension,
+    or a remnant of its header without the signature that makes the format, is a damaged image,
+    refused with a FormatError rather than read as a raw disk."""
     size = file.size()
     head = file.pread(1024, 0)
-    if is_vdi(head):
-        return "vdi"
     tail = file.pread(512, max(0, size - 512)) if size >= 512 else b""
-    if size >= 512 and is_vhd(head, tail):
-        return "vhd"
-    _refuse_remnants(file.path, head, size)
-    return "raw"
+    drivers = registry.drivers()
+    scores = [d.probe(head, tail, size) for d in drivers]
+    best = max(range(len(drivers)), key=lambda i: scores[i])      # the first of equals wins
+    if drivers[best].name == "raw":
+        _refuse_remnants(file.path, head, size, drivers)
+    return drivers[best].name
 
 
 RAW_HINT = 'not read as raw; -f raw (format="raw") opens it as a raw disk on purpose'
 
 
-def _refuse_remnants(path: str, head: bytes, size: int) -> None:
-    """Raise a FormatError if the file carries a sign of being a VHD or a VDI."""
-    name = os.path.basename(path).lower()
-    vhd_header, vdi_text = vhd_remnant(head), vdi_remnant(head)
-    vhd_signs = [vhd_header] if vhd_header else []
-    vdi_signs = [vdi_text] if vdi_text else []
-    if name.endswith(".vhd"):
-        vhd_signs.insert(0, "the name ends in .vhd")
-    if name.endswith(".vdi"):
-        vdi_signs.insert(0, "the name ends in .vdi")
-    if vdi_text or (vdi_signs and not vhd_header):
-        # What the bytes say outweighs what the name says when they disagree.
-        raise FormatError(path, "pre-header", "signature", 0x40,
-                          f"{' and '.join(vdi_signs)}, but {vdi_signature_problem(head)}: a damaged VDI, {RAW_HINT}")
-    if vhd_signs:
-        if size < 512:
-            lack = f"the file is {size} bytes, too small for a VHD footer"
-        else:
-            lack = "no 'conectix' footer at the end nor its copy at offset 0"
-        raise FormatError(path, "footer", "cookie", size - 512 if size >= 512 else None,
-                          f"{' and '.join(vhd_signs)}, but {lack}: a damaged VHD, {RAW_HINT}")
+def _refuse_remnants(path: str, head: bytes, size: int, drivers) -> None:
+    """Raise a FormatError if the file carries a sign of being an image of another format.
+    What the bytes say outweighs what the name says when they disagree."""
+    by_bytes = [(d, d.remnant(head)) for d in drivers]
+    by_bytes = [(d, sign) for d, sign in by_bytes if sign]
+    named = [d for d in drivers if d.name != "raw" and d.named(path)]
+    if by_bytes:
+        d, sign = by_bytes[0]
+        signs = ([f"the name ends in {_ending(d, path)}"] if d in named else []) + [sign]
+        raise d.refusal(path, head, size, signs, RAW_HINT)
+    if named:
+        d = named[0]
+        raise d.refusal(path, head, size, [f"the name ends in {_ending(d, path)}"], RAW_HINT)
+
+
+def _ending(driver, path: str) -> str:
+    name = path.lower()
+    return next(e for e in driver.extensions if name.endswith(e))
 
 
 def probe(path: str) -> str:
@@ -77,11 +73,7 @@ def open_layer(path: str, *, writable: bool = False, fmt: Optional[str] = None,
         from . import journal
         journal.check_on_open(file)
         kind = fmt or probe_file(file)
-        if kind == "vdi":
-            return open_vdi(file, strict=writable)
-        if kind == "vhd":
-            return open_vhd(file, size_policy=size_policy, strict_checksums=writable)
-        return open_raw(file)
+        return registry.driver(kind).open(file, writable=writable, size_policy=size_policy)
     except BaseException:
         file.close()
         raise

@@ -25,14 +25,14 @@ import numpy as np
 from vdisk import journal, limits
 from vdisk.errors import VDiskError
 from vdisk.io import ImageFile
-from vdisk.formats.vhd_structs import (BAT_UNUSED, DISK_DIFFERENCING, DISK_FIXED, FOOTER_CHECKSUM_OFFSET,
+from vdisk.formats.vhd.structs import (BAT_UNUSED, DISK_DIFFERENCING, DISK_FIXED, FOOTER_CHECKSUM_OFFSET,
                                        FOOTER_COOKIE, FOOTER_SIZE, HEADER_CHECKSUM_OFFSET, HEADER_COOKIE,
                                        HEADER_FIELD_OFFSETS, HEADER_SIZE, LOCATOR_OFFSET, LOCATOR_SIZE,
                                        SUBTYPE_NAMES as VHD_SUBTYPES,
                                        DynamicHeader, Footer, vhd_checksum, with_checksum)
-from vdisk.formats.vhd import MAX_DYNAMIC_SIZE, _bitmap_bytes, bitmap_used_bytes, locator_extents
+from vdisk.formats.vhd.image import MAX_DYNAMIC_SIZE, _bitmap_bytes, bitmap_used_bytes, locator_extents
 from vdisk.formats.vdi import MAX_BLOCKS as VDI_MAX_BLOCKS
-from vdisk.formats.vdi_structs import (BLOCK_ZERO, HEADER_V1, HEADER_V1_PLUS, PRE_HEADER_SIZE,
+from vdisk.formats.vdi.structs import (BLOCK_ZERO, HEADER_V1, HEADER_V1_PLUS, PRE_HEADER_SIZE,
                                        SIGNATURE, SUBTYPE_NAMES as VDI_SUBTYPES, VERSION_0, HeaderV1, PreHeader)
 
 SECTOR = 512

@@ -16,8 +16,8 @@ import numpy as np
 
 from vdisk.errors import UnsupportedError
 from vdisk.formats.base import SECTOR, ZERO, Layer
-from vdisk.formats.vdi_structs import BLOCK_FREE, BLOCK_ZERO, PRE_HEADER_SIZE
-from vdisk.formats.vhd_structs import BAT_UNUSED, Footer
+from vdisk.formats.vdi.structs import BLOCK_FREE, BLOCK_ZERO, PRE_HEADER_SIZE
+from vdisk.formats.vhd.structs import BAT_UNUSED, Footer
 
 
 class SparseFile:

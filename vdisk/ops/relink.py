@@ -27,9 +27,9 @@ from vdisk.engine import Engine, ExtentKind
 from vdisk.errors import ParentError, UnsupportedError, VDiskError
 from vdisk.probe import open_layer
 from vdisk.formats.base import SECTOR
-from vdisk.formats.vdi_structs import PRE_HEADER_SIZE
+from vdisk.formats.vdi.structs import PRE_HEADER_SIZE
 from vdisk.formats.vhd import parent_id_bytes
-from vdisk.formats.vhd_structs import (FOOTER_COOKIE, HEADER_CHECKSUM_OFFSET, PLAT_MAC, PLAT_MACX,
+from vdisk.formats.vhd.structs import (FOOTER_COOKIE, HEADER_CHECKSUM_OFFSET, PLAT_MAC, PLAT_MACX,
                                        PLAT_W2KU, PLAT_W2RU, PLAT_WI2K, PLAT_WI2R, VHD_EPOCH, DynamicHeader,
                                        with_checksum)
 

@@ -20,9 +20,9 @@ from vdisk.errors import UnsupportedError, VDiskError
 from vdisk.ops.layout import SparseFile
 from vdisk.formats.base import SECTOR, ZERO
 from vdisk.formats.vdi import MAX_BLOCKS as VDI_MAX_BLOCKS, MAX_VIRTUAL_SIZE as VDI_MAX_VIRTUAL_SIZE
-from vdisk.formats.vdi_structs import PRE_HEADER_SIZE
+from vdisk.formats.vdi.structs import PRE_HEADER_SIZE
 from vdisk.formats.vhd import MAX_DYNAMIC_SIZE, plan_size
-from vdisk.formats.vhd_structs import (BAT_UNUSED, FOOTER_CHECKSUM_OFFSET, HEADER_CHECKSUM_OFFSET,
+from vdisk.formats.vhd.structs import (BAT_UNUSED, FOOTER_CHECKSUM_OFFSET, HEADER_CHECKSUM_OFFSET,
                                        DynamicHeader, Footer, with_checksum)
 
 CHUNK = 8 << 20

@@ -10,8 +10,8 @@ import numpy as np
 from vdisk import limits
 from vdisk.errors import FormatError, UnsupportedError, VDiskError
 from vdisk.io import ImageFile
-from .base import ABSENT, SECTOR, ZERO, Layer, new_uuid, write_table_entries
-from .vdi_structs import (BLOCK_FREE, BLOCK_ZERO, HEADER_V0_END, HEADER_V1, HEADER_V1_PLUS, PRE_HEADER_SIZE,
+from ..base import ABSENT, SECTOR, ZERO, Layer, new_uuid, write_table_entries
+from .structs import (BLOCK_FREE, BLOCK_ZERO, HEADER_V0_END, HEADER_V1, HEADER_V1_PLUS, PRE_HEADER_SIZE,
                           SIGNATURE, SUBTYPE_NAMES, TEXT, TYPE_DIFF, TYPE_FIXED, TYPE_NORMAL, V1_FIELD_OFFSETS,
                           VERSION_0, VERSION_1_1, HeaderV0, HeaderV1, PreHeader)
 

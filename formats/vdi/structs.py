@@ -3,12 +3,13 @@ from __future__ import annotations
 
 from construct import Array, Bytes, Int32ul, Int64ul, Struct
 
+from ..fields import field_offsets
+
 SIGNATURE = 0xBEDA107F
 VERSION_1_1 = 0x00010001
 VERSION_0 = 0x00000002
 HEADER_V1 = 0x180
 HEADER_V1_PLUS = 0x190
-PRE_HEADER_SIZE = 72
 BLOCK_FREE = 0xFFFFFFFF
 BLOCK_ZERO = 0xFFFFFFFE
 TEXT = b"<<< vdisk Virtual Disk Image >>>\n"
@@ -21,6 +22,7 @@ PreHeader = Struct(
     "signature" / Int32ul,
     "version" / Int32ul,
 )
+PRE_HEADER_SIZE = PreHeader.sizeof()
 
 # Header v1.1+ (starts at 0x48). The LCHS fields exist only when header_size >= 0x190.
 HeaderV1 = Struct(
@@ -58,13 +60,6 @@ HeaderV0 = Struct(
     "uuid_modify" / Bytes(16),
     "uuid_linkage" / Bytes(16),
 )
-HEADER_V0_END = 0x1A4
-
-# Absolute file offsets of v1 fields, for error messages.
-V1_FIELD_OFFSETS = {
-    "header_size": 0x48, "image_type": 0x4C, "image_flags": 0x50, "comment": 0x54,
-    "offset_blocks": 0x154, "offset_data": 0x158, "legacy_geometry": 0x15C, "disk_size": 0x170,
-    "block_size": 0x178, "block_extra": 0x17C, "blocks_in_image": 0x180, "blocks_allocated": 0x184,
-    "uuid_create": 0x188, "uuid_modify": 0x198, "uuid_linkage": 0x1A8, "uuid_parent_modify": 0x1B8,
-    "lchs_geometry": 0x1C8,
-}
+# Absolute file offsets of v1 fields, for error messages and in-place updates.
+V1_FIELD_OFFSETS = {name: PRE_HEADER_SIZE + at for name, at in field_offsets(HeaderV1).items()}
+HEADER_V0_END = PRE_HEADER_SIZE + HeaderV0.sizeof()

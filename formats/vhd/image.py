@@ -5,7 +5,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from typing import NamedTuple, Optional, Sequence
+from typing import Optional, Sequence
 import uuid as uuidlib
 
 import numpy as np
@@ -14,13 +14,14 @@ from vdisk import limits
 from vdisk.errors import ChecksumError, FormatError, UnsupportedError
 from vdisk.geometry import MAX_GEOMETRY, chs_bytes, chs_for_sectors, chs_round_up
 from vdisk.io import ImageFile
-from .base import ABSENT, SECTOR, Layer, ParentHint, data_runs_from_holes, new_uuid, write_table_entries
-from .raw import FlatLayer
-from .vhd_structs import (BAT_UNUSED, DISK_DIFFERENCING, DISK_DYNAMIC, DISK_FIXED, FEATURES_RESERVED,
+from ..base import ABSENT, SECTOR, Layer, ParentHint, data_runs_from_holes, new_uuid, write_table_entries
+from ..raw import FlatLayer
+from .locators import LocatorExtent, locator_extents, read_locators
+from .structs import (BAT_UNUSED, DISK_DIFFERENCING, DISK_DYNAMIC, DISK_FIXED, FEATURES_RESERVED,
                           FOOTER_CHECKSUM_OFFSET, FOOTER_COOKIE, FOOTER_FIELD_OFFSETS, FOOTER_SIZE,
                           FORMAT_VERSION, HEADER_CHECKSUM_OFFSET, HEADER_COOKIE, HEADER_FIELD_OFFSETS,
-                          HEADER_SIZE, HEADER_VERSION, LOCATOR_OFFSET, LOCATOR_SIZE, NO_DATA_OFFSET,
-                          PLAT_MACX, PLAT_W2KU, PLAT_W2RU, PLAT_WI2K, PLAT_WI2R, SUBTYPE_NAMES,
+                          HEADER_SIZE, HEADER_VERSION, NO_DATA_OFFSET,
+                          PLAT_W2KU, PLAT_W2RU, SUBTYPE_NAMES,
                           VHD_EPOCH, DynamicHeader, Footer, vhd_checksum, with_checksum)
 
 DEFAULT_BLOCK_SIZE = 2 << 20
@@ -44,54 +45,6 @@ def _bitmap_bytes(block_size: int) -> int:
     Blocks of 512-2048 bytes have fewer than 8 sectors; their bitmap is still one sector, never
     zero bytes (an empty bitmap would read as "all present" and compact as "none present")."""
     return -(-bitmap_used_bytes(block_size) // SECTOR) * SECTOR
-
-
-class LocatorExtent(NamedTuple):
-    """The file bytes parent locator *index* holds: [start, end)."""
-    index: int
-    start: int
-    data_end: int           # start + platform_data_length: the locator's data
-    claimed_end: int        # start + the reserved space its entry claims
-    end: int                # what vdisk honours: the data, plus as much of the claim as is free
-
-    @property
-    def overclaimed(self) -> bool:
-        """The entry claims reserved space that overlaps something else or lies past the data."""
-        return self.claimed_end > self.end
-
-
-def locator_space_bytes(space: int) -> int:
-    """platform_data_space in bytes. Units quirk Q8: the spec counts sectors, Virtual PC, Hyper-V,
-    VirtualBox and libvhd write bytes; a value below 512 can only be sectors."""
-    return space * SECTOR if space < SECTOR else space
-
-
-def locator_extents(locators, occupied, end_of_data: int) -> list[LocatorExtent]:
-    """Extents of the used parent locators (code and length non-zero) of a dynamic header.
-
-    *occupied* holds the start offsets of everything else in the file (footer copy, header,
-    BAT, blocks). The reserved space a locator claims beyond its data is a claim about free room,
-    honoured only up to the next start (another locator's included) and *end_of_data*: a hostile
-    claim (0xFFFFFFFF bytes) must never make compaction keep 4 GiB of "metadata", a repair grow
-    the file to hold it, or the blocks after it look as if they overlapped it.
-    """
-    used = [(i, loc) for i, loc in enumerate(locators) if loc.platform_code and loc.platform_data_length]
-    others = np.sort(np.asarray(occupied, dtype=np.int64).ravel())
-    locs = np.sort(np.array([loc.platform_data_offset for _, loc in used], dtype=np.int64))
-    out = []
-    for i, loc in used:
-        lo = int(loc.platform_data_offset)
-        data_end = lo + int(loc.platform_data_length)
-        claimed = lo + locator_space_bytes(int(loc.platform_data_space))
-        limit = end_of_data
-        k = int(np.searchsorted(others, lo, side="left"))      # a structure at lo itself bounds it
-        if k < len(others):
-            limit = min(limit, int(others[k]))
-        k = int(np.searchsorted(locs, lo, side="right"))       # another locator after it
-        if k < len(locs):
-            limit = min(limit, int(locs[k]))
-        out.append(LocatorExtent(i, lo, data_end, claimed, max(data_end, min(claimed, limit))))
-    return out
 
 
 def is_vhd(head: bytes, tail: bytes) -> bool:
@@ -420,7 +373,7 @@ def _open_sparse(file: ImageFile, file_size: int, fi: _FooterInfo, common: dict,
     hints = []
     footer_offset = fi.offset if fi.where != "copy" else None
     if f.disk_type == DISK_DIFFERENCING:
-        hints, locator_regions = _read_locators(file, file_size, h, hoff)
+        hints, locator_regions = read_locators(file, file_size, h, hoff)
         regions += locator_regions
         common["parent_id"] = bytes(h.parent_unique_id)
         name = _decode_utf16(h.parent_unicode_name, "utf-16-be")
@@ -495,52 +448,6 @@ def _restore_end_footer(file: ImageFile, footer: bytes, end_of_data: int) -> Non
     file.sync()
     file.truncate(end_of_data + FOOTER_SIZE)
     file.sync()
-
-
-def _read_locators(file: ImageFile, file_size: int, h, hoff: int):
-    hints, regions = [], []
-    for i, loc in enumerate(h.parent_locators):
-        code = loc.platform_code
-        if code == 0:
-            continue
-        length, off = loc.platform_data_length, loc.platform_data_offset
-        where = hoff + LOCATOR_OFFSET + LOCATOR_SIZE * i
-        if length > 64 * 1024 or off + length > file_size:
-            raise FormatError(file.path, "parent locator", f"[{i}]", where,
-                              f"locator data ({length} bytes at {off:#x}) lies outside the file")
-        if length == 0:
-            continue
-        # Blocks must not overlap the data; the reserved space is only a claim (locator_extents).
-        regions.append((off, off + length))
-        data = file.pread(length, off)
-        try:
-            if code == PLAT_W2RU:
-                hints.append(ParentHint("relative", _windows_to_host(data.decode("utf-16-le"))))
-            elif code == PLAT_W2KU:
-                hints.append(ParentHint("absolute", _windows_to_host(data.decode("utf-16-le"))))
-            elif code == PLAT_WI2R:
-                hints.append(ParentHint("relative", _windows_to_host(data.decode("latin-1"))))
-            elif code == PLAT_WI2K:
-                hints.append(ParentHint("absolute", _windows_to_host(data.decode("latin-1"))))
-            elif code == PLAT_MACX:
-                url = data.decode("utf-8").rstrip("\0")
-                from urllib.parse import unquote, urlparse
-                p = unquote(urlparse(url).path) if url.startswith("file:") else url
-                hints.append(ParentHint("absolute" if p.startswith("/") else "relative", p))
-        except UnicodeDecodeError:
-            continue
-    order = {"relative": 0, "absolute": 1}
-    hints.sort(key=lambda h: order.get(h.kind, 2))
-    return hints, regions
-
-
-def _windows_to_host(path: str) -> str:
-    path = path.rstrip("\0").replace("\\", "/")
-    if len(path) >= 2 and path[1] == ":":
-        path = path[2:]
-    if path.startswith("./"):
-        path = path[2:]
-    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -676,5 +583,6 @@ def parent_id_bytes(parent: Layer) -> bytes:
     """The 16 bytes a VHD child stores to name its parent: the parent footer's id, verbatim."""
     raw = getattr(parent, "footer_raw", None)
     if raw is not None:
-        return bytes(raw[68:84])
+        at = FOOTER_FIELD_OFFSETS["unique_id"]
+        return bytes(raw[at:at + 16])
     return parent.uuid.bytes

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from construct import Array, Bytes, Int8ub, Int16ub, Int32ub, Int64ub, Struct
 
+from ..fields import field_offsets
+
 FOOTER_COOKIE = b"conectix"
 HEADER_COOKIE = b"cxsparse"
 FOOTER_SIZE = 512
 HEADER_SIZE = 1024
-FOOTER_CHECKSUM_OFFSET = 64
-HEADER_CHECKSUM_OFFSET = 36
 VHD_EPOCH = 946684800            # 2000-01-01T00:00:00Z as a Unix time
 BAT_UNUSED = 0xFFFFFFFF
 FEATURES_RESERVED = 0x00000002
@@ -73,20 +73,13 @@ DynamicHeader = Struct(
     "reserved2" / Bytes(256),
 )
 
-# Offsets of fields, for error messages (derived from the declarations above).
-FOOTER_FIELD_OFFSETS = {
-    "cookie": 0, "features": 8, "format_version": 12, "data_offset": 16, "timestamp": 24,
-    "creator_app": 28, "creator_version": 32, "creator_host_os": 36, "original_size": 40,
-    "current_size": 48, "cylinders": 56, "heads": 58, "sectors_per_track": 59, "disk_type": 60,
-    "checksum": 64, "unique_id": 68, "saved_state": 84,
-}
-HEADER_FIELD_OFFSETS = {
-    "cookie": 0, "data_offset": 8, "table_offset": 16, "header_version": 24,
-    "max_table_entries": 28, "block_size": 32, "checksum": 36, "parent_unique_id": 40,
-    "parent_timestamp": 56, "parent_unicode_name": 64, "parent_locators": 576,
-}
-LOCATOR_OFFSET = 576
-LOCATOR_SIZE = 24
+# Offsets of fields, for error messages and in-place updates.
+FOOTER_FIELD_OFFSETS = field_offsets(Footer)
+HEADER_FIELD_OFFSETS = field_offsets(DynamicHeader)
+LOCATOR_OFFSET = HEADER_FIELD_OFFSETS["parent_locators"]
+LOCATOR_SIZE = ParentLocator.sizeof()
+FOOTER_CHECKSUM_OFFSET = FOOTER_FIELD_OFFSETS["checksum"]
+HEADER_CHECKSUM_OFFSET = HEADER_FIELD_OFFSETS["checksum"]
 
 
 def vhd_checksum(raw: bytes, checksum_offset: int) -> int:

@@ -1,0 +1,120 @@
+"""What a format driver answers for the generic code, in the spirit of QEMU's BlockDriver.
+
+One :class:`Driver` per format (``formats/raw.py``, ``formats/vhd/``, ``formats/vdi/``) holds
+everything the engine, the chain, the operations and the CLI need to know about that format:
+how to recognise, open and create its files, how a child names its parent and where to look for
+it, and (through the maintenance methods) its metadata layout, table encoding, link and resize
+writes and its own check findings. Generic code asks ``driver_for(layer)`` — never a format name.
+"""
+from __future__ import annotations
+
+import os
+import uuid as uuidlib
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence
+
+from vdisk.errors import UnsupportedError
+
+if TYPE_CHECKING:
+    from vdisk.io import ImageFile
+    from .base import Layer
+
+
+#: (format, device, inode, size, mtime) -> identity of headers already peeked at; bounded.
+_PEEKED: dict[tuple, Optional[bytes]] = {}
+_PEEKED_MAX = 4096
+
+
+class Driver:
+    """Base class: the answers a format without that feature gives."""
+
+    #: the format's name as users type it (``-f``, ``format=``)
+    name: str = ""
+    #: file-name endings that mean this format (lower case, the first is the canonical one)
+    extensions: tuple[str, ...] = ()
+    #: subtypes `create` and `convert` can make
+    subtypes: tuple[str, ...] = ("fixed", "dynamic")
+    #: the allocation unit of a new dynamic image
+    default_block_size: Optional[int] = None
+    #: whether a differencing image of this format can be made and followed
+    has_parents: bool = True
+    #: virtual sizes are whole multiples of this many bytes
+    size_granule: int = 512
+    #: who is asked first when probing (ties, and which damaged format a remnant means): a
+    #: signature at a fixed offset in the head outranks a trailer that guest data could mimic
+    probe_rank: int = 5
+
+    # -- recognition --------------------------------------------------------------------------
+    def probe(self, head: bytes, tail: bytes, size: int) -> int:
+        """How sure this driver is the file is its format (0: not at all, 100: its signature)."""
+        return 0
+
+    def remnant(self, head: bytes) -> Optional[str]:
+        """A sign in the first KiB that the file was this format, damaged; None if none."""
+        return None
+
+    def refusal(self, path: str, head: bytes, size: int, signs: Sequence[str], hint: str) -> Exception:
+        """The FormatError for a file that shows *signs* of this format but is not a valid one."""
+        from vdisk.errors import FormatError
+        return FormatError(path, "file", "signature", 0,
+                           f"{' and '.join(signs)}, but no {self.name} signature: a damaged {self.name.upper()}, {hint}")
+
+    def named(self, path: str) -> bool:
+        return os.fspath(path).lower().endswith(self.extensions) if self.extensions else False
+
+    # -- files --------------------------------------------------------------------------------
+    def open(self, file: "ImageFile", *, writable: bool, size_policy: str = "current") -> "Layer":
+        raise UnsupportedError(f"{file.path}: vdisk cannot open {self.name} images")
+
+    def create(self, file: "ImageFile", size: int, subtype: str, *, block_size: Optional[int],
+               size_policy: str, parent: Optional["Layer"], parent_path: Optional[str]) -> "Layer":
+        raise UnsupportedError(f"{file.path}: vdisk cannot create {self.name} images")
+
+    def new_file_size(self, size: int, subtype: str, block_size: Optional[int], blocks_stored: int) -> int:
+        """Bytes of the file `create`/`convert` would write, with *blocks_stored* blocks of data."""
+        return size
+
+    # -- parents ------------------------------------------------------------------------------
+    def identity(self, layer: "Layer") -> bytes:
+        """What a child of *layer* stores to name it as its parent."""
+        return layer.uuid.bytes if layer.uuid is not None else b""
+
+    def peek_identity(self, path: str) -> Optional[bytes]:
+        """:meth:`identity` of the file at *path* from its first bytes only, or None."""
+        return None
+
+    def cached_peek_identity(self, path: str) -> Optional[bytes]:
+        """:meth:`peek_identity`, remembered per (device, inode, size, mtime): a folder scan at
+        every level of a deep chain reads each candidate's header once."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        key = (self.name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if key not in _PEEKED:
+            if len(_PEEKED) >= _PEEKED_MAX:
+                _PEEKED.clear()
+            _PEEKED[key] = self.peek_identity(path)
+        return _PEEKED[key]
+
+    def parent_uuid(self, child: "Layer") -> Optional[uuidlib.UUID]:
+        """The parent identity *child* records, as a UUID for messages and `info`."""
+        return None if child.parent_id is None else uuidlib.UUID(bytes=child.parent_id)
+
+    def parent_candidates(self, child: "Layer", search: Sequence[str],
+                          registries: Sequence[str]) -> Iterable[tuple[str, str]]:
+        """(path, how it was found) of each file that may be *child*'s parent, best first."""
+        return ()
+
+    def accept_parent(self, child: "Layer", parent: "Layer", allow_modified: bool) -> None:
+        """Raise ParentError if *parent* (whose identity matched) must not be used under *child*."""
+
+    # -- engine capabilities ------------------------------------------------------------------
+    def copies_whole_blocks_up(self, layer: "Layer") -> bool:
+        """A partial write to a block the child lacks must copy the whole block from the parent
+        first (formats with neither a sector bitmap nor per-sector presence: VDI)."""
+        return False
+
+    # -- info ---------------------------------------------------------------------------------
+    def chs_size(self, layer: "Layer") -> Optional[int]:
+        """C*H*S bytes when a format's geometry makes another size visible to some tools."""
+        return None
