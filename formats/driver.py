@@ -17,6 +17,7 @@ from vdisk.errors import UnsupportedError
 if TYPE_CHECKING:
     from vdisk.io import ImageFile
     from .base import Layer
+    from .maintenance import LinkPlan, SparseLayout
 
 
 #: (format, device, inode, size, mtime) -> identity of headers already peeked at; bounded.
@@ -113,6 +114,26 @@ class Driver:
         """A partial write to a block the child lacks must copy the whole block from the parent
         first (formats with neither a sector bitmap nor per-sector presence: VDI)."""
         return False
+
+    # -- maintenance ---------------------------------------------------------------------------
+    def sparse_layout(self, layer: "Layer") -> "SparseLayout":
+        """The file layout compact/commit/resize rearrange; UnsupportedError where there is none."""
+        raise UnsupportedError(f"{layer.path}: {layer.format} {layer.subtype} images have no block "
+                               f"table to rearrange")
+
+    def link_writes(self, layer: "Layer", parent_path: str, parent: "Layer", *, apply: bool,
+                    end: Optional[int] = None) -> "LinkPlan":
+        """The writes that make differencing *layer* name *parent* (found at *parent_path*).
+        *apply*: also update the open layer to match (for the journal to write). *end*: where
+        the layer's data ends if not where the layer says (relocated link data goes there)."""
+        raise UnsupportedError(f"{layer.path}: {layer.format} images have no parent link")
+
+    def link_state(self, layer: "Layer") -> object:
+        """What must survive writes to *layer* for its children's links to stay valid."""
+        return None
+
+    def restore_link_state(self, layer: "Layer", state: object) -> None:
+        """Put back what :meth:`link_state` saved, before the layer's metadata is written."""
 
     # -- info ---------------------------------------------------------------------------------
     def chs_size(self, layer: "Layer") -> Optional[int]:

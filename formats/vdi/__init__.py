@@ -13,12 +13,16 @@ import xml.etree.ElementTree as ET
 from typing import Iterable, Optional, Sequence
 import uuid as uuidlib
 
-from vdisk.errors import FormatError, ParentError, VDiskError
+import numpy as np
+
+from vdisk.errors import FormatError, ParentError, UnsupportedError, VDiskError
 from vdisk.io import ImageFile
-from ..base import Layer
+from ..base import ZERO, Layer
 from ..driver import Driver
+from ..maintenance import LinkPlan, SparseLayout
 from .image import (DEFAULT_BLOCK_SIZE, MAX_BLOCKS, MAX_VIRTUAL_SIZE, NULL_UUID, VdiLayer, create_vdi,
                     is_vdi, new_file_size, open_vdi, peek_identity, vdi_remnant, vdi_signature_problem)
+from .structs import BLOCK_FREE, BLOCK_ZERO, PRE_HEADER_SIZE
 
 __all__ = ["DRIVER", "DEFAULT_BLOCK_SIZE", "MAX_BLOCKS", "MAX_VIRTUAL_SIZE", "VdiLayer", "create_vdi",
            "is_vdi", "new_file_size", "open_vdi", "peek_identity"]
@@ -105,6 +109,56 @@ class VdiDriver(Driver):
             raise ParentError(f"{child.path}: parent {parent.path} was modified after this differencing image "
                               f"was made (modification UUID {uuidlib.UUID(bytes_le=parent.header['uuid_modify'])}, "
                               f"expected {uuidlib.UUID(bytes_le=want)})")
+
+    # -- maintenance ---------------------------------------------------------------------------
+    def sparse_layout(self, layer: Layer) -> SparseLayout:
+        if layer.subtype not in ("dynamic", "differencing"):
+            raise UnsupportedError(f"{layer.path}: a fixed VDI has no block table to rearrange")
+        skip, unit, data = layer.block_extra, layer.slot_size, layer.offset_data
+        entries = len(layer.block_map)
+
+        def encode(block_map: np.ndarray) -> bytes:
+            bm = block_map[:entries]
+            out = np.full(entries, BLOCK_FREE, dtype="<u4")
+            alloc = bm >= 0
+            out[alloc] = (bm[alloc] - skip - data) // unit
+            out[bm == ZERO] = BLOCK_ZERO
+            return out.tobytes()
+
+        def count_writes(used: int) -> list[tuple[int, bytes]]:
+            layer.header.update(blocks_allocated=used)
+            return [(PRE_HEADER_SIZE, layer.header_bytes())]
+
+        return SparseLayout(skip=skip, unit=unit, table_offset=layer.offset_blocks, entries=entries,
+                            table_len=4 * entries, meta_end=data,
+                            end_of_data=data + layer.allocated * unit, grid=data, encode=encode,
+                            count_writes=count_writes)
+
+    def link_writes(self, layer: Layer, parent_path: str, parent: Layer, *, apply: bool,
+                    end: Optional[int] = None) -> LinkPlan:
+        h, p = layer.header, parent.header
+        changes = []
+        if h["uuid_linkage"] != p["uuid_create"]:
+            changes.append(f"set linkage UUID to {uuidlib.UUID(bytes_le=p['uuid_create'])}")
+        if h.get("uuid_parent_modify") != p["uuid_modify"]:
+            changes.append(f"set parent modification UUID to {uuidlib.UUID(bytes_le=p['uuid_modify'])}")
+        if not changes:
+            return LinkPlan([], [])
+        saved = dict(h)
+        h.update(uuid_linkage=p["uuid_create"], uuid_parent_modify=p["uuid_modify"])
+        header = layer.header_bytes()
+        if not apply:
+            h.clear()
+            h.update(saved)
+        return LinkPlan([(PRE_HEADER_SIZE, header)], changes)
+
+    def link_state(self, layer: Layer) -> object:
+        return layer.header["uuid_modify"]
+
+    def restore_link_state(self, layer: Layer, state: object) -> None:
+        # Writing the image gives it a new modification UUID; its children record the old one.
+        layer.header["uuid_modify"] = state
+        layer._header_dirty = True
 
     def copies_whole_blocks_up(self, layer: Layer) -> bool:
         return True

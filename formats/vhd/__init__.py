@@ -10,15 +10,19 @@ import os
 from typing import Iterable, Optional, Sequence
 import uuid as uuidlib
 
-from vdisk.errors import FormatError
+import numpy as np
+
+from vdisk.errors import FormatError, UnsupportedError
 from vdisk.io import ImageFile
-from ..base import Layer
+from ..base import SECTOR, Layer
 from ..driver import Driver
+from ..maintenance import LinkPlan, SparseLayout
+from . import locators
 from .image import (DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, MAX_DYNAMIC_SIZE, SparseVhdLayer, FixedVhdLayer,
                     bitmap_used_bytes, create_vhd, is_vhd, new_file_size, open_vhd, parent_id_bytes, plan_size,
                     vhd_remnant)
 from .locators import LocatorExtent, locator_extents, locator_space_bytes
-from .structs import FOOTER_COOKIE, FOOTER_FIELD_OFFSETS, FOOTER_SIZE
+from .structs import BAT_UNUSED, FOOTER_COOKIE, FOOTER_FIELD_OFFSETS, FOOTER_SIZE, HEADER_SIZE, Footer
 
 __all__ = ["DRIVER", "DEFAULT_BLOCK_SIZE", "MAX_BLOCK_SIZE", "MAX_DYNAMIC_SIZE", "SparseVhdLayer",
            "FixedVhdLayer", "LocatorExtent", "bitmap_used_bytes", "create_vhd", "is_vhd",
@@ -102,6 +106,44 @@ class VhdDriver(Driver):
 
     def parent_uuid(self, child: Layer) -> Optional[uuidlib.UUID]:
         return None if child.parent_id is None else uuidlib.UUID(bytes=child.parent_id)
+
+    # -- maintenance ---------------------------------------------------------------------------
+    def sparse_layout(self, layer: Layer) -> SparseLayout:
+        if not isinstance(layer, SparseVhdLayer):
+            raise UnsupportedError(f"{layer.path}: a fixed VHD has no block table to rearrange")
+        if Footer.parse(layer.footer_raw).saved_state:
+            raise UnsupportedError(f"{layer.path}: the image holds a saved VM state; refusing to modify it")
+        skip = layer.bitmap_bytes
+        entries = layer.bat_entries
+        table_len = -(-4 * entries // SECTOR) * SECTOR
+        regions = [(0, FOOTER_SIZE), (layer.header_offset, layer.header_offset + HEADER_SIZE),
+                   (layer.bat_offset, layer.bat_offset + table_len)]
+        # A locator's reserved space counts only as far as the file has room for it: the end of
+        # metadata never lies past the data, so moving blocks never grows the file.
+        regions += [(e.start, e.end) for e in layer.locator_extents()]
+
+        def encode(block_map: np.ndarray) -> bytes:
+            bm = block_map[:entries]
+            out = np.full(entries, BAT_UNUSED, dtype=">u4")
+            alloc = bm >= 0
+            out[:len(bm)][alloc] = (bm[alloc] - skip) // SECTOR
+            return out.tobytes()
+
+        return SparseLayout(skip=skip, unit=skip + layer.block_size, table_offset=layer.bat_offset,
+                            entries=entries, table_len=table_len,
+                            meta_end=-(-max(hi for _, hi in regions) // SECTOR) * SECTOR,
+                            end_of_data=layer.footer_offset, grid=None, encode=encode,
+                            trailer=bytes(layer.footer_raw))
+
+    def link_writes(self, layer: Layer, parent_path: str, parent: Layer, *, apply: bool,
+                    end: Optional[int] = None) -> LinkPlan:
+        start = layer.footer_offset if end is None else end
+        writes, new_end, changes = locators.link_writes(layer, parent_path, parent_id_bytes(parent), start)
+        if new_end != start:
+            writes.append((new_end, bytes(layer.footer_raw)))     # the footer follows the data
+        if apply:
+            layer.footer_offset = new_end
+        return LinkPlan(writes, changes, new_end)
 
     def chs_size(self, layer: Layer) -> Optional[int]:
         from vdisk.geometry import MAX_GEOMETRY

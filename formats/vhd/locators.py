@@ -2,14 +2,23 @@
 the locator data a child writes to name its parent (spec digest VHD.md §4, quirk Q8)."""
 from __future__ import annotations
 
+import os
+import uuid as uuidlib
 from typing import NamedTuple
+from urllib.parse import quote
 
 import numpy as np
 
 from vdisk.errors import FormatError
 from vdisk.io import ImageFile
 from ..base import SECTOR, ParentHint
-from .structs import LOCATOR_OFFSET, LOCATOR_SIZE, PLAT_MACX, PLAT_W2KU, PLAT_W2RU, PLAT_WI2K, PLAT_WI2R
+from .structs import (HEADER_CHECKSUM_OFFSET, LOCATOR_OFFSET, LOCATOR_SIZE, PLAT_MAC, PLAT_MACX, PLAT_W2KU,
+                      PLAT_W2RU, PLAT_WI2K, PLAT_WI2R, VHD_EPOCH, DynamicHeader, with_checksum)
+
+RELATIVE = {PLAT_W2RU, PLAT_WI2R}
+ABSOLUTE = {PLAT_W2KU, PLAT_WI2K}
+CODE_NAMES = {PLAT_W2RU: "W2ru", PLAT_W2KU: "W2ku", PLAT_WI2R: "Wi2r", PLAT_WI2K: "Wi2k", PLAT_MACX: "MacX",
+              PLAT_MAC: "Mac "}
 
 
 class LocatorExtent(NamedTuple):
@@ -107,3 +116,94 @@ def windows_to_host(path: str) -> str:
     return path
 
 
+# ---------------------------------------------------------------------------------------------
+# Writing a link
+# ---------------------------------------------------------------------------------------------
+def _relative(parent_path: str, child_path: str) -> str:
+    rel = os.path.relpath(os.path.abspath(parent_path), os.path.dirname(os.path.abspath(child_path)))
+    win = rel.replace("/", "\\")
+    return win if win.startswith("..") else ".\\" + win
+
+
+def _blob(code: int, parent_path: str, child_path: str) -> bytes:
+    absolute = os.path.abspath(parent_path)
+    if code == PLAT_W2RU:
+        return _relative(parent_path, child_path).encode("utf-16-le")
+    if code == PLAT_W2KU:
+        return absolute.replace("/", "\\").encode("utf-16-le")
+    if code == PLAT_WI2R:
+        return _relative(parent_path, child_path).encode("latin-1", "replace")
+    if code == PLAT_WI2K:
+        return absolute.replace("/", "\\").encode("latin-1", "replace")
+    if code == PLAT_MACX:
+        return ("file://" + quote(absolute)).encode("utf-8")
+    raise ValueError(code)
+
+
+def _decode(code: int, data: bytes) -> str:
+    enc = "utf-16-le" if code in (PLAT_W2RU, PLAT_W2KU) else "utf-8" if code == PLAT_MACX else "latin-1"
+    return data.decode(enc, "replace").rstrip("\0")
+
+
+def link_writes(layer, parent_path: str, parent_id: bytes, end: int) -> tuple[list[tuple[int, bytes]], int, list[str]]:
+    """Writes that make the VHD *layer* name *parent_path*: (writes, new end of data, changes).
+
+    *parent_id* is what the child must record (the parent footer's id). Locator data that no
+    longer fits its reserved space moves to *end*, the end of the data area, which then grows
+    (the caller moves the footer there).
+    """
+    file = layer.file
+    h = dict(DynamicHeader.parse(layer.header_raw))
+    h.pop("_io", None)
+    locs = [{k: v for k, v in loc.items() if k != "_io"} for loc in h["parent_locators"]]
+    changes, writes = [], []
+    room = {e.index: e.end - e.start for e in layer.locator_extents()}
+    if not any(loc["platform_code"] in RELATIVE | ABSOLUTE | {PLAT_MACX} for loc in locs):
+        free = [i for i, loc in enumerate(locs) if not loc["platform_code"]]
+        for code, i in zip((PLAT_W2RU, PLAT_W2KU), free):
+            locs[i].update(platform_code=code, platform_data_space=0, platform_data_length=0, platform_data_offset=0)
+    for i, loc in enumerate(locs):
+        code = loc["platform_code"]
+        if not code:
+            continue
+        if code == PLAT_MAC:
+            changes.append(f"drop stale Mac alias locator {i}")
+            locs[i] = dict(platform_code=0, platform_data_space=0, platform_data_length=0, reserved=0,
+                           platform_data_offset=0)
+            continue
+        if code not in CODE_NAMES:
+            continue
+        blob = _blob(code, parent_path, layer.path)
+        old = b""
+        if loc["platform_data_length"] and loc["platform_data_offset"] + loc["platform_data_length"] <= file.size():
+            old = file.pread(loc["platform_data_length"], loc["platform_data_offset"])
+        if old == blob:
+            continue
+        # The room the file really has there, not what the entry claims (a claim of 0xFFFFFFFF
+        # bytes would let a longer path overwrite the block after it).
+        space = room.get(i, 0)
+        if loc["platform_data_offset"] and len(blob) <= space and space >= SECTOR:
+            at = loc["platform_data_offset"]
+            writes.append((at, blob + bytes(min(space, -(-len(blob) // SECTOR) * SECTOR) - len(blob))))
+        else:
+            at = end
+            space = max(1024, -(-len(blob) // SECTOR) * SECTOR)
+            writes.append((at, blob.ljust(space, b"\0")))
+            end += space
+        changes.append(f"rewrite {CODE_NAMES[code]} locator {i}: {_decode(code, old)!r} -> {_decode(code, blob)!r}")
+        loc.update(platform_data_offset=at, platform_data_space=space, platform_data_length=len(blob))
+    name = os.path.basename(parent_path).encode("utf-16-be")[:512].ljust(512, b"\0")
+    if name != h["parent_unicode_name"]:
+        changes.append(f"set parent name to {os.path.basename(parent_path)!r}")
+    pid = parent_id
+    if pid != h["parent_unique_id"]:
+        changes.append(f"set parent id to {uuidlib.UUID(bytes=pid)} (was {uuidlib.UUID(bytes=h['parent_unique_id'])})")
+    stamp = max(0, int(os.stat(parent_path).st_mtime) - VHD_EPOCH) & 0xFFFFFFFF
+    if stamp != h["parent_timestamp"] and changes:
+        changes.append("record the parent's timestamp")
+    h.update(parent_unicode_name=name, parent_unique_id=pid, parent_locators=locs, checksum=0,
+             parent_timestamp=stamp if changes else h["parent_timestamp"])
+    header = with_checksum(DynamicHeader.build(h), HEADER_CHECKSUM_OFFSET)
+    if header != layer.header_raw:
+        writes.append((layer.header_offset, header))
+    return writes, end, changes

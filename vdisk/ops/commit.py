@@ -26,9 +26,9 @@ from vdisk.engine import Engine, ExtentKind
 from vdisk.errors import UnsupportedError, VDiskError
 from vdisk.ops.layout import SparseFile, content_digest
 from vdisk.probe import open_layer
-from vdisk.ops.relink import link_transaction_writes
 from vdisk.formats.base import ABSENT
 from vdisk.formats.raw import FlatLayer
+from vdisk.formats.registry import driver_for
 
 CHUNK = 8 << 20
 Progress = Optional[Callable[[int, int], None]]
@@ -107,7 +107,8 @@ def _merge_into(chain: list[str], t: int, size: int, search, registry, progress:
             raise UnsupportedError(f"{chain[t]}: the parent ({top.size} bytes) is smaller than {chain[0]} "
                                    f"({size} bytes); grow it first with 'vdisk resize'")
         real = top.file
-        keep_modify = dict(top.header) if top.format == "vdi" else None
+        driver = driver_for(top)
+        link_state = driver.link_state(top)
         copied = 0
         with journal.Transaction(real, "commit") as tx:
             top.file = tx.wrap(real)
@@ -138,10 +139,8 @@ def _merge_into(chain: list[str], t: int, size: int, search, registry, progress:
                         copied += m
                         if progress:
                             progress(copied, total)
-                if keep_modify is not None:
-                    # Keep the ancestor's modification UUID so its child's link stays valid.
-                    top.header["uuid_modify"] = keep_modify["uuid_modify"]
-                    top._header_dirty = True
+                # What names the ancestor to its child stays as it was, so the link stays valid.
+                driver.restore_link_state(top, link_state)
                 writer.flush()
             finally:
                 top.file = real
@@ -164,24 +163,16 @@ def _empty_child(path: str, target: str, relink: bool, search) -> None:
         sf = SparseFile(child)
         new_map = np.full(len(child.block_map), ABSENT, dtype=np.int64)
         with journal.Transaction(child.file, "commit") as tx:
-            meta = sf.table_writes(child.block_map, new_map)
-            if child.format == "vdi":
-                meta.append(sf.vdi_header(blocks_allocated=0))
-            tx.write_many(meta)
+            tx.write_many(sf.table_writes(child.block_map, new_map) + sf.count_writes(0))
             end = sf.meta_end
             if relink:
                 parent = open_layer(target)
                 try:
-                    if child.format == "vhd":
-                        child.footer_offset = end
-                    link_transaction_writes(tx, child, target, parent)
-                    if child.format == "vhd":
-                        end = child.footer_offset
+                    plan = driver_for(child).link_writes(child, target, parent, apply=True, end=end)
+                    tx.write_many(plan.writes)
+                    end = plan.end if plan.end is not None else end
                 finally:
                     parent.close()
-            if child.format == "vhd":
-                tx.commit(final_size=end + 512, redo=[(end, child.footer_raw)])
-            else:
-                tx.commit(final_size=end)
+            tx.commit(final_size=sf.final_size(end), redo=[(end, sf.trailer)] if sf.trailer else [])
     finally:
         child.close()

@@ -169,7 +169,7 @@ def _scan(sf: SparseFile, below: Optional[Engine], size: int, progress: Progress
             if not diff or below_zero(b):
                 new_map[b] = ABSENT
                 dropped[start] = True
-            elif sf.format == "vdi":
+            elif sf.layer.can_mark_zero():
                 new_map[b] = ZERO                     # hides non-zero parent data without storage
                 dropped[start] = True
         if progress and (i & 63 == 63 or i == total - 1):
@@ -238,7 +238,7 @@ def compact(path: str, *, dry_run: bool = False, to: Optional[str] = None, verif
         live = [(int(b), int(starts[b])) for b in np.flatnonzero(starts >= 0)]
         moves, new_end = plan_moves(live, sf.unit, sf.meta_end, sf.grid)
         report.moved = len(moves)
-        final_size = new_end + (512 if sf.format == "vhd" else 0)
+        final_size = sf.final_size(new_end)
         changed = bool(moves) or not np.array_equal(new_map, layer.block_map) or final_size < size_before
         report.size_after = min(final_size, size_before) if changed else size_before
         if final_size > size_before:
@@ -273,11 +273,9 @@ def _apply(sf: SparseFile, layer, new_map: np.ndarray, moves, dropped: dict, liv
                 tx.copy_many(batch)
                 batch, pending = [], 0
         meta = sf.table_writes(layer.block_map, new_map)
-        if sf.format == "vdi":
-            used = int((new_map >= 0).sum())
-            meta.append(sf.vdi_header(blocks_allocated=used))
+        meta += sf.count_writes(int((new_map >= 0).sum()))
         tx.copy_many(batch, then_write=meta)        # the last moves and the new tables: one barrier
-        redo = [(new_end, layer.footer_raw)] if sf.format == "vhd" else []
+        redo = [(new_end, sf.trailer)] if sf.trailer else []
         tx.commit(final_size=final_size, redo=redo)
     layer.block_map[:] = new_map
 

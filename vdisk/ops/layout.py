@@ -1,9 +1,9 @@
 """Physical layout of sparse images, for the in-place maintenance operations.
 
-A :class:`SparseFile` wraps one open, writable sparse Layer (VHD dynamic/differencing or VDI
-dynamic/differencing) and answers the questions compact, resize and commit share: where does
-each allocated block's storage *unit* start (VHD: bitmap + data; VDI: slot), where does the
-metadata end, and which sectors of the block table change when the block map changes. It also
+A :class:`SparseFile` wraps one open, writable sparse Layer and answers, from its driver's
+:class:`~vdisk.formats.maintenance.SparseLayout`, the questions compact, resize and commit share:
+where does each allocated block's storage *unit* start, where does the metadata end, and which
+sectors of the block table change when the block map changes. It also
 computes content digests for ``--verify``. All writes go through a journal Transaction chosen by
 the caller; this module only computes bytes and offsets.
 """
@@ -14,48 +14,27 @@ from typing import Optional
 
 import numpy as np
 
-from vdisk.errors import UnsupportedError
-from vdisk.formats.base import SECTOR, ZERO, Layer
-from vdisk.formats.vdi.structs import BLOCK_FREE, BLOCK_ZERO, PRE_HEADER_SIZE
-from vdisk.formats.vhd.structs import BAT_UNUSED, Footer
+from vdisk.formats.base import Layer
+from vdisk.formats.registry import driver_for
 
 
 class SparseFile:
-    """Maintenance view of a sparse layer: storage units, metadata extent, table encoding."""
+    """Maintenance view of a sparse layer: its driver's :class:`SparseLayout`, plus the file."""
 
     def __init__(self, layer: Layer):
         self.layer = layer
         self.file = layer.file
         self.format = layer.format
-        if layer.format == "vhd" and hasattr(layer, "bat_offset"):
-            footer = Footer.parse(layer.footer_raw)
-            if footer.saved_state:
-                raise UnsupportedError(f"{layer.path}: the image holds a saved VM state; refusing to modify it")
-            self.skip = layer.bitmap_bytes                  # unit start -> data
-            self.unit = layer.bitmap_bytes + layer.block_size
-            self.table_offset = layer.bat_offset
-            self.entries = layer.bat_entries
-            self.table_len = -(-4 * self.entries // SECTOR) * SECTOR
-            regions = [(0, 512), (layer.header_offset, layer.header_offset + 1024),
-                       (self.table_offset, self.table_offset + self.table_len)]
-            # A locator's reserved space counts only as far as the file has room for it: the
-            # end of metadata never lies past the data, so moving blocks never grows the file.
-            regions += [(e.start, e.end) for e in layer.locator_extents()]
-            self.meta_end = -(-max(hi for _, hi in regions) // SECTOR) * SECTOR
-            self.end_of_data = layer.footer_offset
-            self.grid = None                                # VHD blocks may sit at any sector
-        elif layer.format == "vdi" and layer.subtype in ("dynamic", "differencing"):
-            self.skip = layer.block_extra
-            self.unit = layer.slot_size
-            self.table_offset = layer.offset_blocks
-            self.entries = len(layer.block_map)
-            self.table_len = 4 * self.entries
-            self.meta_end = layer.offset_data
-            self.end_of_data = layer.offset_data + layer.allocated * layer.slot_size
-            self.grid = layer.offset_data
-        else:
-            raise UnsupportedError(f"{layer.path}: {layer.format} {layer.subtype} images have no block "
-                                   f"table to rearrange (only dynamic and differencing VHD/VDI)")
+        self.layout = driver_for(layer).sparse_layout(layer)
+        lay = self.layout
+        self.skip, self.unit, self.grid = lay.skip, lay.unit, lay.grid
+        self.table_offset, self.entries, self.table_len = lay.table_offset, lay.entries, lay.table_len
+        self.meta_end, self.end_of_data = lay.meta_end, lay.end_of_data
+        #: what follows the last unit (a VHD footer), and the writes that record the unit count
+        self.trailer, self.count_writes = lay.trailer, lay.count_writes
+
+    def final_size(self, end_of_units: int) -> int:
+        return self.layout.final_size(end_of_units)
 
     # -- block map <-> units ------------------------------------------------------------------
     def unit_starts(self, block_map: Optional[np.ndarray] = None) -> np.ndarray:
@@ -63,44 +42,12 @@ class SparseFile:
         return np.where(bm >= 0, bm - self.skip, -1)
 
     def table_bytes(self, block_map: np.ndarray) -> bytes:
-        """The on-disk block table for *block_map* (VHD BAT without its padding; VDI map)."""
-        bm = block_map[: self.entries]
-        if self.format == "vhd":
-            out = np.full(self.entries, BAT_UNUSED, dtype=">u4")
-            alloc = bm >= 0
-            out[: len(bm)][alloc] = (bm[alloc] - self.skip) // SECTOR
-            return out.tobytes()
-        out = np.full(self.entries, BLOCK_FREE, dtype="<u4")
-        alloc = bm >= 0
-        out[alloc] = (bm[alloc] - self.skip - self.layer.offset_data) // self.unit
-        out[bm == ZERO] = BLOCK_ZERO
-        return out.tobytes()
+        """The on-disk block table for *block_map*."""
+        return self.layout.encode(block_map)
 
     def table_writes(self, old_map: np.ndarray, new_map: np.ndarray) -> list[tuple[int, bytes]]:
         """The 512-byte sectors of the table that differ between two block maps."""
-        old = self.table_bytes(old_map)
-        new = self.table_bytes(new_map)
-        writes = []
-        for lo in range(0, len(new), SECTOR):
-            hi = min(lo + SECTOR, len(new))
-            if old[lo:hi] != new[lo:hi]:
-                writes.append((self.table_offset + lo, new[lo:hi]))
-        return _merge_writes(writes)
-
-    def vdi_header(self, **changes) -> tuple[int, bytes]:
-        h = self.layer.header
-        h.update(changes)
-        return PRE_HEADER_SIZE, self.layer.header_bytes()
-
-
-def _merge_writes(writes: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
-    out: list[tuple[int, bytearray]] = []
-    for off, data in writes:
-        if out and out[-1][0] + len(out[-1][1]) == off:
-            out[-1][1].extend(data)
-        else:
-            out.append((off, bytearray(data)))
-    return [(o, bytes(d)) for o, d in out]
+        return self.layout.table_writes(old_map, new_map)
 
 
 def plan_moves(unit_starts: list[tuple[int, int]], unit: int, meta_end: int,

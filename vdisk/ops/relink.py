@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import glob
 import os
-import uuid as uuidlib
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
-from urllib.parse import quote
 
 import numpy as np
 
@@ -26,18 +24,9 @@ from vdisk import journal
 from vdisk.engine import Engine, ExtentKind
 from vdisk.errors import ParentError, UnsupportedError, VDiskError
 from vdisk.probe import open_layer
-from vdisk.formats.base import SECTOR
-from vdisk.formats.vdi.structs import PRE_HEADER_SIZE
-from vdisk.formats.vhd import parent_id_bytes
-from vdisk.formats.vhd.structs import (FOOTER_COOKIE, HEADER_CHECKSUM_OFFSET, PLAT_MAC, PLAT_MACX,
-                                       PLAT_W2KU, PLAT_W2RU, PLAT_WI2K, PLAT_WI2R, VHD_EPOCH, DynamicHeader,
-                                       with_checksum)
+from vdisk.formats.registry import driver_for
 
 CHUNK = 4 << 20
-RELATIVE = {PLAT_W2RU, PLAT_WI2R}
-ABSOLUTE = {PLAT_W2KU, PLAT_WI2K}
-CODE_NAMES = {PLAT_W2RU: "W2ru", PLAT_W2KU: "W2ku", PLAT_WI2R: "Wi2r", PLAT_WI2K: "Wi2k", PLAT_MACX: "MacX",
-              PLAT_MAC: "Mac "}
 
 
 @dataclass
@@ -71,30 +60,7 @@ class RelinkReport:
 # ---------------------------------------------------------------------------------------------
 def identity(layer) -> bytes:
     """What a child stores to name *layer* as its parent."""
-    if layer.format == "vdi":
-        return layer.header["uuid_create"]
-    return parent_id_bytes(layer)
-
-
-def _file_identity(path: str, fmt: str) -> Optional[bytes]:
-    """Cheap identity of a candidate file without opening it fully."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(512)
-            if fmt == "vdi":
-                if len(head) >= 0x198 and int.from_bytes(head[0x40:0x44], "little") == 0xBEDA107F:
-                    return head[0x188:0x198]
-                return None
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 512))
-            tail = f.read(512)
-    except OSError:
-        return None
-    for raw in (tail, head):
-        if raw[:8] == FOOTER_COOKIE:
-            return raw[68:84]
-    return None
+    return driver_for(layer).identity(layer)
 
 
 def find_parent_by_identity(child, search: Sequence[str]) -> tuple[str, str]:
@@ -110,136 +76,24 @@ def find_parent_by_identity(child, search: Sequence[str]) -> tuple[str, str]:
         tried.append(str(exc))
     want = child.parent_id
     here = os.path.dirname(os.path.abspath(child.path))
-    exts = ("*.vdi",) if child.format == "vdi" else ("*.vhd", "*.avhd", "*.VHD")
+    driver = driver_for(child)
+    patterns = [f"*{e}" for e in driver.extensions] + [f"*{e.upper()}" for e in driver.extensions]
     for d in [here, *search]:
-        for ext in exts:
-            for cand in sorted(glob.glob(os.path.join(glob.escape(d), ext))):
+        for pattern in patterns:
+            for cand in sorted(glob.glob(os.path.join(glob.escape(d), pattern))):
                 if os.path.realpath(cand) == os.path.realpath(child.path):
                     continue
-                if _file_identity(cand, child.format) == want:
+                if driver.peek_identity(cand) == want:
                     return cand, f"identity scan of {d}"
     raise ParentError(f"{child.path}: no file with the parent's identity found; " + "; ".join(tried))
 
 
-# ---------------------------------------------------------------------------------------------
-# VHD link rewriting
-# ---------------------------------------------------------------------------------------------
-def _relative(parent_path: str, child_path: str) -> str:
-    rel = os.path.relpath(os.path.abspath(parent_path), os.path.dirname(os.path.abspath(child_path)))
-    win = rel.replace("/", "\\")
-    return win if win.startswith("..") else ".\\" + win
-
-
-def _blob(code: int, parent_path: str, child_path: str) -> bytes:
-    absolute = os.path.abspath(parent_path)
-    if code == PLAT_W2RU:
-        return _relative(parent_path, child_path).encode("utf-16-le")
-    if code == PLAT_W2KU:
-        return absolute.replace("/", "\\").encode("utf-16-le")
-    if code == PLAT_WI2R:
-        return _relative(parent_path, child_path).encode("latin-1", "replace")
-    if code == PLAT_WI2K:
-        return absolute.replace("/", "\\").encode("latin-1", "replace")
-    if code == PLAT_MACX:
-        return ("file://" + quote(absolute)).encode("utf-8")
-    raise ValueError(code)
-
-
-def _decode(code: int, data: bytes) -> str:
-    enc = "utf-16-le" if code in (PLAT_W2RU, PLAT_W2KU) else "utf-8" if code == PLAT_MACX else "latin-1"
-    return data.decode(enc, "replace").rstrip("\0")
-
-
-def vhd_link_writes(layer, parent_path: str, parent_layer) -> tuple[list[tuple[int, bytes]], int, list[str]]:
-    """Writes that make the VHD *layer* name *parent_path*: (writes, new end of data, changes).
-
-    Locator data that no longer fits its reserved space moves to the end of the data area,
-    which then grows (the caller moves the footer there).
-    """
-    file = layer.file
-    h = dict(DynamicHeader.parse(layer.header_raw))
-    h.pop("_io", None)
-    locs = [{k: v for k, v in loc.items() if k != "_io"} for loc in h["parent_locators"]]
-    changes, writes = [], []
-    end = layer.footer_offset
-    room = {e.index: e.end - e.start for e in layer.locator_extents()}
-    if not any(loc["platform_code"] in RELATIVE | ABSOLUTE | {PLAT_MACX} for loc in locs):
-        free = [i for i, loc in enumerate(locs) if not loc["platform_code"]]
-        for code, i in zip((PLAT_W2RU, PLAT_W2KU), free):
-            locs[i].update(platform_code=code, platform_data_space=0, platform_data_length=0, platform_data_offset=0)
-    for i, loc in enumerate(locs):
-        code = loc["platform_code"]
-        if not code:
-            continue
-        if code == PLAT_MAC:
-            changes.append(f"drop stale Mac alias locator {i}")
-            locs[i] = dict(platform_code=0, platform_data_space=0, platform_data_length=0, reserved=0,
-                           platform_data_offset=0)
-            continue
-        if code not in CODE_NAMES:
-            continue
-        blob = _blob(code, parent_path, layer.path)
-        old = b""
-        if loc["platform_data_length"] and loc["platform_data_offset"] + loc["platform_data_length"] <= file.size():
-            old = file.pread(loc["platform_data_length"], loc["platform_data_offset"])
-        if old == blob:
-            continue
-        # The room the file really has there, not what the entry claims (a claim of 0xFFFFFFFF
-        # bytes would let a longer path overwrite the block after it).
-        space = room.get(i, 0)
-        if loc["platform_data_offset"] and len(blob) <= space and space >= SECTOR:
-            at = loc["platform_data_offset"]
-            writes.append((at, blob + bytes(min(space, -(-len(blob) // SECTOR) * SECTOR) - len(blob))))
-        else:
-            at = end
-            space = max(1024, -(-len(blob) // SECTOR) * SECTOR)
-            writes.append((at, blob.ljust(space, b"\0")))
-            end += space
-        changes.append(f"rewrite {CODE_NAMES[code]} locator {i}: {_decode(code, old)!r} -> {_decode(code, blob)!r}")
-        loc.update(platform_data_offset=at, platform_data_space=space, platform_data_length=len(blob))
-    name = os.path.basename(parent_path).encode("utf-16-be")[:512].ljust(512, b"\0")
-    if name != h["parent_unicode_name"]:
-        changes.append(f"set parent name to {os.path.basename(parent_path)!r}")
-    pid = parent_id_bytes(parent_layer)
-    if pid != h["parent_unique_id"]:
-        changes.append(f"set parent id to {uuidlib.UUID(bytes=pid)} (was {uuidlib.UUID(bytes=h['parent_unique_id'])})")
-    stamp = max(0, int(os.stat(parent_path).st_mtime) - VHD_EPOCH) & 0xFFFFFFFF
-    if stamp != h["parent_timestamp"] and changes:
-        changes.append("record the parent's timestamp")
-    h.update(parent_unicode_name=name, parent_unique_id=pid, parent_locators=locs, checksum=0,
-             parent_timestamp=stamp if changes else h["parent_timestamp"])
-    header = with_checksum(DynamicHeader.build(h), HEADER_CHECKSUM_OFFSET)
-    if header != layer.header_raw:
-        writes.append((layer.header_offset, header))
-    return writes, end, changes
-
-
-def vdi_link_writes(layer, parent_layer) -> tuple[list[tuple[int, bytes]], list[str]]:
-    changes = []
-    h = dict(layer.header)
-    if h["uuid_linkage"] != parent_layer.header["uuid_create"]:
-        changes.append(f"set linkage UUID to {uuidlib.UUID(bytes_le=parent_layer.header['uuid_create'])}")
-    if h.get("uuid_parent_modify") != parent_layer.header["uuid_modify"]:
-        changes.append(f"set parent modification UUID to {uuidlib.UUID(bytes_le=parent_layer.header['uuid_modify'])}")
-    if not changes:
-        return [], []
-    layer.header.update(uuid_linkage=parent_layer.header["uuid_create"],
-                        uuid_parent_modify=parent_layer.header["uuid_modify"])
-    return [(PRE_HEADER_SIZE, layer.header_bytes())], changes
-
-
-def link_transaction_writes(tx, layer, parent_path: str, parent_layer) -> list[str]:
-    """Inside *tx*: rewrite *layer*'s link to the parent at *parent_path*; returns the changes."""
-    if layer.format == "vhd":
-        writes, end, changes = vhd_link_writes(layer, parent_path, parent_layer)
-        tx.write_many(writes)
-        if end != layer.footer_offset:
-            tx.write(end, layer.footer_raw)
-            layer.footer_offset = end
-        return changes
-    writes, changes = vdi_link_writes(layer, parent_layer)
-    tx.write_many(writes)
-    return changes
+def link_transaction_writes(tx, layer, parent_path: str, parent_layer, end: Optional[int] = None) -> list[str]:
+    """Inside *tx*: rewrite *layer*'s link to the parent at *parent_path* (the driver's writes);
+    returns the changes. *end*: where the data ends now, if not where the layer says."""
+    plan = driver_for(layer).link_writes(layer, parent_path, parent_layer, apply=True, end=end)
+    tx.write_many(plan.writes)
+    return plan.changes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,18 +157,13 @@ def _link(child, ppath: str, how: str, dry_run: bool, allow_modified: bool) -> R
     report = RelinkReport(child.path, child.format, ppath, how, dry_run=dry_run)
     parent = open_layer(ppath)
     try:
-        if child.format == "vdi":
-            mod = child.header.get("uuid_parent_modify", bytes(16))
-            if mod not in (bytes(16), parent.header["uuid_modify"]) and not allow_modified:
-                raise ParentError(f"{child.path}: parent {ppath} was modified after this image was made; "
-                                  f"pass --allow-parent-modified to accept it as it is now")
+        driver = driver_for(child)
+        try:
+            driver.accept_parent(child, parent, allow_modified)
+        except ParentError as exc:
+            raise ParentError(f"{exc}; pass --allow-parent-modified to accept it as it is now") from None
         if dry_run:
-            if child.format == "vhd":
-                report.changes = vhd_link_writes(child, ppath, parent)[2]
-            else:
-                h = dict(child.header)
-                report.changes = vdi_link_writes(child, parent)[1]
-                child.header.update(h)
+            report.changes = driver.link_writes(child, ppath, parent, apply=False).changes
             return report
         with journal.Transaction(child.file, "relink") as tx:
             report.changes = link_transaction_writes(tx, child, ppath, parent)
@@ -366,12 +215,7 @@ def _rebase_content(child, new_parent: str, search, dry_run: bool, verify: bool,
         report.copied_bytes = sum(min(bs, child.size - b * bs) for b in blocks)
         if dry_run:
             report.changes = ([f"copy {len(blocks)} blocks where the parents differ"] if blocks else [])
-            if child.format == "vhd":
-                report.changes += vhd_link_writes(child, new_parent, new_layers[0])[2]
-            else:
-                saved = dict(child.header)
-                report.changes += vdi_link_writes(child, new_layers[0])[1]
-                child.header.update(saved)
+            report.changes += driver_for(child).link_writes(child, new_parent, new_layers[0], apply=False).changes
             return report
         if verify and old_view is not None:
             report.view_digest = _engine_digest(old_view, child.size)
