@@ -64,6 +64,11 @@ class Layer:
         return self.subtype == "differencing"
 
     @property
+    def preallocated(self) -> bool:
+        """Every block has storage from the start (raw, fixed): unstored zeros are not a state."""
+        return self.subtype in ("fixed", "raw")
+
+    @property
     def writable(self) -> bool:
         return self.file.writable
 

@@ -17,7 +17,8 @@ from vdisk.errors import UnsupportedError
 if TYPE_CHECKING:
     from vdisk.io import ImageFile
     from .base import Layer
-    from .maintenance import LinkPlan, SparseLayout
+    from .findings import CheckReport, RepairPlan
+    from .maintenance import LinkPlan, ResizePlan, SparseLayout
 
 
 #: (format, device, inode, size, mtime) -> identity of headers already peeked at; bounded.
@@ -121,6 +122,11 @@ class Driver:
         raise UnsupportedError(f"{layer.path}: {layer.format} {layer.subtype} images have no block "
                                f"table to rearrange")
 
+    def resize_plan(self, layer: "Layer", new_size: int) -> "ResizePlan":
+        """The writes that give *layer* the virtual size *new_size* (checked against the format's
+        limits; shrinking only once the caller made sure nothing stored lies past the end)."""
+        raise UnsupportedError(f"{layer.path}: vdisk cannot resize {layer.format} images")
+
     def link_writes(self, layer: "Layer", parent_path: str, parent: "Layer", *, apply: bool,
                     end: Optional[int] = None) -> "LinkPlan":
         """The writes that make differencing *layer* name *parent* (found at *parent_path*).
@@ -134,6 +140,12 @@ class Driver:
 
     def restore_link_state(self, layer: "Layer", state: object) -> None:
         """Put back what :meth:`link_state` saved, before the layer's metadata is written."""
+
+    #: what `check --repair` says it did, per kind of finding this driver's check can fix
+    repair_messages: dict[str, str] = {}
+
+    def check(self, file: "ImageFile", report: "CheckReport", plan: "RepairPlan") -> None:
+        """Add every finding about *file* to *report*; what a repair would write to *plan*."""
 
     # -- info ---------------------------------------------------------------------------------
     def chs_size(self, layer: "Layer") -> Optional[int]:

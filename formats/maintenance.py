@@ -57,3 +57,28 @@ class LinkPlan:
     writes: list[Write]           # in file order of no importance; the journal applies them
     changes: list[str]            # what changes, in words, for the report
     end: Optional[int] = None     # the new end of the data area, when link data moved there
+
+
+@dataclass
+class ResizePlan:
+    """A driver's answer to "give this image that virtual size", for one journal transaction."""
+    moves: list[Write] = field(default_factory=list)     # data out of the way: written first
+    writes: list[Write] = field(default_factory=list)    # then the metadata pointing at it
+    final_size: Optional[int] = None                     # the file's size once committed
+    redo: list[Write] = field(default_factory=list)      # writes that must land after the cut
+    extend_to: Optional[int] = None                      # grow the file first (new fixed slots)
+    moved_blocks: int = 0
+
+
+def read_exact(file, offset: int, n: int) -> bytes:
+    """*n* bytes at *offset*, zeros past the end of the file (locator data near the end)."""
+    data = file.pread(n, offset)
+    return data + bytes(n - len(data))
+
+
+def read_block(file, offset: int, n: int) -> bytes:
+    """A stored block that is about to move: a failed or short read is a ReadError, never zeros
+    written to the block's new place."""
+    buf = bytearray(n)
+    file.readinto_exact(memoryview(buf), offset)
+    return bytes(buf)

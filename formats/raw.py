@@ -7,6 +7,7 @@ from vdisk.errors import UnsupportedError
 from vdisk.io import ImageFile
 from .base import Layer, data_runs_from_holes
 from .driver import Driver
+from .maintenance import ResizePlan
 
 RAW_BLOCK = 1 << 20
 
@@ -82,6 +83,12 @@ class RawDriver(Driver):
         if parent is not None:
             raise UnsupportedError("raw images have no parents")
         return create_raw(file, size)
+
+    def check(self, file: ImageFile, report, plan) -> None:
+        report.subtype = "raw"                        # nothing but data to check
+
+    def resize_plan(self, layer: Layer, new_size: int) -> ResizePlan:
+        return ResizePlan(final_size=new_size)        # the file is the disk
 
 
 DRIVER = RawDriver()

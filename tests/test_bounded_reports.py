@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import vdisk
-import vdisk.ops.check as check_module
+import vdisk.formats.findings as check_module
 import vdisk.ops.runs as runs_module
 from vdisk import limits
 from vdisk.ops.check import EXAMPLES, CheckReport, Finding, check

@@ -19,7 +19,8 @@ from vdisk.errors import FormatError, ParentError, UnsupportedError, VDiskError
 from vdisk.io import ImageFile
 from ..base import ZERO, Layer
 from ..driver import Driver
-from ..maintenance import LinkPlan, SparseLayout
+from ..maintenance import LinkPlan, ResizePlan, SparseLayout
+from . import check, resize
 from .image import (DEFAULT_BLOCK_SIZE, MAX_BLOCKS, MAX_VIRTUAL_SIZE, NULL_UUID, VdiLayer, create_vdi,
                     is_vdi, new_file_size, open_vdi, peek_identity, vdi_remnant, vdi_signature_problem)
 from .structs import BLOCK_FREE, BLOCK_ZERO, PRE_HEADER_SIZE
@@ -111,6 +112,11 @@ class VdiDriver(Driver):
                               f"expected {uuidlib.UUID(bytes_le=want)})")
 
     # -- maintenance ---------------------------------------------------------------------------
+    repair_messages = check.REPAIRS
+
+    def check(self, file: ImageFile, report, plan) -> None:
+        check.check(file, report, plan)
+
     def sparse_layout(self, layer: Layer) -> SparseLayout:
         if layer.subtype not in ("dynamic", "differencing"):
             raise UnsupportedError(f"{layer.path}: a fixed VDI has no block table to rearrange")
@@ -133,6 +139,9 @@ class VdiDriver(Driver):
                             table_len=4 * entries, meta_end=data,
                             end_of_data=data + layer.allocated * unit, grid=data, encode=encode,
                             count_writes=count_writes)
+
+    def resize_plan(self, layer: Layer, new_size: int) -> ResizePlan:
+        return resize.resize_plan(layer, new_size)
 
     def link_writes(self, layer: Layer, parent_path: str, parent: Layer, *, apply: bool,
                     end: Optional[int] = None) -> LinkPlan:

@@ -16,8 +16,8 @@ from vdisk.errors import FormatError, UnsupportedError
 from vdisk.io import ImageFile
 from ..base import SECTOR, Layer
 from ..driver import Driver
-from ..maintenance import LinkPlan, SparseLayout
-from . import locators
+from ..maintenance import LinkPlan, ResizePlan, SparseLayout
+from . import check, locators, resize
 from .image import (DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, MAX_DYNAMIC_SIZE, SparseVhdLayer, FixedVhdLayer,
                     bitmap_used_bytes, create_vhd, is_vhd, new_file_size, open_vhd, parent_id_bytes, plan_size,
                     vhd_remnant)
@@ -108,6 +108,11 @@ class VhdDriver(Driver):
         return None if child.parent_id is None else uuidlib.UUID(bytes=child.parent_id)
 
     # -- maintenance ---------------------------------------------------------------------------
+    repair_messages = check.REPAIRS
+
+    def check(self, file: ImageFile, report, plan) -> None:
+        check.check(file, report, plan)
+
     def sparse_layout(self, layer: Layer) -> SparseLayout:
         if not isinstance(layer, SparseVhdLayer):
             raise UnsupportedError(f"{layer.path}: a fixed VHD has no block table to rearrange")
@@ -134,6 +139,11 @@ class VhdDriver(Driver):
                             meta_end=-(-max(hi for _, hi in regions) // SECTOR) * SECTOR,
                             end_of_data=layer.footer_offset, grid=None, encode=encode,
                             trailer=bytes(layer.footer_raw))
+
+    def resize_plan(self, layer: Layer, new_size: int) -> ResizePlan:
+        if isinstance(layer, SparseVhdLayer):
+            return resize.dynamic_plan(layer, new_size, self.sparse_layout(layer))
+        return resize.fixed_plan(layer, new_size)
 
     def link_writes(self, layer: Layer, parent_path: str, parent: Layer, *, apply: bool,
                     end: Optional[int] = None) -> LinkPlan:
