@@ -52,6 +52,9 @@ class Layer:
     warnings: list = field(default_factory=list)
     #: differencing VHD: presence is decided per sector by a bitmap in each allocated block
     sector_granular: bool = False
+    #: the guest data is one contiguous run of the file (raw, fixed VHD): writes go straight
+    #: through and zeros may be punched as holes
+    flat: bool = False
     #: the sector the image presents to a guest (VHDX may say 4096)
     logical_sector_size: int = 512
 

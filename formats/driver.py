@@ -12,7 +12,7 @@ import os
 import uuid as uuidlib
 from typing import TYPE_CHECKING, Iterable, Optional, Sequence
 
-from vdisk.errors import UnsupportedError
+from vdisk.errors import UnsupportedError, VDiskError
 
 if TYPE_CHECKING:
     from vdisk.io import ImageFile
@@ -39,6 +39,8 @@ class Driver:
     default_block_size: Optional[int] = None
     #: whether a differencing image of this format can be made and followed
     has_parents: bool = True
+    #: a child names its parent by path too (VHD locators): moving it means rewriting the link
+    links_by_path: bool = False
     #: virtual sizes are whole multiples of this many bytes
     size_granule: int = 512
     #: who is asked first when probing (ties, and which damaged format a remnant means): a
@@ -80,9 +82,27 @@ class Driver:
         """What a child of *layer* stores to name it as its parent."""
         return layer.uuid.bytes if layer.uuid is not None else b""
 
-    def peek_identity(self, path: str) -> Optional[bytes]:
-        """:meth:`identity` of the file at *path* from its first bytes only, or None."""
+    def identity_from(self, head: bytes, tail: bytes) -> Optional[bytes]:
+        """:meth:`identity` from a file's first and last 512 bytes alone, or None if they do not
+        hold one of this format's."""
         return None
+
+    def peek_identity(self, path: str) -> Optional[bytes]:
+        """:meth:`identity` of the file at *path* from its first and last bytes only, or None."""
+        from vdisk.io import ImageFile
+        try:
+            f = ImageFile(path, lock=False)
+        except (OSError, ValueError, VDiskError):
+            return None
+        try:
+            size = f.size()
+            head = f.pread(512, 0)
+            tail = f.pread(512, max(0, size - 512))
+        except (OSError, VDiskError):
+            return None
+        finally:
+            f.close()
+        return self.identity_from(head, tail)
 
     def cached_peek_identity(self, path: str) -> Optional[bytes]:
         """:meth:`peek_identity`, remembered per (device, inode, size, mtime): a folder scan at

@@ -33,6 +33,7 @@ class FlatLayer(Layer):
     """A layer whose guest data is one contiguous run of the file (raw, fixed VHD)."""
 
     data_start = 0
+    flat = True
 
     def allocate(self, block: int, pieces: Sequence[tuple[int, bytes]],
                  present: Optional[tuple[int, int]] = None) -> int:

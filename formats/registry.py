@@ -16,6 +16,12 @@ if TYPE_CHECKING:
 #: format name -> module whose ``DRIVER`` serves it (the order users see in choices).
 _MODULES = {"raw": "vdisk.formats.raw", "vhd": "vdisk.formats.vhd", "vdi": "vdisk.formats.vdi"}
 NAMES: tuple[str, ...] = tuple(_MODULES)
+#: ``--target`` names: the format and subtype each platform wants
+TARGETS = {
+    "azure": ("vhd", "fixed"),          # fixed VHD, whole MiB, exact size
+    "hyper-v": ("vhd", "dynamic"),      # dynamic VHD, exact size (creator 'win ')
+    "virtualbox": ("vdi", "dynamic"),
+}
 _loaded: dict[str, "Driver"] = {}
 
 

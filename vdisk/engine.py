@@ -14,7 +14,6 @@ import numpy as np
 from .blockdev import ExtentKind
 from vdisk.formats.base import ABSENT, SECTOR, ZERO, Layer
 from vdisk.formats.registry import driver_for
-from vdisk.formats.raw import FlatLayer
 from . import chainmap
 
 
@@ -183,7 +182,7 @@ class Engine:
         view = memoryview(data).cast("B")
         top = self.top
         with self.lock:
-            if isinstance(top, FlatLayer):
+            if top.flat:
                 self._write_flat(view, offset)
                 return
             for b, bstart, pos, stop in self._blocks(offset, len(view)):
@@ -271,7 +270,7 @@ class Engine:
             for b, bstart, pos, stop in self._blocks(offset, length):
                 n = stop - pos
                 e = int(top.block_map[b])
-                if isinstance(top, FlatLayer) and e >= 0 and not keep_allocated and top.punch(e + pos - bstart, n):
+                if top.flat and e >= 0 and not keep_allocated and top.punch(e + pos - bstart, n):
                     pass
                 elif e >= 0 or not top.sector_granular:
                     self._write_block(b, pos - bstart, memoryview(bytes(n)))

@@ -105,17 +105,17 @@ def _record(kind: int, offset: int, length: int, payload: bytes = b"") -> bytes:
 
 
 def image_identity(file: ImageFile) -> bytes:
-    """The 16 identity bytes of a VHD (footer unique id) or VDI (creation UUID), or zeros (raw,
-    or not readable right now). No in-place operation changes them."""
-    head = file.pread(512, 0)
-    if len(head) >= 0x198 and head[0x40:0x44] == b"\x7f\x10\xda\xbe":
-        return head[0x188:0x198]
-    if head[:8] == b"conectix":
-        return head[68:84]
+    """The 16 identity bytes its format's driver reads from the file's ends (a VHD footer's id,
+    a VDI creation UUID), or zeros (raw, or not readable right now). No in-place operation
+    changes them."""
+    from vdisk.formats import registry
     size = file.size()
+    head = file.pread(512, 0)
     tail = file.pread(512, max(0, size - 512))
-    if tail[:8] == b"conectix":
-        return tail[68:84]
+    for driver in registry.drivers():
+        identity = driver.identity_from(head, tail)
+        if identity:
+            return bytes(identity).ljust(16, b"\0")[:16]
     return bytes(16)
 
 

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 from . import journal
+from vdisk.formats import registry
 from .errors import UnsupportedError, VDiskError
 from .io import ImageFile
 from .shadow.catalog import sync_dir, utc_now
@@ -206,8 +207,8 @@ def take(image, *, name: Optional[str] = None, description: str = "") -> Snapsho
     _refuse_shadows(image)
     from .probe import probe
     fmt = probe(image)
-    if fmt == "raw":
-        raise UnsupportedError(f"{image}: a raw image cannot have differencing children; convert it first")
+    if not registry.driver(fmt).has_parents:
+        raise UnsupportedError(f"{image}: a {fmt} image cannot have differencing children; convert it first")
     name = name or f"Snapshot {len(tree.snapshots) + 1}"
     if any(s.name == name for s in tree.snapshots):
         raise VDiskError(f"{image}: there is already a snapshot named {name!r}")
@@ -336,7 +337,7 @@ def _do_take(image: str, tree: Tree) -> None:
     layer = open_layer(frozen, lock=False)
     differencing = layer.is_differencing
     layer.close()
-    if differencing and fmt == "vhd":
+    if differencing and registry.driver(fmt).links_by_path:
         _fix_links(frozen, allow_parent_modified=True)          # its relative locator moved with it
     if not (os.path.exists(image) and _is_child_of(image, frozen)):
         _new_child(image, frozen, fmt)

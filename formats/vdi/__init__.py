@@ -22,11 +22,11 @@ from ..driver import Driver
 from ..maintenance import LinkPlan, ResizePlan, SparseLayout
 from . import check, resize
 from .image import (DEFAULT_BLOCK_SIZE, MAX_BLOCKS, MAX_VIRTUAL_SIZE, NULL_UUID, VdiLayer, create_vdi,
-                    is_vdi, new_file_size, open_vdi, peek_identity, vdi_remnant, vdi_signature_problem)
+                    identity_from, is_vdi, new_file_size, open_vdi, vdi_remnant, vdi_signature_problem)
 from .structs import BLOCK_FREE, BLOCK_ZERO, PRE_HEADER_SIZE
 
 __all__ = ["DRIVER", "DEFAULT_BLOCK_SIZE", "MAX_BLOCKS", "MAX_VIRTUAL_SIZE", "VdiLayer", "create_vdi",
-           "is_vdi", "new_file_size", "open_vdi", "peek_identity"]
+           "is_vdi", "new_file_size", "open_vdi"]
 
 
 def registry_locations(registry: str) -> Iterable[tuple[str, str]]:
@@ -72,8 +72,8 @@ class VdiDriver(Driver):
     def identity(self, layer: Layer) -> bytes:
         return layer.header["uuid_create"]
 
-    def peek_identity(self, path: str) -> Optional[bytes]:
-        return peek_identity(path)
+    def identity_from(self, head: bytes, tail: bytes) -> Optional[bytes]:
+        return identity_from(head)
 
     def parent_uuid(self, child: Layer) -> Optional[uuidlib.UUID]:
         return None if child.parent_id is None else uuidlib.UUID(bytes_le=child.parent_id)

@@ -8,7 +8,7 @@ import uuid as uuidlib
 import numpy as np
 
 from vdisk import limits
-from vdisk.errors import FormatError, UnsupportedError, VDiskError
+from vdisk.errors import FormatError, UnsupportedError
 from vdisk.io import ImageFile
 from ..base import ABSENT, SECTOR, ZERO, Layer, new_uuid, write_table_entries
 from .structs import (BLOCK_FREE, BLOCK_ZERO, HEADER_V0_END, HEADER_V1, HEADER_V1_PLUS, PRE_HEADER_SIZE,
@@ -259,29 +259,19 @@ class VdiLayer(Layer):
         return d
 
 
-def peek_identity(path: str) -> Optional[bytes]:
-    """The creation UUID (bytes_le) in the header of the VDI at *path*, from its first 512 bytes
-    only; None when the file is not a VDI this can read. Lets a parent search skip the files
-    that cannot be the parent without opening each one (tables and all)."""
-    try:
-        f = ImageFile(path, lock=False)
-    except (OSError, VDiskError):
+def identity_from(head: bytes) -> Optional[bytes]:
+    """The creation UUID (bytes_le) in the header of a VDI whose first 512 bytes are *head*;
+    None when they are not a VDI header this can read. Lets a parent search skip the files that
+    cannot be the parent without opening each one (tables and all)."""
+    if len(head) < PRE_HEADER_SIZE + HEADER_V1:
         return None
-    try:
-        raw = f.pread(PRE_HEADER_SIZE + HEADER_V1, 0)
-    except (OSError, VDiskError):
-        return None
-    finally:
-        f.close()
-    if len(raw) < PRE_HEADER_SIZE + HEADER_V1:
-        return None
-    pre = PreHeader.parse(raw[:PRE_HEADER_SIZE])
+    pre = PreHeader.parse(head[:PRE_HEADER_SIZE])
     if pre.signature != SIGNATURE:
         return None
     if pre.version == VERSION_0:
-        return HeaderV0.parse(raw[PRE_HEADER_SIZE:]).uuid_create
+        return HeaderV0.parse(head[PRE_HEADER_SIZE:]).uuid_create
     if pre.version >> 16 == 1:
-        return HeaderV1.parse(raw[PRE_HEADER_SIZE:PRE_HEADER_SIZE + HEADER_V1_PLUS].ljust(HEADER_V1_PLUS, b"\0")).uuid_create
+        return HeaderV1.parse(head[PRE_HEADER_SIZE:PRE_HEADER_SIZE + HEADER_V1_PLUS].ljust(HEADER_V1_PLUS, b"\0")).uuid_create
     return None
 
 

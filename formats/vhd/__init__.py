@@ -37,6 +37,7 @@ class VhdDriver(Driver):
     probe_rank = 1
     extensions = (".vhd", ".vpc", ".avhd")
     default_block_size = DEFAULT_BLOCK_SIZE
+    links_by_path = True
 
     def probe(self, head: bytes, tail: bytes, size: int) -> int:
         return 100 if size >= FOOTER_SIZE and is_vhd(head, tail) else 0
@@ -67,20 +68,8 @@ class VhdDriver(Driver):
     def identity(self, layer: Layer) -> bytes:
         return parent_id_bytes(layer)
 
-    def peek_identity(self, path: str) -> Optional[bytes]:
-        try:
-            f = ImageFile(path, lock=False)
-        except (OSError, ValueError):
-            return None
-        try:
-            size = f.size()
-            head = f.pread(FOOTER_SIZE, 0)
-            tail = f.pread(FOOTER_SIZE, max(0, size - FOOTER_SIZE))
-        except OSError:
-            return None
-        finally:
-            f.close()
-        for raw in (tail, head):
+    def identity_from(self, head: bytes, tail: bytes) -> Optional[bytes]:
+        for raw in (tail, head):                 # the footer at the end, else its copy at 0
             if raw[:8] == FOOTER_COOKIE:
                 return bytes(raw[_ID])
         return None

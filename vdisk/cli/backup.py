@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from .common import add_open_options, add_progress_option, emit_json, parse_size, progress_for
+from .common import FORMATS, add_open_options, add_progress_option, emit_json, parse_size, progress_for
 from vdisk.progress import human_bytes
 
 
@@ -116,7 +116,7 @@ def register(subparsers) -> None:
     p.add_argument("backups", nargs="+", metavar="BACKUP", help="backup files, any order; missing parents are "
                                                                  "looked for in their child's folder")
     p.add_argument("-o", "--to", dest="output", required=True, metavar="IMAGE", help="the image to write")
-    p.add_argument("-O", "--output-format", choices=("vhd", "vdi", "raw"),
+    p.add_argument("-O", "--output-format", choices=FORMATS,
                    help="output format (default: from IMAGE's name)")
     p.add_argument("--subtype", choices=("fixed", "dynamic"))
     p.add_argument("--force", action="store_true", help="replace IMAGE if it exists")

@@ -9,6 +9,7 @@ import sys
 from fractions import Fraction
 from typing import Optional, Sequence
 
+from vdisk.formats.registry import NAMES as FORMATS
 from vdisk.progress import ProgressBar, human_bytes
 
 DEFAULT_SIZE = 127 << 30          # Virtual Server 2005 R2 SP1 and Hyper-V default for a new disk
@@ -57,7 +58,7 @@ def emit_json_array(items) -> None:
 
 def add_open_options(parser: argparse.ArgumentParser, *, format_flag: str = "-f") -> None:
     """The options every command that opens an image takes: forced format, parent search, size policy."""
-    parser.add_argument(format_flag, "--format", dest="format", choices=("vhd", "vdi", "raw"),
+    parser.add_argument(format_flag, "--format", dest="format", choices=FORMATS,
                         help="input format (default: probed from the file's signature)")
     parser.add_argument("--parent-search", metavar="DIR", action="append", default=[],
                         help="also look for parent images in DIR (repeatable)")
@@ -100,7 +101,7 @@ def sized(n: Optional[int]) -> Optional[str]:
 # every command module get them too.
 #: qemu-img's format names that mean one of ours.
 FORMAT_ALIASES = {"vpc": "vhd"}
-_FORMATS = {"vhd", "vdi", "raw"}
+_FORMATS = set(FORMATS)
 
 
 def format_name(text: str) -> str:

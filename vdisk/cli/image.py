@@ -7,7 +7,7 @@ from typing import Optional
 
 from vdisk.errors import VDiskError
 from vdisk.progress import human_bytes
-from .common import (DEFAULT_SIZE, add_create_options_option, add_open_options, add_progress_option,
+from .common import (FORMATS, DEFAULT_SIZE, add_create_options_option, add_open_options, add_progress_option,
                      emit_json, emit_json_array, open_image, progress_for, size_arg, sized, table)
 
 
@@ -70,7 +70,8 @@ def _density_row(args) -> Optional[str]:
 # -- create -------------------------------------------------------------------------------------
 def cmd_create(args) -> int:
     import vdisk
-    from vdisk.ops.convert import format_from_name
+    from vdisk.disk import DEFAULT_FORMAT
+    from vdisk.formats.registry import format_from_name
     fmt = args.format
     if fmt is None and args.parent is not None:
         from vdisk.probe import probe
@@ -78,7 +79,7 @@ def cmd_create(args) -> int:
             raise VDiskError(f"{args.parent}: no such file")
         fmt = probe(args.parent)
     if fmt is None:
-        fmt = format_from_name(args.image) if args.image.lower().endswith((".vdi", ".raw", ".img")) else "vhd"
+        fmt = format_from_name(args.image, default=DEFAULT_FORMAT)
     size = args.size
     if size is None and args.parent is None:
         size = DEFAULT_SIZE
@@ -196,7 +197,7 @@ def register(sub) -> None:
     p.add_argument("size", nargs="?", type=size_arg,
                    help="virtual size, e.g. 10G, 512M, 4096 (default 127G; a differencing image "
                         "takes its parent's)")
-    p.add_argument("-f", "--format", choices=("vhd", "vdi", "raw"),
+    p.add_argument("-f", "--format", choices=FORMATS,
                    help="format (default: from the name: .vdi, .raw/.img, else vhd; a parent's format)")
     p.add_argument("--subtype", choices=("fixed", "dynamic"))
     p.add_argument("--parent", metavar="P", help="make a differencing image on top of P")
@@ -211,7 +212,7 @@ def register(sub) -> None:
     p.add_argument("src")
     p.add_argument("dst")
     add_open_options(p)
-    p.add_argument("-O", "--output-format", choices=("vhd", "vdi", "raw"),
+    p.add_argument("-O", "--output-format", choices=FORMATS,
                    help="output format (default: from DST's name: .vhd, .vdi, else raw)")
     p.add_argument("--subtype", choices=("fixed", "dynamic"), help="output subtype (default dynamic)")
     p.add_argument("--block-size", type=size_arg, metavar="N", help="output allocation unit")
@@ -239,7 +240,7 @@ def register(sub) -> None:
     p.add_argument("image", nargs="?", help="the image to convert (or give --size)")
     p.add_argument("--size", type=size_arg, metavar="N", help="measure a new empty image of N bytes")
     add_open_options(p)
-    p.add_argument("-O", "--output-format", choices=("vhd", "vdi", "raw"), help="output format (default raw)")
+    p.add_argument("-O", "--output-format", choices=FORMATS, help="output format (default raw)")
     p.add_argument("--subtype", choices=("fixed", "dynamic"), help="output subtype (default dynamic)")
     p.add_argument("--block-size", type=size_arg, metavar="N", help="output allocation unit")
     add_create_options_option(p)
@@ -251,7 +252,7 @@ def register(sub) -> None:
     p.add_argument("a")
     p.add_argument("b")
     add_open_options(p)
-    p.add_argument("-F", dest="format_b", choices=("vhd", "vdi", "raw"), help="format of B (default: probed)")
+    p.add_argument("-F", dest="format_b", choices=FORMATS, help="format of B (default: probed)")
     p.add_argument("-s", "--strict", action="store_true", help="images of different sizes differ")
     add_progress_option(p)
     p.add_argument("--json", action="store_true")

@@ -6,7 +6,7 @@ first); ``shadow diff --json`` is a JSON array of ``{"offset", "length"}`` in as
 """
 from __future__ import annotations
 
-from .common import add_open_options, add_progress_option, emit_json, parse_size, progress_for, table
+from .common import FORMATS, add_open_options, add_progress_option, emit_json, parse_size, progress_for, table
 from vdisk.errors import VDiskError
 
 
@@ -189,7 +189,7 @@ def register(subparsers) -> None:
     p.add_argument("image")
     p.add_argument("id")
     p.add_argument("dst")
-    p.add_argument("-O", "--output-format", choices=("vhd", "vdi", "raw"),
+    p.add_argument("-O", "--output-format", choices=FORMATS,
                    help="output format (default: from DST's name)")
     p.add_argument("--subtype", choices=("fixed", "dynamic"))
     p.add_argument("--force", action="store_true", help="replace DST if it exists")

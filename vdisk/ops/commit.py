@@ -27,7 +27,6 @@ from vdisk.errors import UnsupportedError, VDiskError
 from vdisk.ops.layout import SparseFile, content_digest
 from vdisk.probe import open_layer
 from vdisk.formats.base import ABSENT
-from vdisk.formats.raw import FlatLayer
 from vdisk.formats.registry import driver_for
 
 CHUNK = 8 << 20
@@ -116,7 +115,7 @@ def _merge_into(chain: list[str], t: int, size: int, search, registry, progress:
                 writer = Engine(target_layers)
                 # A flat target (raw, fixed) would punch holes for zeros, bypassing the journal:
                 # write the zeros instead.
-                flat = isinstance(top, FlatLayer)
+                flat = top.flat
 
                 def zeroes(pos: int, m: int) -> None:
                     if flat:

@@ -26,9 +26,9 @@ import numpy as np
 from vdisk import disk as _disk
 from vdisk.disk import Disk
 from vdisk.engine import ExtentKind
+from vdisk.formats import registry
 from vdisk.errors import VDiskError
 from vdisk.io import start_writeback
-from vdisk.formats.raw import FlatLayer
 
 #: Bytes read per request; big enough to amortise syscalls, small enough for bounded memory.
 CHUNK = 4 << 20
@@ -42,7 +42,7 @@ WORKERS = 4
 #: Start writing dirty pages back after this many bytes, so the final flush has little left to do.
 WRITEBACK_EVERY = 64 << 20
 
-FORMATS = ("raw", "vhd", "vdi")
+FORMATS = registry.NAMES
 SUBTYPES = ("fixed", "dynamic")
 TARGETS = {
     # What each platform imports natively (see docs/cli.md).
@@ -66,9 +66,8 @@ class ConvertResult:
 
 
 def format_from_name(path: str) -> str:
-    """Output format implied by a file name: .vhd -> vhd, .vdi -> vdi, anything else raw."""
-    ext = os.path.splitext(os.fspath(path))[1].lower()
-    return {".vhd": "vhd", ".vpc": "vhd", ".vdi": "vdi"}.get(ext, "raw")
+    """Output format implied by a file name (its driver's extension: .vhd -> vhd), else raw."""
+    return registry.format_from_name(path)
 
 
 def plan_output(src_size: int, format: Optional[str], subtype: Optional[str], target: Optional[str],
@@ -258,7 +257,7 @@ class _DiskSink(_Sink):
         self.block = self.top.block_size
         alone = len(disk.layers) == 1
         self._by_block = alone and self.top.subtype == "dynamic"
-        self._flat = alone and isinstance(self.top, FlatLayer)
+        self._flat = alone and self.top.flat
         # Writes are serialised (as Disk.pwrite does); the lock also covers store_zero_blocks'
         # look-then-allocate, so a block shared by two chunks is never allocated twice.
         self._write_lock = threading.Lock()

@@ -20,8 +20,8 @@ from typing import Iterator, Optional, Sequence
 from vdisk.chain import layer_info
 from vdisk.disk import Disk
 from vdisk.engine import ExtentKind
+from vdisk.formats.registry import driver_for
 from vdisk.errors import ParentError
-from vdisk.geometry import MAX_GEOMETRY
 from vdisk.probe import open_layer
 from vdisk.ops.runs import iter_runs
 
@@ -51,12 +51,8 @@ def _file_stats(path: str) -> tuple[Optional[int], Optional[int]]:
 
 
 def _chs_size(layer) -> Optional[int]:
-    """The C*H*S size of a VHD when it differs from the virtual size (what qemu may show instead)."""
-    geo = layer.geometry
-    if layer.format != "vhd" or not geo or tuple(geo) == MAX_GEOMETRY:
-        return None
-    chs = geo[0] * geo[1] * geo[2] * 512
-    return chs if chs != layer.size else None
+    """The C*H*S size when a format's geometry makes another size visible (what qemu may show)."""
+    return driver_for(layer).chs_size(layer)
 
 
 def _chain_entry(layer, info) -> dict:

@@ -9,7 +9,7 @@
 stored. Which output blocks hold data comes from the source's allocation map, without reading
 it: convert's zero detection can only make the file smaller than ``required`` (never larger),
 and ``convert --no-zero-detect`` produces exactly ``required``. The byte arithmetic of each
-format is its driver's (``new_file_size`` in vdisk.formats.vhd / vdi), the same the drivers
+format is its driver's (``Driver.new_file_size``), the same the drivers
 create files with.
 """
 from __future__ import annotations
@@ -22,10 +22,8 @@ import numpy as np
 from vdisk.ops.convert import plan_output
 from vdisk.disk import Disk
 from vdisk.engine import ExtentKind
-from vdisk.formats import vdi as _vdi
-from vdisk.formats import vhd as _vhd
+from vdisk.formats import registry
 
-DEFAULT_BLOCK_SIZES = {"vhd": _vhd.DEFAULT_BLOCK_SIZE, "vdi": _vdi.DEFAULT_BLOCK_SIZE}
 
 
 @dataclass(frozen=True)
@@ -64,10 +62,7 @@ def stored_blocks(source: Disk, block_size: int) -> int:
 
 
 def _new_file_size(fmt: str, subtype: str, size: int, block_size: Optional[int], blocks: int) -> int:
-    if fmt == "raw":
-        return size
-    driver = _vhd if fmt == "vhd" else _vdi
-    return driver.new_file_size(size, subtype, block_size, blocks)
+    return registry.driver(fmt).new_file_size(size, subtype, block_size, blocks)
 
 
 def measure(source: Optional[Disk] = None, *, size: Optional[int] = None, format: str = "raw",
@@ -91,7 +86,7 @@ def measure(source: Optional[Disk] = None, *, size: Optional[int] = None, format
     dynamic = fmt != "raw" and sub == "dynamic"
     if block_size is not None and not dynamic:
         raise ValueError("--block-size applies to dynamic VHD and VDI outputs only")
-    bs = (block_size or DEFAULT_BLOCK_SIZES[fmt]) if dynamic else None
+    bs = (block_size or registry.driver(fmt).default_block_size) if dynamic else None
     total = -(-out_size // bs) if bs else 0
     if source is not None and bs:
         blocks = stored_blocks(source, bs)

@@ -99,8 +99,9 @@ def export_shadow(image_path, shadow_id: str, dst, *, format: Optional[str] = No
     when complete (it is written as ``DST.vdisk-partial`` first).
     """
     import vdisk
+    from vdisk.formats import registry
     dst = os.fspath(dst)
-    fmt = format or {".vhd": "vhd", ".vdi": "vdi"}.get(os.path.splitext(dst)[1].lower(), "raw")
+    fmt = format or registry.format_from_name(dst)
     sub = subtype or "dynamic"
     if os.path.isdir(dst):
         raise VDiskError(f"{dst}: is a directory")
