@@ -11,24 +11,6 @@ from .maintenance import ResizePlan
 
 RAW_BLOCK = 1 << 20
 
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = None
-
-
-def punch_hole(file: ImageFile, offset: int, length: int) -> bool:
-    """Deallocate a byte range of a file (reads back zeros); False where unsupported."""
-    global _libc
-    if length <= 0:
-        return True
-    if _libc is None:
-        import ctypes                                  # only images that punch holes pay for it
-        _libc = ctypes.CDLL(None, use_errno=True)      # the C library this Python runs on
-        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    file._check("write", offset, length)
-    return _libc.fallocate(file.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0
-
-
 class FlatLayer(Layer):
     """A layer whose guest data is one contiguous run of the file (raw, fixed VHD)."""
 
@@ -44,7 +26,7 @@ class FlatLayer(Layer):
         return base
 
     def punch(self, file_offset: int, length: int) -> bool:
-        return punch_hole(self.file, file_offset, length)
+        return self.file.punch_hole(file_offset, length)
 
 
 class RawLayer(FlatLayer):

@@ -151,10 +151,6 @@ def write_files(files: dict[str, bytes]) -> None:
 
 @contextlib.contextmanager
 def hooked(hook):
-    """Install *hook* as vdisk.io.fault_hook for the duration of the block."""
-    old = vdisk.io.fault_hook
-    vdisk.io.fault_hook = hook
-    try:
+    """Install *hook* as the I/O seam's fault hook for the duration of the block."""
+    with vdisk.io.injected_faults(hook):
         yield hook
-    finally:
-        vdisk.io.fault_hook = old

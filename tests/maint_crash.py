@@ -85,12 +85,8 @@ class CrashSim:
 @contextlib.contextmanager
 def crashing(sim: CrashSim):
     """Install *sim* as the fault hook for the duration of the block."""
-    old = vdisk.io.fault_hook
-    vdisk.io.fault_hook = sim
-    try:
+    with vdisk.io.injected_faults(sim):
         yield sim
-    finally:
-        vdisk.io.fault_hook = old
 
 
 def count_mutations(fn) -> int:

@@ -194,14 +194,12 @@ def test_a_journal_left_by_a_replaced_image_is_never_applied_to_the_new_one(tmp_
 
 
 def test_a_hole_punched_through_a_journaled_file_is_rolled_back(tmp_path):
-    from vdisk.formats.raw import punch_hole
     p = tmp_path / "img.raw"
     before = _make(p)
     f = ImageFile(str(p), writable=True)
     with pytest.raises(RuntimeError):
-        with journal.Transaction(f, "commit") as tx:
-            view = tx.wrap(f)
-            punch_hole(view, 8192, 16384)             # announces the range through the seam first
+        with journal.Transaction(f, "commit") as tx, f.journaled(tx):
+            assert f.punch_hole(8192, 16384)          # its old bytes reach the journal first
             assert open(p, "rb").read()[8192:8192 + 16384] == bytes(16384)
             raise RuntimeError("stop")
     f.close()

@@ -78,12 +78,8 @@ def make_hook(path: str, file_offset: int, mode: str):
 
 @contextlib.contextmanager
 def fault(path: str, file_offset: int, mode: str):
-    old = vio.read_fault_hook
-    vio.read_fault_hook = make_hook(path, file_offset, mode)
-    try:
+    with vio.injected_read_faults(make_hook(path, file_offset, mode)):
         yield
-    finally:
-        vio.read_fault_hook = old
 
 
 def run(*cmd, **kw) -> subprocess.CompletedProcess:

@@ -1,10 +1,16 @@
 """Positional file I/O: the single seam between vdisk and the operating system.
 
-All reads and writes of image files go through :class:`ImageFile`. Tests replace
-:data:`fault_hook` to cut the I/O at a given write (crash simulation), make writes short, or raise
-EIO, which is how crash safety is proven by fault injection rather than argument; they replace
-:data:`read_fault_hook` to make reads fail (EIO) or come back short, which is how every front end
-is shown to report a read error instead of returning wrong data.
+All reads and writes of image files go through :class:`ImageFile`: positional and batched reads
+and writes, hole punching, truncation and barriers. Two switches change how a file's mutations
+go, both owned here rather than patched in from outside: :meth:`ImageFile.journaled` routes them
+through a journal transaction first, and :attr:`ImageFile.durable` = False makes barriers free
+(a temporary output nobody asked to make durable).
+
+Fault injection: :func:`injected_faults` installs a hook called before every mutation, to cut
+the I/O at a given write (crash simulation), make writes short, or raise EIO, which is how crash
+safety is proven by fault injection rather than argument; :func:`injected_read_faults` installs
+one that makes reads fail (EIO) or come back short, which is how every front end is shown to
+report a read error instead of returning wrong data.
 """
 from __future__ import annotations
 
@@ -13,7 +19,8 @@ import fcntl
 import os
 import stat
 import threading
-from typing import Callable, Optional, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional, Sequence
 
 from .errors import LockError, ReadError, VDiskError
 
@@ -28,6 +35,32 @@ fault_hook: Optional[Callable[[str, "ImageFile", int, int], None]] = None
 read_fault_hook: Optional[Callable[[str, "ImageFile", int, int], Optional[int]]] = None
 
 IOV_MAX = 1024
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = None
+
+
+@contextmanager
+def injected_faults(hook: Optional[Callable[[str, "ImageFile", int, int], None]]) -> Iterator[None]:
+    """Call *hook* before every mutation of an image file while the block runs (see fault_hook)."""
+    global fault_hook
+    old, fault_hook = fault_hook, hook
+    try:
+        yield
+    finally:
+        fault_hook = old
+
+
+@contextmanager
+def injected_read_faults(hook: Optional[Callable[[str, "ImageFile", int, int], Optional[int]]]) -> Iterator[None]:
+    """Call *hook* before every read of an image file while the block runs (see read_fault_hook)."""
+    global read_fault_hook
+    old, read_fault_hook = read_fault_hook, hook
+    try:
+        yield
+    finally:
+        read_fault_hook = old
 
 
 def _refuse_special(path: str) -> None:
@@ -68,6 +101,9 @@ class ImageFile:
         except OSError as exc:
             raise VDiskError(f"{self.path}: {exc.strerror}") from None
         self._closed = False
+        #: False: barriers are skipped (a temporary output whose caller did not ask for them)
+        self.durable = True
+        self._route = None             # the journal Transaction mutations go through (journaled())
         self._size_lock = threading.Lock()
         # Set by every mutation, cleared by sync(): a barrier with nothing new to make durable
         # (a close after a journaled operation already synced) costs no device flush.
@@ -170,7 +206,27 @@ class ImageFile:
         if kind != "sync":
             self._unsynced = True
 
+    @contextmanager
+    def journaled(self, tx) -> Iterator["ImageFile"]:
+        """While the block runs, writes, truncations and punched holes of this file go through the
+        journal transaction *tx* first (undo records before the bytes change). Lets unmodified
+        format code (a layer's allocation and flush) run inside an in-place operation."""
+        if self._route is not None:
+            raise VDiskError(f"{self.path}: internal error: already journaled")
+        self._route = tx
+        try:
+            yield self
+        finally:
+            self._route = None
+
     def pwrite(self, data, offset: int) -> None:
+        if self._route is not None:
+            self._route.write(offset, bytes(memoryview(data).cast("B")))
+            return
+        self.write_through(data, offset)
+
+    def write_through(self, data, offset: int) -> None:
+        """pwrite that bypasses a journal route (the journal's own application of writes)."""
         view = memoryview(data).cast("B")
         self._check("write", offset, len(view))
         while len(view):
@@ -182,6 +238,9 @@ class ImageFile:
             offset += n
 
     def pwritev(self, buffers: Sequence, offset: int) -> None:
+        if self._route is not None:
+            self._route.write(offset, b"".join(bytes(memoryview(b).cast("B")) for b in buffers))
+            return
         bufs = [memoryview(b).cast("B") for b in buffers]
         total = sum(len(b) for b in bufs)
         self._check("write", offset, total)
@@ -194,15 +253,36 @@ class ImageFile:
             _consume(bufs, n)
 
     def truncate(self, size: int) -> None:
+        if self._route is not None:
+            self._route.truncate(size)
+            return
+        self.truncate_through(size)
+
+    def truncate_through(self, size: int) -> None:
+        """truncate that bypasses a journal route."""
         self._check("truncate", size, 0)
         try:
             os.ftruncate(self.fd, size)
         except OSError as exc:
             raise _io_error(self.path, exc) from None
 
+    def punch_hole(self, offset: int, length: int) -> bool:
+        """Deallocate a byte range (it reads back as zeros); False where the filesystem cannot."""
+        global _libc
+        if length <= 0:
+            return True
+        if _libc is None:
+            import ctypes                                  # only images that punch holes pay for it
+            _libc = ctypes.CDLL(None, use_errno=True)      # the C library this Python runs on
+            _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        if self._route is not None:
+            self._route.preserve(offset, length)           # its old bytes into the journal first
+        self._check("write", offset, length)
+        return _libc.fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0
+
     def sync(self) -> None:
         """Barrier: everything written so far reaches stable storage before what follows."""
-        if not self.writable or not self._unsynced:
+        if not self.writable or not self._unsynced or not self.durable:
             return
         self._check("sync", 0, 0)
         self._unsynced = False         # before the flush: a write racing with it sets it again

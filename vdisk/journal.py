@@ -264,7 +264,7 @@ class Transaction:
         writes = list(writes)
         self._append(self._write_undo(writes, old_zero, unreferenced))
         for item in writes:
-            self.file.pwrite(item[1], item[0])
+            self.file.write_through(item[1], item[0])
 
     def _write_undo(self, writes: Sequence[tuple], old_zero: bool = False,
                     unreferenced: bool = False) -> list[bytes]:
@@ -293,24 +293,24 @@ class Transaction:
         for src, dst, n, mode in copies:
             _copy_range(self.file, src, dst, n)
         for item in then_write:
-            self.file.pwrite(item[1], item[0])
+            self.file.write_through(item[1], item[0])
 
     def write(self, offset: int, data: bytes, *, old_zero: bool = False, unreferenced: bool = False) -> None:
         """Journal then write one range (see :meth:`write_many`)."""
         self.write_many([(offset, data)], old_zero=old_zero, unreferenced=unreferenced)
 
-    def wrap(self, file: ImageFile) -> "JournaledFile":
-        """A view of *file* (this transaction's image) whose writes go through this transaction."""
-        if file is not self.file:
-            raise VDiskError(f"{file.path}: internal error: a transaction journals only its own image")
-        return JournaledFile(self, file)
+    def preserve(self, offset: int, length: int) -> None:
+        """Journal the old bytes of a range about to change by other means than a write (a hole
+        punched with fallocate)."""
+        if length:
+            self._append(self._undo_records(offset, length, False, False, None))
 
     def truncate(self, size: int) -> None:
         """Change the file size before the commit (what is cut off is journaled first)."""
         cur = self.file.size()
         if size < cur:
             self._append(self._undo_records(size, cur - size, False, False, None))
-        self.file.truncate(size)
+        self.file.truncate_through(size)
 
     # -- the end ------------------------------------------------------------------------------
     def commit(self, final_size: Optional[int] = None, redo: Sequence[tuple[int, bytes]] = ()) -> None:
@@ -433,22 +433,22 @@ def _parse_redo(rec: _Rec) -> list[tuple[int, bytes]]:
 
 def _finish(file: ImageFile, redo: list[tuple[int, bytes]], final_size: int) -> None:
     for off, data in redo:
-        file.pwrite(data, off)
+        file.write_through(data, off)
     if file.size() != final_size:
-        file.truncate(final_size)
+        file.truncate_through(final_size)
     file.sync()
 
 
 def _undo(file: ImageFile, records: list[_Rec], original_size: int) -> None:
     for rec in reversed(records):
         if rec.kind == REC_UNDO:
-            file.pwrite(rec.payload, rec.offset)
+            file.write_through(rec.payload, rec.offset)
         elif rec.kind == REC_UNDO_ZERO:
             chunk = 8 << 20
             for pos in range(rec.offset, rec.offset + rec.length, chunk):
-                file.pwrite(bytes(min(chunk, rec.offset + rec.length - pos)), pos)
+                file.write_through(bytes(min(chunk, rec.offset + rec.length - pos)), pos)
     if file.size() != original_size:
-        file.truncate(original_size)
+        file.truncate_through(original_size)
     file.sync()
 
 
@@ -533,34 +533,3 @@ def check_on_open(file: ImageFile) -> Optional[Recovery]:
     if not os.path.exists(journal_path(file.path)):
         return None
     return recover_file(file)
-
-
-class JournaledFile:
-    """An ImageFile stand-in whose writes and truncations are journaled by a Transaction first.
-
-    Lets unmodified format code (a Layer's allocation and flush logic) run inside a transaction:
-    ``layer.file = tx.wrap(layer.file)``. Reads, size, fd and barriers pass straight through.
-    """
-
-    def __init__(self, tx: Transaction, file: ImageFile):
-        self._tx = tx
-        self._file = file
-
-    def __getattr__(self, name):
-        return getattr(self._file, name)
-
-    def pwrite(self, data, offset: int) -> None:
-        self._tx.write(offset, bytes(memoryview(data).cast("B")))
-
-    def pwritev(self, buffers, offset: int) -> None:
-        self._tx.write(offset, b"".join(bytes(memoryview(b).cast("B")) for b in buffers))
-
-    def truncate(self, size: int) -> None:
-        self._tx.truncate(size)
-
-    def _check(self, kind: str, offset: int, length: int) -> None:
-        # Code that mutates the file by other means (e.g. punching a hole with fallocate) announces
-        # the range through the I/O seam first: journal its old bytes before letting it through.
-        if kind == "write" and length:
-            self._tx._append(self._tx._undo_records(offset, length, False, False, None))
-        self._file._check(kind, offset, length)

@@ -110,8 +110,7 @@ def _merge_into(chain: list[str], t: int, size: int, search, registry, progress:
         link_state = driver.link_state(top)
         copied = 0
         with journal.Transaction(real, "commit") as tx:
-            top.file = tx.wrap(real)
-            try:
+            with real.journaled(tx):
                 writer = Engine(target_layers)
                 # A flat target (raw, fixed) would punch holes for zeros, bypassing the journal:
                 # write the zeros instead.
@@ -141,8 +140,6 @@ def _merge_into(chain: list[str], t: int, size: int, search, registry, progress:
                 # What names the ancestor to its child stays as it was, so the link stays valid.
                 driver.restore_link_state(top, link_state)
                 writer.flush()
-            finally:
-                top.file = real
             tx.commit()
         return copied
     finally:

@@ -240,10 +240,10 @@ class _RawSink(_Sink):
 
 
 class _DiskSink(_Sink):
-    """A VHD or VDI output: a new image with no parent, allocating only what is written.
+    """An image output (any format but raw): a new image with no parent, allocating only what is written.
 
     Whole blocks of a dynamic output go straight to the format Layer (``allocate``), and a
-    fixed VHD's data straight to its flat data area: the copy already knows these blocks are
+    flat (fixed) image's data straight to its data area: the copy already knows these blocks are
     new and not all zeros, so the checks Disk.pwrite makes for arbitrary writes (zero test,
     parent lookup, copy-up) would only cost time. Anything else goes through Disk.pwrite.
     """
@@ -302,7 +302,7 @@ class _DiskSink(_Sink):
             # The core's flush always ends with a barrier (fdatasync); on our private temporary
             # image, not yet visible under any name, metadata can be written without it.
             for layer in self.disk.layers:
-                layer.file.sync = _no_barrier
+                layer.file.durable = False
         self.disk.flush()
 
     def close(self) -> None:
@@ -312,12 +312,8 @@ class _DiskSink(_Sink):
     def abort(self) -> None:
         """Close a temporary output that is about to be deleted, without syncing it first."""
         for layer in self.disk.layers:
-            layer.file.sync = _no_barrier
+            layer.file.durable = False
         self.close()
-
-
-def _no_barrier() -> None:
-    """Stands in for ImageFile.sync on a temporary output when durability was not asked for."""
 
 
 def _granule(fmt: str, subtype: str, disk: Optional[Disk]) -> int:

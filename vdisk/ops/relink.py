@@ -221,11 +221,10 @@ def _rebase_content(child, new_parent: str, search, dry_run: bool, verify: bool,
             report.view_digest = _engine_digest(old_view, child.size)
         real = child.file
         with journal.Transaction(real, "rebase") as tx:
-            child.file = tx.wrap(real)
-            try:
+            with real.journaled(tx):
                 writer = Engine([child] + new_layers)
                 for b in blocks:
-                    # Whole blocks: a VDI block is copied up whole, so write it whole, read first.
+                    # Whole blocks (formats without sector bitmaps copy a block up whole).
                     start = b * bs
                     data = old_view.read(start, min(bs, child.size - start))
                     if np.frombuffer(data, dtype=np.uint8).any():
@@ -233,12 +232,9 @@ def _rebase_content(child, new_parent: str, search, dry_run: bool, verify: bool,
                     else:
                         writer.write_zeroes(start, len(data))
                 writer.flush()
-                child.file = real
-                report.changes = ([f"copied {len(blocks)} blocks where the parents differ"] if blocks else [])
-                report.changes += link_transaction_writes(tx, child, new_parent, new_layers[0])
-                tx.commit()
-            finally:
-                child.file = real
+            report.changes = ([f"copied {len(blocks)} blocks where the parents differ"] if blocks else [])
+            report.changes += link_transaction_writes(tx, child, new_parent, new_layers[0])
+            tx.commit()
     finally:
         for layer in (old_layers or []) + new_layers:
             layer.close()
