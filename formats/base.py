@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import ClassVar, Optional, Sequence
 import uuid as uuidlib
 
 import numpy as np
@@ -54,7 +54,7 @@ class Layer:
     sector_granular: bool = False
     #: the guest data is one contiguous run of the file (raw, fixed VHD): writes go straight
     #: through and zeros may be punched as holes
-    flat: bool = False
+    flat: ClassVar[bool] = False
     #: the sector the image presents to a guest (VHDX may say 4096)
     logical_sector_size: int = 512
 

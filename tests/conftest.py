@@ -16,7 +16,7 @@ from typing import NoReturn
 import pytest
 
 from vdisk.errors import VDiskError
-from vdisk.ops.layout import content_digest
+from vdisk.ops.digest import content_digest
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"

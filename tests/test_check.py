@@ -10,7 +10,7 @@ from vdisk import journal
 from vdisk.ops.check import check
 from vdisk.ops.compact import compact
 from vdisk.formats.vhd.structs import FOOTER_CHECKSUM_OFFSET, with_checksum
-from vdisk.ops.layout import path_digest
+from vdisk.ops.digest import path_digest
 
 MiB = 1 << 20
 

@@ -9,7 +9,7 @@ import pytest
 import vdisk
 from vdisk.ops.check import check
 from vdisk.ops.commit import commit
-from vdisk.ops.layout import path_digest
+from vdisk.ops.digest import path_digest
 
 from maint_crash import assert_crash_safe
 

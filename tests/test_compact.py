@@ -11,7 +11,8 @@ import pytest
 import vdisk
 from vdisk.ops.check import check
 from vdisk.ops.compact import compact
-from vdisk.ops.layout import SparseFile, path_digest
+from vdisk.ops.layout import SparseFile
+from vdisk.ops.digest import path_digest
 
 from conftest import need
 from maint_crash import assert_crash_safe

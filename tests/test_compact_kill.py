@@ -14,7 +14,7 @@ import pytest
 import vdisk
 from vdisk import journal
 from vdisk.ops.check import check
-from vdisk.ops.layout import path_digest
+from vdisk.ops.digest import path_digest
 
 MiB = 1 << 20
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

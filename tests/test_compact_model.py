@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import vdisk
 from vdisk.ops.check import check
 from vdisk.ops.compact import compact
-from vdisk.ops.layout import path_digest
+from vdisk.ops.digest import path_digest
 
 KiB = 1024
 BS = 64 * KiB

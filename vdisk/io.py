@@ -302,6 +302,33 @@ class ImageFile:
         return self._closed
 
 
+def sync_dir(folder: str) -> None:
+    """Barrier on a folder: a rename or a new name in it is durable once this returns."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_file(path: str, data: bytes) -> None:
+    """Atomically make *data* the content of *path*: write a new file, sync it, rename it over
+    *path*, sync the folder. A reader (or a crash) sees the old content or the new, never half."""
+    tmp = path + ".tmp"
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    f = ImageFile(tmp, create=True, lock=False)
+    try:
+        f.pwrite(data, 0)
+        f.sync()
+    finally:
+        f.close()
+    os.rename(tmp, path)
+    sync_dir(os.path.dirname(os.path.abspath(path)))
+
+
 _sync_file_range = None
 
 

@@ -34,7 +34,8 @@ from . import journal
 from vdisk.formats import registry
 from .errors import UnsupportedError, VDiskError
 from .io import ImageFile
-from .shadow.catalog import sync_dir, utc_now
+from .io import replace_file, sync_dir
+from .shadow.catalog import utc_now
 
 SUFFIX = ".snapshots"
 TREE = "tree.json"
@@ -110,17 +111,7 @@ def _save(image: str, tree: Tree) -> None:
     path = os.path.join(folder, TREE)
     d = {"format": FORMAT, "version": VERSION, "image": tree.image, "current": tree.current,
          "snapshots": [s.to_dict() for s in tree.snapshots], "pending": tree.pending}
-    tmp = path + ".tmp"
-    if os.path.exists(tmp):
-        os.unlink(tmp)
-    f = ImageFile(tmp, create=True, lock=False)
-    try:
-        f.pwrite((json.dumps(d, indent=2) + "\n").encode(), 0)
-        f.sync()
-    finally:
-        f.close()
-    os.rename(tmp, path)
-    sync_dir(folder)
+    replace_file(path, (json.dumps(d, indent=2) + "\n").encode())
 
 
 def _file(image: str, node: Snapshot) -> str:

@@ -30,7 +30,7 @@ def _out(args, report) -> None:
 # -- check ----------------------------------------------------------------------------------------
 def cmd_check(args) -> int:
     from vdisk.ops.check import check
-    from vdisk.ops.layout import path_digest
+    from vdisk.ops.digest import path_digest
     before = None
     if args.verify and args.repair:
         try:

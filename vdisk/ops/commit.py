@@ -24,7 +24,8 @@ from vdisk import journal
 from vdisk.chain import open_chain
 from vdisk.engine import Engine, ExtentKind
 from vdisk.errors import UnsupportedError, VDiskError
-from vdisk.ops.layout import SparseFile, content_digest
+from vdisk.ops.layout import SparseFile
+from vdisk.ops.digest import content_digest
 from vdisk.probe import open_layer
 from vdisk.formats.base import ABSENT
 from vdisk.formats.registry import driver_for

@@ -21,7 +21,8 @@ from vdisk import journal
 from vdisk.engine import Engine, ExtentKind
 from vdisk.errors import UnsupportedError, VDiskError
 from vdisk.io import ImageFile
-from vdisk.ops.layout import SparseFile, content_digest, plan_moves
+from vdisk.ops.layout import SparseFile, plan_moves
+from vdisk.ops.digest import content_digest
 from vdisk.formats.base import ABSENT, SECTOR, ZERO
 
 MOVE_BATCH = 1 << 40           # bytes moved per journal barrier (undo records of holes are tiny)

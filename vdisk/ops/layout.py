@@ -3,13 +3,11 @@
 A :class:`SparseFile` wraps one open, writable sparse Layer and answers, from its driver's
 :class:`~vdisk.formats.maintenance.SparseLayout`, the questions compact, resize and commit share:
 where does each allocated block's storage *unit* start, where does the metadata end, and which
-sectors of the block table change when the block map changes. It also
-computes content digests for ``--verify``. All writes go through a journal Transaction chosen by
+sectors of the block table change when the block map changes. All writes go through a journal Transaction chosen by
 the caller; this module only computes bytes and offsets.
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Optional
 
 import numpy as np
@@ -78,29 +76,3 @@ def plan_moves(unit_starts: list[tuple[int, int]], unit: int, meta_end: int,
     final = [s for _, s in live[: hi + 1]] + [dst for _, _, dst in moves]
     end = max([meta_end if grid is None else grid] + [s + unit for s in final])
     return moves, end
-
-
-def content_digest(disk, chunk: int = 16 << 20) -> str:
-    """SHA-256 of a Disk's virtual content; unallocated and zero runs are hashed without reading."""
-    h = hashlib.sha256()
-    zero = bytes(chunk)
-    buf = bytearray(chunk)
-    for ext in disk.extents():
-        pos, end = ext.offset, ext.offset + ext.length
-        while pos < end:
-            n = min(chunk, end - pos)
-            if int(ext.kind) != 0:
-                h.update(memoryview(zero)[:n])
-            else:
-                view = memoryview(buf)[:n]
-                disk.readinto(view, pos)
-                h.update(view)
-            pos += n
-    return h.hexdigest()
-
-
-def path_digest(path: str, **open_args) -> str:
-    """Content digest of the image at *path* (opened read-only with its chain)."""
-    import vdisk
-    with vdisk.open(path, **open_args) as d:
-        return content_digest(d)

@@ -25,6 +25,7 @@ from vdisk.engine import Engine, ExtentKind
 from vdisk.errors import ParentError, UnsupportedError, VDiskError
 from vdisk.probe import open_layer
 from vdisk.formats.registry import driver_for
+from vdisk.ops.digest import content_digest, path_digest
 
 CHUNK = 4 << 20
 
@@ -174,7 +175,6 @@ def _link(child, ppath: str, how: str, dry_run: bool, allow_modified: bool) -> R
 
 
 def _digest(path: str, search) -> Optional[str]:
-    from vdisk.ops.layout import path_digest
     try:
         return path_digest(path, parent_search=tuple(search))
     except VDiskError:
@@ -183,7 +183,6 @@ def _digest(path: str, search) -> Optional[str]:
 
 def _verify_after(path: str, ppath: str, before: Optional[str], search=()) -> bool:
     import vdisk
-    from vdisk.ops.layout import content_digest
     # A VDI records no path: its parent is found by UUID, so search where it was found.
     with vdisk.open(path, parent_search=[os.path.dirname(os.path.abspath(ppath)), *search]) as d:
         if os.path.realpath(d.chain[1].path) != os.path.realpath(ppath):
@@ -218,7 +217,7 @@ def _rebase_content(child, new_parent: str, search, dry_run: bool, verify: bool,
             report.changes += driver_for(child).link_writes(child, new_parent, new_layers[0], apply=False).changes
             return report
         if verify and old_view is not None:
-            report.view_digest = _engine_digest(old_view, child.size)
+            report.view_digest = content_digest(old_view)
         real = child.file
         with journal.Transaction(real, "rebase") as tx:
             with real.journaled(tx):
@@ -239,14 +238,6 @@ def _rebase_content(child, new_parent: str, search, dry_run: bool, verify: bool,
         for layer in (old_layers or []) + new_layers:
             layer.close()
     return report
-
-
-def _engine_digest(engine: Engine, size: int) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    for pos in range(0, size, CHUNK):
-        h.update(engine.read(pos, min(CHUNK, size - pos)))
-    return h.hexdigest()
 
 
 def _differences(old_view: Engine, new_below: Engine, size: int, bs: int) -> list[int]:

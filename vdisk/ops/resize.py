@@ -18,6 +18,7 @@ from vdisk import journal
 from vdisk.errors import UnsupportedError, VDiskError
 from vdisk.formats.base import SECTOR
 from vdisk.formats.registry import driver_for
+from vdisk.ops.digest import content_digest
 
 CHUNK = 8 << 20
 
@@ -65,7 +66,7 @@ def resize(path: str, new_size: int, *, shrink: bool = False, verify: bool = Fal
                 raise VDiskError(f"{path}: {new_size} is smaller than the current size {disk.size}; "
                                  f"pass --shrink to cut the disk")
             _refuse_data_past(disk, new_size)
-        before = _digest_prefix(disk, min(new_size, disk.size)) if verify else None
+        before = content_digest(disk, min(new_size, disk.size)) if verify else None
         plan = driver_for(layer).resize_plan(layer, new_size)
         with journal.Transaction(layer.file, "resize") as tx:
             tx.write_many(plan.moves)             # data in the way of larger tables, to its new place
@@ -81,7 +82,7 @@ def resize(path: str, new_size: int, *, shrink: bool = False, verify: bool = Fal
         with vdisk.open(path) as d:
             if d.size != new_size:
                 raise VDiskError(f"{path}: VERIFY FAILED: size is {d.size}, expected {new_size}")
-            after = _digest_prefix(d, min(new_size, report.old_size))
+            after = content_digest(d, min(new_size, report.old_size))
             if after != before:
                 raise VDiskError(f"{path}: VERIFY FAILED: the content that was kept changed")
             if new_size > report.old_size and any(e.kind == 0 and _nonzero(d, e) for e in
@@ -99,18 +100,6 @@ def _nonzero(d, ext) -> bool:
             return True
         pos += n
     return False
-
-
-def _digest_prefix(disk, length: int) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    for ext in disk.extents(0, length):
-        pos, end = ext.offset, ext.offset + ext.length
-        while pos < end:
-            n = min(CHUNK, end - pos)
-            h.update(disk.pread(n, pos) if int(ext.kind) == 0 else bytes(n))
-            pos += n
-    return h.hexdigest()
 
 
 def _refuse_data_past(disk, new_size: int) -> None:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from vdisk.errors import VDiskError
-from vdisk.io import ImageFile
+from vdisk.io import replace_file
 
 SUFFIX = ".vdisk-shadows"
 CATALOG = "catalog.json"
@@ -95,28 +95,7 @@ def load(folder: str) -> Optional[Catalog]:
 
 def save(folder: str, catalog: Catalog) -> None:
     """Atomically replace the catalog: write new, fsync, rename, fsync the folder."""
-    path = os.path.join(folder, CATALOG)
-    tmp = path + ".tmp"
-    try:
-        os.unlink(tmp)
-    except FileNotFoundError:
-        pass
-    f = ImageFile(tmp, create=True, lock=False)
-    try:
-        f.pwrite(catalog.to_json().encode(), 0)
-        f.sync()
-    finally:
-        f.close()
-    os.rename(tmp, path)
-    sync_dir(folder)
-
-
-def sync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    replace_file(os.path.join(folder, CATALOG), catalog.to_json().encode())
 
 
 def fingerprint(disk, *, reopen: bool = False) -> dict:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from vdisk.errors import ReadOnlyError, VDiskError
+from vdisk.io import sync_dir
 from . import catalog as cat
 from .store import ShadowStore
 
@@ -122,7 +123,7 @@ class ShadowSet:
                 rec.synced = store.end       # every append was fsync'd before it returned
         if not os.path.isdir(self.folder):
             os.mkdir(self.folder)
-            cat.sync_dir(os.path.dirname(os.path.abspath(self.folder)))
+            sync_dir(os.path.dirname(os.path.abspath(self.folder)))
         cat.save(self.folder, self.catalog)
         self._persisted = True
 
