@@ -16,6 +16,7 @@ import numpy as np
 
 from vdisk.errors import UnsupportedError
 from vdisk.io import ImageFile
+from vdisk.units import SECTOR
 
 log = logging.getLogger("vdisk")
 
@@ -24,7 +25,6 @@ ABSENT = -1
 #: block_map value: the block reads as zeros and hides the parent (VDI 0xFFFFFFFE).
 ZERO = -2
 
-SECTOR = 512
 
 
 @dataclass

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from vdisk.errors import FormatError
+from vdisk.units import SECTOR
 
 log = logging.getLogger("vdisk.mount")
 
-SECTOR = 512
 MBR_SIGNATURE = b"\x55\xaa"
 MBR_TABLE_OFFSET = 446
 MBR_ENTRY = struct.Struct("<B3sB3sII")          # status, CHS first, type, CHS last, LBA start, sectors

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional
 
 from ..errors import ReadOnlyError, VDiskError
-from .ata_identify import (DSM_MAX_BLOCKS, LBA28_LIMIT, MAX_MULTIPLE, MODE_LIMITS, MWDMA, PIO, SECTOR,
+from vdisk.units import SECTOR
+from .ata_identify import (DSM_MAX_BLOCKS, LBA28_LIMIT, MAX_MULTIPLE, MODE_LIMITS, MWDMA, PIO,
                            SWDMA, UDMA, Geometry, IdentifyState, build_identify, default_firmware,
                            default_model, default_serial, image_geometry)
 

@@ -13,7 +13,6 @@ import uuid as _uuid
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-SECTOR = 512
 LBA28_LIMIT = 0x0FFFFFFF           # words 60-61 saturate here; LBA28 commands see at most this many
 MAX_MULTIPLE = 16                  # word 47: READ/WRITE MULTIPLE block size limit
 VHD_SIZE_MARKER = (65535, 16, 255)  # VHD footer CHS meaning "the size is current_size, no geometry"

@@ -29,13 +29,12 @@ from vdisk.engine import ExtentKind
 from vdisk.formats import registry
 from vdisk.errors import VDiskError
 from vdisk.io import start_writeback
+from vdisk.units import MiB, SECTOR
 
 #: Bytes read per request; big enough to amortise syscalls, small enough for bounded memory.
 CHUNK = 4 << 20
 #: Zero-detection granularity for raw and fixed outputs (a filesystem block: holes are that fine).
 FLAT_GRANULE = 4096
-SECTOR = 512
-MiB = 1 << 20
 #: Chunks in flight at once (each has its own CHUNK buffer): several requests keep the device
 #: queue full, as qemu-img's coroutines do.
 WORKERS = 4

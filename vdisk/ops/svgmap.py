@@ -26,8 +26,8 @@ from vdisk.disk import Disk
 from vdisk.engine import ExtentKind
 from vdisk.progress import human_bytes
 from vdisk.ops.runs import iter_runs
+from vdisk.units import SECTOR
 
-SECTOR = 512
 #: Data colours by chain layer (0 = the top image), then repeated.
 LAYER_COLOURS = ("#2b6cb0", "#dd6b20", "#38a169", "#805ad5", "#d53f8c", "#319795", "#b7791f", "#718096")
 ZERO_COLOUR = "#a0aec0"

@@ -17,11 +17,11 @@ from vdisk.errors import RangeError, ReadOnlyError, VDiskError
 from .catalog import fingerprint
 from .shadowset import ShadowInfo, ShadowSet
 from .store import ShadowStore
+from vdisk.units import SECTOR
 
 log = logging.getLogger("vdisk")
 
 PRESERVE_BATCH = 256          # blocks preserved per durable append (bounds memory for huge writes)
-SECTOR = 512
 
 
 class ShadowedDisk(Disk):
