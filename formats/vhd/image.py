@@ -16,12 +16,12 @@ from vdisk.geometry import MAX_GEOMETRY, chs_bytes, chs_for_sectors, chs_round_u
 from vdisk.io import ImageFile
 from ..base import ABSENT, SECTOR, Layer, ParentHint, data_runs_from_holes, new_uuid, write_table_entries
 from ..raw import FlatLayer
-from .locators import LocatorExtent, locator_extents, read_locators
+from .locators import LocatorExtent, locator_extents, new_locators, read_locators
 from .structs import (BAT_UNUSED, DISK_DIFFERENCING, DISK_DYNAMIC, DISK_FIXED, FEATURES_RESERVED,
                           FOOTER_CHECKSUM_OFFSET, FOOTER_COOKIE, FOOTER_FIELD_OFFSETS, FOOTER_SIZE,
                           FORMAT_VERSION, HEADER_CHECKSUM_OFFSET, HEADER_COOKIE, HEADER_FIELD_OFFSETS,
                           HEADER_SIZE, HEADER_VERSION, NO_DATA_OFFSET,
-                          PLAT_W2KU, PLAT_W2RU, SUBTYPE_NAMES,
+                          SUBTYPE_NAMES,
                           VHD_EPOCH, DynamicHeader, Footer, vhd_checksum, with_checksum)
 
 DEFAULT_BLOCK_SIZE = 2 << 20
@@ -30,7 +30,6 @@ MAX_DYNAMIC_SIZE = 0xFF000000 * 512          # 2040 GiB: u32 sector BAT entries 
 CREATOR_EXACT = b"win "                        # read at current_size by QEMU, vhdiinfo, Hyper-V
 CREATOR_CHS = b"vdsk"                          # our own creator for CHS-exact images
 CREATOR_VERSION = 0x000A0000
-LOCATOR_SLOT = 1024
 BITMAP_CACHE = 4096                            # clean bitmaps kept in memory
 
 
@@ -546,15 +545,7 @@ def create_vhd(file: ImageFile, size: int, subtype: str, *, block_size: Optional
     locator_blobs = []
     if parent is not None:
         ppath = os.path.abspath(parent_path)
-        rel = os.path.relpath(ppath, os.path.dirname(os.path.abspath(file.path)))
-        rel_win = (".\\" + rel.replace("/", "\\")) if not rel.startswith("..") else rel.replace("/", "\\")
-        for code, text in ((PLAT_W2RU, rel_win), (PLAT_W2KU, ppath.replace("/", "\\"))):
-            blob = text.encode("utf-16-le")
-            space = max(LOCATOR_SLOT, -(-len(blob) // SECTOR) * SECTOR)
-            locators.append(dict(platform_code=code, platform_data_space=space, platform_data_length=len(blob),
-                                 reserved=0, platform_data_offset=end))
-            locator_blobs.append((end, blob))
-            end += space
+        locators, locator_blobs, end = new_locators(ppath, file.path, end)
         name = os.path.basename(ppath).encode("utf-16-be")[:512]
         parent_fields = dict(parent_unique_id=parent_id_bytes(parent),
                              parent_timestamp=max(0, int(os.stat(ppath).st_mtime) - VHD_EPOCH) & 0xFFFFFFFF,

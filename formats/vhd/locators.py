@@ -15,6 +15,8 @@ from ..base import SECTOR, ParentHint
 from .structs import (HEADER_CHECKSUM_OFFSET, LOCATOR_OFFSET, LOCATOR_SIZE, PLAT_MAC, PLAT_MACX, PLAT_W2KU,
                       PLAT_W2RU, PLAT_WI2K, PLAT_WI2R, VHD_EPOCH, DynamicHeader, with_checksum)
 
+#: the room a new locator's data gets (Hyper-V and Virtual PC reserve one 1 KiB slot)
+LOCATOR_SLOT = 1024
 RELATIVE = {PLAT_W2RU, PLAT_WI2R}
 ABSOLUTE = {PLAT_W2KU, PLAT_WI2K}
 CODE_NAMES = {PLAT_W2RU: "W2ru", PLAT_W2KU: "W2ku", PLAT_WI2R: "Wi2r", PLAT_WI2K: "Wi2k", PLAT_MACX: "MacX",
@@ -145,6 +147,20 @@ def _decode(code: int, data: bytes) -> str:
     return data.decode(enc, "replace").rstrip("\0")
 
 
+def new_locators(parent_path: str, child_path: str, at: int) -> tuple[list[dict], list[tuple[int, bytes]], int]:
+    """The W2ru and W2ku locators a new child at *child_path* gets for its parent, their data
+    placed from file offset *at*: (entries, (offset, data) pieces, end of the data)."""
+    entries, blobs = [], []
+    for code in (PLAT_W2RU, PLAT_W2KU):
+        blob = _blob(code, parent_path, child_path)
+        space = max(LOCATOR_SLOT, -(-len(blob) // SECTOR) * SECTOR)
+        entries.append(dict(platform_code=code, platform_data_space=space, platform_data_length=len(blob),
+                            reserved=0, platform_data_offset=at))
+        blobs.append((at, blob))
+        at += space
+    return entries, blobs, at
+
+
 def link_writes(layer, parent_path: str, parent_id: bytes, end: int) -> tuple[list[tuple[int, bytes]], int, list[str]]:
     """Writes that make the VHD *layer* name *parent_path*: (writes, new end of data, changes).
 
@@ -187,7 +203,7 @@ def link_writes(layer, parent_path: str, parent_id: bytes, end: int) -> tuple[li
             writes.append((at, blob + bytes(min(space, -(-len(blob) // SECTOR) * SECTOR) - len(blob))))
         else:
             at = end
-            space = max(1024, -(-len(blob) // SECTOR) * SECTOR)
+            space = max(LOCATOR_SLOT, -(-len(blob) // SECTOR) * SECTOR)
             writes.append((at, blob.ljust(space, b"\0")))
             end += space
         changes.append(f"rewrite {CODE_NAMES[code]} locator {i}: {_decode(code, old)!r} -> {_decode(code, blob)!r}")
