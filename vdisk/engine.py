@@ -275,9 +275,9 @@ class Engine:
                 elif e >= 0 or not top.sector_granular:
                     self._write_block(b, pos - bstart, memoryview(bytes(n)))
                 else:
-                    self._zero_unallocated_vhd(b, pos - bstart, n)
+                    self._zero_unallocated_sectors(b, pos - bstart, n)
 
-    def _zero_unallocated_vhd(self, b: int, in_off: int, n: int) -> None:
+    def _zero_unallocated_sectors(self, b: int, in_off: int, n: int) -> None:
         """Differencing VHD block with no storage: allocate it sparse, marking the range present."""
         bstart = b * self.top.block_size
         if self.below_is_zero(bstart + in_off, n):
@@ -300,7 +300,7 @@ class Engine:
             for b, bstart, pos, stop in self._blocks(offset, length):
                 whole = pos == bstart and stop == min(bstart + bs, self.size)
                 e = int(top.block_map[b])
-                if not (whole and e >= 0 and len(self.layers) == 1 and top.subtype != "fixed" and top.deallocate(b)):
+                if not (whole and e >= 0 and len(self.layers) == 1 and not top.preallocated and top.deallocate(b)):
                     self.write_zeroes(pos, stop - pos)
 
     def flush(self) -> None:
