@@ -17,13 +17,13 @@ import numpy as np
 
 from vdisk.errors import FormatError, ParentError, UnsupportedError, VDiskError
 from vdisk.io import ImageFile
-from ..base import ZERO, Layer
+from ..base import Layer
 from ..driver import Driver
 from ..maintenance import LinkPlan, ResizePlan, SparseLayout
 from . import check, resize
 from .image import (DEFAULT_BLOCK_SIZE, MAX_BLOCKS, MAX_VIRTUAL_SIZE, NULL_UUID, VdiLayer, create_vdi,
-                    identity_from, is_vdi, new_file_size, open_vdi, vdi_remnant, vdi_signature_problem)
-from .structs import BLOCK_FREE, BLOCK_ZERO, PRE_HEADER_SIZE
+                    encode_map, identity_from, is_vdi, new_file_size, open_vdi, vdi_remnant, vdi_signature_problem)
+from .structs import PRE_HEADER_SIZE
 
 __all__ = ["DRIVER", "DEFAULT_BLOCK_SIZE", "MAX_BLOCKS", "MAX_VIRTUAL_SIZE", "VdiLayer", "create_vdi",
            "is_vdi", "new_file_size", "open_vdi"]
@@ -124,12 +124,7 @@ class VdiDriver(Driver):
         entries = len(layer.block_map)
 
         def encode(block_map: np.ndarray) -> bytes:
-            bm = block_map[:entries]
-            out = np.full(entries, BLOCK_FREE, dtype="<u4")
-            alloc = bm >= 0
-            out[alloc] = (bm[alloc] - skip - data) // unit
-            out[bm == ZERO] = BLOCK_ZERO
-            return out.tobytes()
+            return encode_map(block_map[:entries], skip, data, unit).tobytes()
 
         def count_writes(used: int) -> list[tuple[int, bytes]]:
             layer.header.update(blocks_allocated=used)

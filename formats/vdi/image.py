@@ -49,6 +49,16 @@ def _align(value: int, to: int) -> int:
     return -(-value // to) * to
 
 
+def encode_map(block_map: np.ndarray, block_extra: int, offset_data: int, slot_size: int) -> np.ndarray:
+    """The little-endian block map for a Layer block map (file offsets of the blocks' data;
+    ABSENT free, ZERO zero): slot numbers counted from *offset_data*."""
+    out = np.full(len(block_map), BLOCK_FREE, dtype="<u4")
+    alloc = block_map >= 0
+    out[alloc] = (block_map[alloc] - block_extra - offset_data) // slot_size
+    out[block_map == ZERO] = BLOCK_ZERO
+    return out
+
+
 class VdiLayer(Layer):
     def __init__(self, header: dict, header_raw_len: int, version: int, **kw):
         super().__init__(**kw)
@@ -183,12 +193,7 @@ class VdiLayer(Layer):
             return True
 
     def map_entries(self) -> np.ndarray:
-        bm = self.block_map
-        out = np.full(len(bm), BLOCK_FREE, dtype="<u4")
-        alloc = bm >= 0
-        out[alloc] = (bm[alloc] - self.block_extra - self.offset_data) // self.slot_size
-        out[bm == ZERO] = BLOCK_ZERO
-        return out
+        return encode_map(self.block_map, self.block_extra, self.offset_data, self.slot_size)
 
     def header_bytes(self) -> bytes:
         h = dict(self.header)

@@ -5,9 +5,8 @@ import numpy as np
 
 from vdisk import limits
 from vdisk.errors import UnsupportedError
-from ..base import ZERO
 from ..maintenance import ResizePlan, read_block
-from .image import MAX_BLOCKS, MAX_VIRTUAL_SIZE
+from .image import MAX_BLOCKS, MAX_VIRTUAL_SIZE, encode_map
 from .structs import PRE_HEADER_SIZE
 
 
@@ -57,10 +56,7 @@ def resize_plan(layer, new_size: int) -> ResizePlan:
         raise UnsupportedError(f"{layer.path}: cannot shrink this fixed VDI: its kept blocks are not in the first slots")
     used = int(alloc.sum())
     top = int(slots.max()) + 1 if used else 0
-    entries = np.full(new_n, 0xFFFFFFFF, dtype="<u4")
-    entries[alloc] = slots
-    entries[block_map == ZERO] = 0xFFFFFFFE
-    table = entries.tobytes()
+    table = encode_map(block_map, layer.block_extra, new_od, unit).tobytes()
     if new_n < old_n:
         table += b"\xff" * (4 * (old_n - new_n))              # cut entries read as free
     header = dict(layer.header)

@@ -19,10 +19,10 @@ from ..driver import Driver
 from ..maintenance import LinkPlan, ResizePlan, SparseLayout
 from . import check, locators, resize
 from .image import (DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, MAX_DYNAMIC_SIZE, SparseVhdLayer, FixedVhdLayer,
-                    bitmap_used_bytes, create_vhd, is_vhd, new_file_size, open_vhd, parent_id_bytes, plan_size,
+                    bitmap_used_bytes, create_vhd, encode_bat, is_vhd, new_file_size, open_vhd, parent_id_bytes, plan_size,
                     vhd_remnant)
 from .locators import LocatorExtent, locator_extents, locator_space_bytes
-from .structs import BAT_UNUSED, FOOTER_COOKIE, FOOTER_FIELD_OFFSETS, FOOTER_SIZE, HEADER_SIZE, Footer
+from .structs import FOOTER_COOKIE, FOOTER_FIELD_OFFSETS, FOOTER_SIZE, HEADER_SIZE, Footer
 
 __all__ = ["DRIVER", "DEFAULT_BLOCK_SIZE", "MAX_BLOCK_SIZE", "MAX_DYNAMIC_SIZE", "SparseVhdLayer",
            "FixedVhdLayer", "LocatorExtent", "bitmap_used_bytes", "create_vhd", "is_vhd",
@@ -117,11 +117,7 @@ class VhdDriver(Driver):
         regions += [(e.start, e.end) for e in layer.locator_extents()]
 
         def encode(block_map: np.ndarray) -> bytes:
-            bm = block_map[:entries]
-            out = np.full(entries, BAT_UNUSED, dtype=">u4")
-            alloc = bm >= 0
-            out[:len(bm)][alloc] = (bm[alloc] - skip) // SECTOR
-            return out.tobytes()
+            return encode_bat(block_map, entries, skip)
 
         return SparseLayout(skip=skip, unit=skip + layer.block_size, table_offset=layer.bat_offset,
                             entries=entries, table_len=table_len,

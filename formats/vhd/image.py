@@ -46,6 +46,17 @@ def _bitmap_bytes(block_size: int) -> int:
     return -(-bitmap_used_bytes(block_size) // SECTOR) * SECTOR
 
 
+def encode_bat(block_map: np.ndarray, entries: int, bitmap_bytes: int) -> bytes:
+    """The BAT of *entries* big-endian sector numbers for a block map (file offsets of the
+    blocks' data, negative where unallocated): each entry points at the block's sector bitmap."""
+    out = np.full(entries, BAT_UNUSED, dtype=">u4")
+    n = min(len(block_map), entries)
+    bm = block_map[:n]
+    alloc = bm >= 0
+    out[:n][alloc] = (bm[alloc] - bitmap_bytes) // SECTOR
+    return out.tobytes()
+
+
 def is_vhd(head: bytes, tail: bytes) -> bool:
     return tail[-512:-504] == FOOTER_COOKIE or tail[-511:-503] == FOOTER_COOKIE or head[:8] == FOOTER_COOKIE
 
@@ -238,12 +249,7 @@ class SparseVhdLayer(Layer):
 
     # -- persistence --------------------------------------------------------------------------
     def bat_bytes(self) -> bytes:
-        entries = np.full(self.bat_entries, BAT_UNUSED, dtype=">u4")
-        n = min(len(self.block_map), self.bat_entries)
-        bm = self.block_map[:n]
-        alloc = bm >= 0
-        entries[:n][alloc] = (bm[alloc] - self.bitmap_bytes) // SECTOR
-        return entries.tobytes()
+        return encode_bat(self.block_map, self.bat_entries, self.bitmap_bytes)
 
     def flush(self) -> None:
         with self._lock:

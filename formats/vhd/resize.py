@@ -7,8 +7,8 @@ from vdisk import limits
 from vdisk.errors import UnsupportedError
 from ..base import SECTOR
 from ..maintenance import ResizePlan, SparseLayout, read_block, read_exact
-from .image import MAX_DYNAMIC_SIZE, plan_size
-from .structs import BAT_UNUSED, FOOTER_CHECKSUM_OFFSET, HEADER_CHECKSUM_OFFSET, DynamicHeader, Footer, with_checksum
+from .image import MAX_DYNAMIC_SIZE, encode_bat, plan_size
+from .structs import FOOTER_CHECKSUM_OFFSET, HEADER_CHECKSUM_OFFSET, DynamicHeader, Footer, with_checksum
 
 
 def _vhd_footer(raw: bytes, new_size: int) -> bytes:
@@ -78,12 +78,9 @@ def dynamic_plan(layer, new_size: int, sf: SparseLayout) -> ResizePlan:
     h["max_table_entries"] = new_n
     h["checksum"] = 0
     header = with_checksum(DynamicHeader.build(h), HEADER_CHECKSUM_OFFSET)
-    table = np.full(-(-4 * new_n // SECTOR) * SECTOR // 4, BAT_UNUSED, dtype=">u4")
-    bm = block_map[:new_n]
-    alloc = bm >= 0
-    table[:new_n][alloc] = (bm[alloc] - sf.skip) // SECTOR
+    table = encode_bat(block_map, -(-4 * new_n // SECTOR) * SECTOR // 4, sf.skip)   # padded to whole sectors
     footer = _vhd_footer(layer.footer_raw, new_size)
-    writes = [(toff, table.tobytes()), (layer.header_offset, header), (0, footer)]
+    writes = [(toff, table), (layer.header_offset, header), (0, footer)]
     if end > layer.footer_offset:
         return ResizePlan(moves=writes_beyond, writes=writes + [(end, footer)], final_size=end + SECTOR,
                           moved_blocks=moved)
