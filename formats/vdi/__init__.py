@@ -20,7 +20,6 @@ from vdisk.io import ImageFile
 from ..base import Layer
 from ..driver import Driver
 from ..maintenance import LinkPlan, ResizePlan, SparseLayout
-from . import check, resize
 from .image import (DEFAULT_BLOCK_SIZE, MAX_BLOCKS, MAX_VIRTUAL_SIZE, NULL_UUID, VdiLayer, create_vdi,
                     encode_map, identity_from, is_vdi, new_file_size, open_vdi, vdi_remnant, vdi_signature_problem)
 from .structs import PRE_HEADER_SIZE
@@ -112,9 +111,14 @@ class VdiDriver(Driver):
                               f"expected {uuidlib.UUID(bytes_le=want)})")
 
     # -- maintenance ---------------------------------------------------------------------------
-    repair_messages = check.REPAIRS
+    # The check and resize modules load when asked for: opening an image needs neither.
+    @property
+    def repair_messages(self) -> dict[str, str]:
+        from .check import REPAIRS
+        return REPAIRS
 
     def check(self, file: ImageFile, report, plan) -> None:
+        from . import check
         check.check(file, report, plan)
 
     def sparse_layout(self, layer: Layer) -> SparseLayout:
@@ -136,6 +140,7 @@ class VdiDriver(Driver):
                             count_writes=count_writes)
 
     def resize_plan(self, layer: Layer, new_size: int) -> ResizePlan:
+        from . import resize
         return resize.resize_plan(layer, new_size)
 
     def link_writes(self, layer: Layer, parent_path: str, parent: Layer, *, apply: bool,

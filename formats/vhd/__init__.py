@@ -17,7 +17,7 @@ from vdisk.io import ImageFile
 from ..base import SECTOR, Layer
 from ..driver import Driver
 from ..maintenance import LinkPlan, ResizePlan, SparseLayout
-from . import check, locators, resize
+from . import locators
 from .image import (DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, MAX_DYNAMIC_SIZE, SparseVhdLayer, FixedVhdLayer,
                     bitmap_used_bytes, create_vhd, encode_bat, is_vhd, new_file_size, open_vhd, parent_id_bytes, plan_size,
                     vhd_remnant)
@@ -97,9 +97,14 @@ class VhdDriver(Driver):
         return None if child.parent_id is None else uuidlib.UUID(bytes=child.parent_id)
 
     # -- maintenance ---------------------------------------------------------------------------
-    repair_messages = check.REPAIRS
+    # The check and resize modules load when asked for: opening an image needs neither.
+    @property
+    def repair_messages(self) -> dict[str, str]:
+        from .check import REPAIRS
+        return REPAIRS
 
     def check(self, file: ImageFile, report, plan) -> None:
+        from . import check
         check.check(file, report, plan)
 
     def sparse_layout(self, layer: Layer) -> SparseLayout:
@@ -126,6 +131,7 @@ class VhdDriver(Driver):
                             trailer=bytes(layer.footer_raw))
 
     def resize_plan(self, layer: Layer, new_size: int) -> ResizePlan:
+        from . import resize
         if isinstance(layer, SparseVhdLayer):
             return resize.dynamic_plan(layer, new_size, self.sparse_layout(layer))
         return resize.fixed_plan(layer, new_size)
