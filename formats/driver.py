@@ -127,6 +127,29 @@ class Driver:
         """(path, how it was found) of each file that may be *child*'s parent, best first."""
         return ()
 
+    def hint_candidates(self, child: "Layer", search: Sequence[str]) -> Iterable[tuple[str, str]]:
+        """Candidates from the paths a child stores (Layer.parent_hints): relative ones (from
+        the child's folder), then absolute ones, then the stored file name beside the child and
+        in each search folder. What VHD and VHDX locators give."""
+        here = os.path.dirname(os.path.abspath(child.path))
+        names = []
+        for hint in child.parent_hints:
+            if hint.kind == "relative":
+                yield os.path.normpath(os.path.join(here, hint.path)), f"relative locator '{hint.path}'"
+            elif hint.kind == "absolute":
+                yield hint.path, f"absolute locator '{hint.path}'"
+            names.append(os.path.basename(hint.path))
+        for hint in child.parent_hints:
+            if hint.kind == "name":
+                yield os.path.join(here, hint.path), "parent name beside the child"
+        for d in search:
+            for name in dict.fromkeys(names):
+                yield os.path.join(d, name), f"search folder {d}"
+
+    def matches_parent(self, child: "Layer", parent: "Layer") -> bool:
+        """Whether *parent* has the identity *child* records for its parent."""
+        return self.identity(parent) == child.parent_id
+
     def accept_parent(self, child: "Layer", parent: "Layer", allow_modified: bool) -> None:
         """Raise ParentError if *parent* (whose identity matched) must not be used under *child*."""
 

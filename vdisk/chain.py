@@ -70,7 +70,7 @@ def find_parent(child: Layer, *, parent_search: Sequence[str] = (), vbox_registr
             tried.append(f"{path} ({how}): is {parent.format}, not {child.format}")
             parent.close()
             continue
-        if driver.identity(parent) != child.parent_id:
+        if not driver.matches_parent(child, parent):
             tried.append(f"{path} ({how}): identity {parent.uuid} does not match {_describe_id(child)}")
             parent.close()
             continue

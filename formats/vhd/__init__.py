@@ -6,7 +6,6 @@ below, which is what the generic code talks to.
 """
 from __future__ import annotations
 
-import os
 from typing import Iterable, Optional, Sequence
 import uuid as uuidlib
 
@@ -76,22 +75,7 @@ class VhdDriver(Driver):
 
     def parent_candidates(self, child: Layer, search: Sequence[str],
                           registries: Sequence[str]) -> Iterable[tuple[str, str]]:
-        """Relative locators, then absolute ones, then the stored name beside the child and in
-        each search folder."""
-        here = os.path.dirname(os.path.abspath(child.path))
-        names = []
-        for hint in child.parent_hints:
-            if hint.kind == "relative":
-                yield os.path.normpath(os.path.join(here, hint.path)), f"relative locator '{hint.path}'"
-            elif hint.kind == "absolute":
-                yield hint.path, f"absolute locator '{hint.path}'"
-            names.append(os.path.basename(hint.path))
-        for hint in child.parent_hints:
-            if hint.kind == "name":
-                yield os.path.join(here, hint.path), "parent name beside the child"
-        for d in search:
-            for name in dict.fromkeys(names):
-                yield os.path.join(d, name), f"search folder {d}"
+        return self.hint_candidates(child, search)
 
     def parent_uuid(self, child: Layer) -> Optional[uuidlib.UUID]:
         return None if child.parent_id is None else uuidlib.UUID(bytes=child.parent_id)
