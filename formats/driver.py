@@ -69,8 +69,12 @@ class Driver:
     def open(self, file: "ImageFile", *, writable: bool, size_policy: str = "current") -> "Layer":
         raise UnsupportedError(f"{file.path}: vdisk cannot open {self.name} images")
 
+    #: keyword options of `vdisk.create` only this format takes (e.g. VHDX sector sizes)
+    create_options: tuple[str, ...] = ()
+
     def create(self, file: "ImageFile", size: int, subtype: str, *, block_size: Optional[int],
-               size_policy: str, parent: Optional["Layer"], parent_path: Optional[str]) -> "Layer":
+               size_policy: str, parent: Optional["Layer"], parent_path: Optional[str],
+               **options) -> "Layer":
         raise UnsupportedError(f"{file.path}: vdisk cannot create {self.name} images")
 
     def new_file_size(self, size: int, subtype: str, block_size: Optional[int], blocks_stored: int) -> int:

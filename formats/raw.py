@@ -62,7 +62,7 @@ class RawDriver(Driver):
         return open_raw(file)
 
     def create(self, file: ImageFile, size: int, subtype: str, *, block_size: Optional[int],
-               size_policy: str, parent: Optional[Layer], parent_path: Optional[str]) -> Layer:
+               size_policy: str, parent: Optional[Layer], parent_path: Optional[str], **options) -> Layer:
         if parent is not None:
             raise UnsupportedError("raw images have no parents")
         return create_raw(file, size)

@@ -255,11 +255,12 @@ def open(path, mode: str = "r", *, parent_search: Sequence[str] = (), vbox_regis
 
 
 def create(path, size: Optional[int] = None, *, format: Optional[str] = None, subtype: str = "dynamic",
-           parent=None, block_size: Optional[int] = None, size_policy: str = "exact") -> Disk:
+           parent=None, block_size: Optional[int] = None, size_policy: str = "exact", **options) -> Disk:
     """Create a new image and return it opened read-write.
 
     ``parent=`` makes a differencing image (its size and, by default, its format are the
     parent's). *format* defaults to "vhd" for a base image. The file must not exist.
+    *options* are those only one format takes (its driver's ``create_options``).
     """
     path = os.fspath(path)
     if format is None:
@@ -267,6 +268,9 @@ def create(path, size: Optional[int] = None, *, format: Optional[str] = None, su
     if format not in registry.NAMES:
         raise ValueError(f"format must be one of {', '.join(map(repr, registry.NAMES))}, not {format!r}")
     driver = registry.driver(format)
+    unknown = sorted(set(options) - set(driver.create_options))
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)}: not an option of {format} images")
     parent_layer = None
     if parent is not None:
         parent = os.fspath(parent)
@@ -291,7 +295,7 @@ def create(path, size: Optional[int] = None, *, format: Optional[str] = None, su
     file = ImageFile(path, create=True)
     try:
         layer = driver.create(file, size, subtype, block_size=block_size, size_policy=size_policy,
-                              parent=parent_layer, parent_path=parent)
+                              parent=parent_layer, parent_path=parent, **options)
     except BaseException:
         file.close()
         if parent_layer is not None:

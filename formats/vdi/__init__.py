@@ -61,7 +61,7 @@ class VdiDriver(Driver):
         return open_vdi(file, strict=writable)
 
     def create(self, file: ImageFile, size: int, subtype: str, *, block_size: Optional[int],
-               size_policy: str, parent: Optional[Layer], parent_path: Optional[str]) -> Layer:
+               size_policy: str, parent: Optional[Layer], parent_path: Optional[str], **options) -> Layer:
         return create_vdi(file, size, subtype, block_size=block_size, parent=parent)
 
     def new_file_size(self, size: int, subtype: str, block_size: Optional[int], blocks_stored: int) -> int:

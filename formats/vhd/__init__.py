@@ -56,7 +56,7 @@ class VhdDriver(Driver):
         return open_vhd(file, size_policy=size_policy, strict_checksums=writable)
 
     def create(self, file: ImageFile, size: int, subtype: str, *, block_size: Optional[int],
-               size_policy: str, parent: Optional[Layer], parent_path: Optional[str]) -> Layer:
+               size_policy: str, parent: Optional[Layer], parent_path: Optional[str], **options) -> Layer:
         return create_vhd(file, size, subtype, block_size=block_size, size_policy=size_policy,
                           parent=parent, parent_path=parent_path)
 
