@@ -93,6 +93,11 @@ class FakeDisk:
         return bytes(buf)
 
     @property
+    def reads(self) -> int:
+        """How many reads were asked for."""
+        return sum(1 for c in self.calls if c[0] == "read")
+
+    @property
     def data(self) -> bytes:
         """The whole content (immutable: change it with fill or the protocol)."""
         return self.content()
