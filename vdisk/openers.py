@@ -12,21 +12,19 @@ in the order of :data:`STEPS`:
   copy-on-write filter, so every writer that goes through vdisk keeps the shadows intact.
 
 A step's ``before`` may adjust the request or answer it with a device of its own (the pipeline
-ends there); its ``after`` may wrap the device the core opened. Steps import their packages only
-when they run, so opening a plain image loads none of them and nothing here is imported by the
-core.
+ends there); its ``after`` may wrap the device the core opened. Steps import their packages when
+they run; the core imports nothing from here (tests/test_layering.py).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, cast
+from typing import Any, Callable, Optional, Sequence, cast
 
 from .blockdev import BlockDevice
+from .disk import Disk, check_open_args
+from .disk import open as open_image_chain
 from .errors import ReadOnlyError
-
-if TYPE_CHECKING:
-    from .disk import Disk
 
 
 @dataclass
@@ -73,7 +71,7 @@ def _wrap_shadows(device: BlockDevice, req: OpenRequest) -> BlockDevice:
     from .shadow import has_shadows, wrap_writable
     if not has_shadows(req.path):
         return device
-    return cast(BlockDevice, wrap_writable(cast("Disk", device)))
+    return cast(BlockDevice, wrap_writable(cast(Disk, device)))
 
 
 #: The pipeline, in order. The core's chain open runs between the ``before`` and ``after`` hooks.
@@ -86,7 +84,7 @@ STEPS: list[Step] = [
 
 def open(path, mode: str = "r", *, parent_search: Sequence[str] = (), vbox_registry=None,
          size_policy: str = "current", format: Optional[str] = None, parent: Optional[str] = None,
-         allow_parent_modified: bool = False) -> "Disk":
+         allow_parent_modified: bool = False) -> Disk:
     """Open an image (and its parents) as a :class:`vdisk.Disk`.
 
     mode "r" (shared lock) or "r+" (exclusive lock, top image writable). *format* forces the
@@ -94,7 +92,6 @@ def open(path, mode: str = "r", *, parent_search: Sequence[str] = (), vbox_regis
     opens read-only; a writable image with shadow copies comes back as a
     :class:`vdisk.shadow.ShadowedDisk`, which offers the same methods (see :data:`STEPS`).
     """
-    from .disk import check_open_args, open as open_chain_disk
     writable = check_open_args(mode, size_policy)
     req = OpenRequest(os.fspath(path), mode, writable, format, tuple(parent_search),
                       dict(vbox_registry=vbox_registry, size_policy=size_policy, parent=parent,
@@ -103,15 +100,15 @@ def open(path, mode: str = "r", *, parent_search: Sequence[str] = (), vbox_regis
         if step.before is not None:
             answer = step.before(req)
             if answer is not None:
-                return cast("Disk", answer)
-    device: BlockDevice = open_chain_disk(req.path, req.mode, format=req.format,
-                                          parent_search=req.parent_search, **req.options)
+                return cast(Disk, answer)
+    device: BlockDevice = open_image_chain(req.path, req.mode, format=req.format,
+                                           parent_search=req.parent_search, **req.options)
     for step in STEPS:
         if step.after is not None:
             try:
                 device = step.after(device, req)
             except BaseException:
-                cast("Disk", device).close()
+                cast(Disk, device).close()
                 raise
     # A wrapper offers every public Disk method; callers keep the one type they know.
-    return cast("Disk", device)
+    return cast(Disk, device)
