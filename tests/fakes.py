@@ -12,11 +12,12 @@ tests need to set a disk up and look inside it:
 - extents with :class:`ExtentKind` members: DATA (layer 0) where a block holds content, ZERO
   (layer 0) where ``write_zeroes`` marked a whole block, UNALLOCATED (layer None) elsewhere;
   neighbours of one kind merged;
-- fault hooks: :meth:`fail` makes requests of some kind touching a range raise, before anything
-  changes; ``aligned=True`` refuses writes, zeroings and discards that are not whole logical
+- fault hooks: :meth:`fail` makes requests of some kind (a protocol method's name) touching a
+  range raise, before anything changes; ``aligned=True`` refuses writes, zeroings and discards that are not whole logical
   sectors (a device must never send them);
-- a record of what was asked: ``calls`` (every request), ``writes``, ``zeroes``, ``discards``
-  ((offset, length) of each that succeeded) and ``flushes`` (a count).
+- a record of what was asked: ``calls`` (every request, as (method, offset, length)), ``writes``,
+  ``zeroes``, ``discards`` ((offset, length) of each that succeeded), ``flushes`` and ``reads``
+  (counts).
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from typing import Callable, Optional
 from vdisk.blockdev import Extent, ExtentKind
 from vdisk.errors import RangeError, ReadOnlyError, VDiskError
 
-OPS = ("read", "write", "zeroes", "discard", "flush")
+#: What :meth:`FakeDisk.fail` can make fail, and the names ``calls`` records: the protocol's methods.
+OPS = ("readinto", "pwrite", "write_zeroes", "discard", "extents", "flush")
 
 
 class FakeDisk:
@@ -95,7 +97,7 @@ class FakeDisk:
     @property
     def reads(self) -> int:
         """How many reads were asked for."""
-        return sum(1 for c in self.calls if c[0] == "read")
+        return sum(1 for c in self.calls if c[0] == "readinto")
 
     @property
     def data(self) -> bytes:
@@ -131,7 +133,7 @@ class FakeDisk:
     def readinto(self, buffer, offset: int) -> int:
         view = memoryview(buffer).cast("B")
         n = len(view)
-        self._request("read", offset, n)
+        self._request("readinto", offset, n)
         with self.lock:
             self._load(view, offset)
         return n
@@ -139,14 +141,14 @@ class FakeDisk:
     def pwrite(self, data, offset: int) -> int:
         data = bytes(data)
         n = len(data)
-        self._request("write", offset, n, changes=True)
+        self._request("pwrite", offset, n, changes=True)
         with self.lock:
             self._store(offset, data)
         self.writes.append((offset, n))
         return n
 
     def write_zeroes(self, offset: int, length: int, *, keep_allocated: bool = False) -> None:
-        self._request("zeroes", offset, length, changes=True)
+        self._request("write_zeroes", offset, length, changes=True)
         with self.lock:
             self._clear(offset, length, ExtentKind.DATA if keep_allocated else ExtentKind.ZERO)
         self.zeroes.append((offset, length))
@@ -161,8 +163,7 @@ class FakeDisk:
     def extents(self, offset: int = 0, length: Optional[int] = None) -> list[Extent]:
         if length is None:
             length = self.size - offset
-        self._range(offset, length)
-        self.calls.append(("extents", offset, length))
+        self._request("extents", offset, length)
         out: list[Extent] = []
         bs, end = self.block_size, offset + length
         with self.lock:

@@ -88,13 +88,13 @@ def cmd(op, **kw):
 
 def bad_read(*lbas):
     def setup(ata, disk):
-        bad_sectors(disk, "read", *lbas)
+        bad_sectors(disk, "readinto", *lbas)
     return setup
 
 
 def bad_write(*lbas):
     def setup(ata, disk):
-        bad_sectors(disk, "write", *lbas)
+        bad_sectors(disk, "pwrite", *lbas)
     return setup
 
 
@@ -643,7 +643,7 @@ def test_dma_abort():
 
 def test_dma_read_error_mid_transfer():
     ata, disk = make()
-    bad_sectors(disk, "read", 1003)
+    bad_sectors(disk, "readinto", 1003)
     lba28_regs(ata, 1000, 8)
     ata.write_register(REG_COMMAND, 0xC8)
     got = ata.dma_in(1024)

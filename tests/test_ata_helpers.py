@@ -2,8 +2,8 @@
 
 :func:`ata_disk` is the shared test fake (tests/fakes.py) set up as the ATA tests want it: sectors
 never written read as :func:`pattern` (so a read shows which sectors it came from), no path unless
-given, and writes that are not whole sectors refused. Faults: ``disk.fail("read", ...)`` and
-friends; what happened: ``disk.writes``, ``disk.discards``, ``disk.flushes``.
+given, and writes that are not whole sectors refused. Faults: :func:`bad_sectors` or
+``disk.fail("flush")``; what happened: ``disk.writes``, ``disk.discards``, ``disk.flushes``.
 """
 from __future__ import annotations
 
@@ -40,9 +40,10 @@ def sectors(disk: FakeDisk, lba: int, n: int) -> bytes:
 
 
 def bad_sectors(disk: FakeDisk, op: str, *lbas: int) -> None:
-    """Sectors that fail to read (EIO) or write (a VDiskError), like a disk with bad sectors."""
+    """Sectors that fail to read (*op* "readinto": EIO) or write ("pwrite": a VDiskError), like a
+    disk with bad sectors."""
     for lba in lbas:
-        disk.fail(op, lba * SECTOR, SECTOR, VDiskError("injected write error") if op == "write" else None)
+        disk.fail(op, lba * SECTOR, SECTOR, VDiskError("injected write error") if op == "pwrite" else None)
 
 
 def dsm_ranges(*ranges: tuple[int, int], blocks: int = 1) -> bytes:

@@ -294,3 +294,29 @@ def test_flush_keeps_what_was_written(writable):
     assert writable.dev.flush() is None
     writable.dev.flush()
     assert_holds(writable)
+
+
+# -- the fake's own hooks (what device tests lean on) ---------------------------------------------
+def test_the_fakes_faults_fire_before_anything_changes_and_only_where_asked():
+    d = FakeDisk(SIZE, block_size=BLOCK)
+    d.fail("pwrite", BLOCK, 512, vdisk.VDiskError("bad sector"))
+    with pytest.raises(vdisk.VDiskError, match="bad sector"):
+        d.pwrite(b"x" * 1024, BLOCK - 512)                    # touches the bad range
+    assert d.content(BLOCK - 512, 1024) == bytes(1024) and d.writes == []
+    d.pwrite(b"y" * 512, BLOCK - 512)                         # next to it: fine
+    d.fail("flush")
+    with pytest.raises(OSError):
+        d.flush()
+    assert d.flushes == 0
+    d.heal()
+    d.flush()
+    assert d.flushes == 1 and [c[0] for c in d.calls] == ["pwrite", "pwrite", "flush", "flush"]
+
+
+def test_an_aligned_fake_refuses_partial_sectors():
+    d = FakeDisk(SIZE, logical_sector_size=4096, aligned=True)
+    for change in (lambda: d.pwrite(bytes(512), 0), lambda: d.write_zeroes(4096, 100), lambda: d.discard(512, 4096)):
+        with pytest.raises(vdisk.RangeError, match="whole 4096-byte sectors"):
+            change()
+    d.pwrite(bytes(8192), 4096)
+    assert d.writes == [(4096, 8192)]

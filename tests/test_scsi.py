@@ -334,7 +334,7 @@ def test_dpofua_is_advertised(lu):
 
 def test_medium_error_reports_the_first_failing_lba():
     failing = FakeDisk(SIZE)                # blocks 37-39 unreadable and unwritable, like bad sectors
-    failing.fail(("read", "write"), 37 * 512, 3 * 512, vdisk.VDiskError("simulated I/O error"))
+    failing.fail(("readinto", "pwrite"), 37 * 512, 3 * 512, vdisk.VDiskError("simulated I/O error"))
     lu = ScsiDisk(failing)
     res = lu.execute(read16(30, 16))
     assert sense_of(res) == (3, 0x11, 0)
@@ -632,7 +632,7 @@ def test_report_supported_opcodes(lu):
 
 def test_an_internal_failure_is_a_check_condition_not_an_exception():
     broken = FakeDisk(SIZE)                 # reads fail with something that is no VDiskError (a bug)
-    broken.fail("read", error=ZeroDivisionError("bug"))
+    broken.fail("readinto", error=ZeroDivisionError("bug"))
     lu = ScsiDisk(broken)
     assert sense_of(lu.execute(read16(0, 1))) == (4, 0x44, 0)
     assert good(lu.execute(bytes(6))) == b""
