@@ -327,11 +327,11 @@ class ScsiDisk:
         if lba + n > self.blocks:
             raise SenseError(ILLEGAL_REQUEST, ASC_LBA_OUT_OF_RANGE, info=lba)
 
-    def _read_blocks(self, lba: int, n: int) -> bytearray:
+    def _read_blocks(self, lba: int, n: int) -> bytes:
         try:
             buf = bytearray(n << self._shift)
             self.disk.readinto(buf, lba << self._shift)
-            return buf
+            return bytes(buf)
         except (VDiskError, OSError):
             raise SenseError(MEDIUM_ERROR, ASC_UNRECOVERED_READ,
                              info=self._first_bad_block(lba, n)) from None
