@@ -176,7 +176,7 @@ def _daemonize(warn, args: dict) -> int:
     # The daemon owns the extra views now; our copies would only hold their locks after it ends.
     if not callable(args["extra_views"]):
         for view in (args["extra_views"] or {}).values():
-            if getattr(view, "read_only", False):
+            if view.read_only:
                 view.close()
     os.waitpid(child, 0)
     lines, ready_pid, error = _read_status(status_r, READY_TIMEOUT)

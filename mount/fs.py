@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional
 
-from vdisk import ExtentKind
+from vdisk.blockdev import ExtentKind
 from vdisk.errors import RangeError, ReadOnlyError, VDiskError
 
 from .partitions import Partition, read_partitions

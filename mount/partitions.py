@@ -4,7 +4,10 @@
     for p in read_partitions(disk):
         print(p.index, p.start, p.length, p.type, p.name)
 
-Only ``disk.size`` and ``disk.pread(length, offset)`` are used, so any Disk-like object works.
+Only ``size``, ``logical_sector_size`` and ``readinto`` of the :class:`vdisk.blockdev.BlockDevice`
+protocol are used, so any block device works. MBR and EBR addresses count the disk's logical
+sectors (512 bytes, or 4096 for an image made so); GPT is looked for at the disk's own sector
+size first, then the other common one.
 
 Numbering follows Linux, so that ``p5`` here is what the guest calls ``/dev/sda5``: MBR primary
 partitions are numbered by their slot (1-4), logical partitions inside an extended partition from 5
@@ -115,6 +118,7 @@ class _Reader:
     def __init__(self, disk, strict: bool, warn: Optional[Callable[[str], None]]):
         self.disk = disk
         self.size = int(disk.size)
+        self.sector = int(disk.logical_sector_size)      # the unit of MBR/EBR addresses
         self.where = str(getattr(disk, "path", None) or "disk")
         self.strict = strict
         self.warn_fn = warn or log.warning
@@ -132,7 +136,9 @@ class _Reader:
         """Bytes at *offset*, or None when the range is not (wholly) on the disk."""
         if offset < 0 or length < 0 or offset + length > self.size:
             return None
-        return bytes(self.disk.pread(length, offset))
+        buf = bytearray(length)
+        self.disk.readinto(buf, offset)
+        return bytes(buf)
 
     def accept(self, part: Partition, structure: str, offset: int) -> None:
         """Keep *part* unless it is empty, off the disk or overlaps one already kept."""
@@ -221,7 +227,7 @@ def _read_mbr(r: _Reader, entries: list[tuple]) -> None:
         if ptype in MBR_EXTENDED_TYPES:
             extended.append((slot, lba, count))
             continue
-        r.accept(Partition(slot + 1, lba * SECTOR, count * SECTOR, f"0x{ptype:02x}",
+        r.accept(Partition(slot + 1, lba * r.sector, count * r.sector, f"0x{ptype:02x}",
                            bootable=status == 0x80), "MBR", offset)
     number = 5
     visited: set[int] = set()
@@ -231,10 +237,10 @@ def _read_mbr(r: _Reader, entries: list[tuple]) -> None:
 
 def _read_ebr_chain(r: _Reader, slot: int, ext_lba: int, ext_count: int, number: int, visited: set) -> int:
     """Walk one extended partition's chain of EBRs; returns the next free logical number."""
-    ext_end = min(ext_lba + ext_count, r.size // SECTOR)
+    ext_end = min(ext_lba + ext_count, r.size // r.sector)
     cur = ext_lba
     while True:
-        where = cur * SECTOR
+        where = cur * r.sector
         if cur in visited:
             r.problem("EBR", "next_lba", where, f"the chain of logical partitions loops back to sector {cur}; "
                       "the rest of the chain is ignored")
@@ -278,7 +284,7 @@ def _read_ebr_chain(r: _Reader, slot: int, ext_lba: int, ext_count: int, number:
                           f"{start + count - 1}) runs past its extended partition (ends at sector "
                           f"{ext_lba + ext_count - 1}); skipped")
             else:
-                r.accept(Partition(number, start * SECTOR, count * SECTOR, f"0x{ptype:02x}",
+                r.accept(Partition(number, start * r.sector, count * r.sector, f"0x{ptype:02x}",
                                    bootable=status == 0x80, logical=True), "EBR", offset)
             number += 1
         if nxt is None:
@@ -295,7 +301,7 @@ def _find_gpt(r: _Reader, quiet: bool):
     """
     problems: list[tuple] = []
     seen = False
-    for ss in GPT_SECTOR_SIZES:
+    for ss in sorted(GPT_SECTOR_SIZES, key=lambda size: size != r.sector):   # the disk's own first
         total = r.size // ss
         if total < 3:
             continue

@@ -19,7 +19,8 @@ from vdisk.devices.ata import (ABRT, BSY, CTL_HOB, CTL_NIEN, CTL_SRST, DMA_IN, D
                                AtaResult, DmaRequest, chs_address)
 from vdisk.devices.ata_identify import checksum_ok, words
 
-from test_ata_helpers import SECTOR, MemDisk, dsm_ranges, pattern
+from fakes import FakeDisk
+from test_ata_helpers import SECTOR, ata_disk, bad_sectors, dsm_ranges, pattern, sectors
 
 N = 1 << 29                     # sectors: past the LBA28 limit, sparse in memory
 L28 = 0x0FFFFFFF                # LBA28 capacity (sectors)
@@ -28,7 +29,7 @@ OK, FAIL = 0x50, 0x51
 
 def make(sectors: int = N, **disk_kw):
     ata_kw = {k: disk_kw.pop(k) for k in list(disk_kw) if k in ("trim", "max_multiple", "write_cache")}
-    disk = MemDisk(sectors, **disk_kw)
+    disk = ata_disk(sectors, **disk_kw)
     return AtaDisk(disk, serial="TESTSERIAL", model="TEST MODEL", **ata_kw), disk
 
 
@@ -56,7 +57,7 @@ def wdata(n: int, seed: int = 0x5A) -> bytes:
 
 def written(lba: int, n: int, seed: int = 0x5A):
     def check(ata, disk, r):
-        assert disk.content(lba, n) == wdata(n, seed)
+        assert sectors(disk, lba, n) == wdata(n, seed)
     return check
 
 
@@ -87,13 +88,13 @@ def cmd(op, **kw):
 
 def bad_read(*lbas):
     def setup(ata, disk):
-        disk.bad_read.update(lbas)
+        bad_sectors(disk, "readinto", *lbas)
     return setup
 
 
 def bad_write(*lbas):
     def setup(ata, disk):
-        disk.bad_write.update(lbas)
+        bad_sectors(disk, "pwrite", *lbas)
     return setup
 
 
@@ -154,16 +155,16 @@ UNC_CASES = [
     Case("UNC READ VERIFY EXT", 0x42, dict(count=600, lba=(1 << 28)), status=FAIL, error=UNC,
          lba=(1 << 28) + 513, setup=bad_read((1 << 28) + 513)),
     Case("UNC WRITE SECTORS", 0x30, dict(count=10, lba=0, data_out=wdata(10)), status=FAIL, error=UNC, lba=7,
-         setup=bad_write(7), check=lambda a, d, r: d.content(0, 7) == wdata(7)),
+         setup=bad_write(7), check=lambda a, d, r: sectors(d, 0, 7) == wdata(7)),
     Case("UNC WRITE DMA: exact failing sector", 0xCA, dict(count=10, lba=100, data_out=wdata(10)), status=FAIL,
          error=UNC, lba=104, setup=bad_write(104)),
     Case("UNC WRITE DMA EXT", 0x35, dict(count=3, lba=(1 << 35), data_out=wdata(3)), status=FAIL, error=UNC,
          lba=(1 << 35) + 1, disk=dict(sectors=1 << 36), setup=bad_write((1 << 35) + 1)),
     Case("UNC FLUSH CACHE: lowest unflushed LBA", 0xE7, status=FAIL, error=UNC, lba=30,
          setup=chain(cmd(0x30, count=1, lba=50, data_out=wdata(1)), cmd(0x30, count=1, lba=30, data_out=wdata(1)),
-                     lambda a, d: setattr(d, "fail_flush", True))),
+                     lambda a, d: d.fail("flush"))),
     Case("UNC FLUSH CACHE EXT", 0xEA, status=FAIL, error=UNC, lba=0,
-         setup=lambda a, d: setattr(d, "fail_flush", True)),
+         setup=lambda a, d: d.fail("flush")),
 ]
 
 WRITES = [
@@ -218,7 +219,7 @@ def trimmed(*ranges):
     def check(ata, disk, r):
         assert disk.discards == [(lba * SECTOR, n * SECTOR) for lba, n in ranges]
         for lba, n in ranges:
-            assert disk.content(lba, n) == bytes(n * SECTOR)
+            assert sectors(disk, lba, n) == bytes(n * SECTOR)
     return check
 
 
@@ -312,7 +313,7 @@ SET_FEATURES = [
     Case("SET FEATURES write cache on", 0xEF, dict(features=0x02), setup=cmd(0xEF, features=0x82),
          check=ident_word(85, 0x20, 0x20)),
     Case("SET FEATURES write cache off, flush fails", 0xEF, dict(features=0x82), status=FAIL, error=UNC,
-         setup=lambda a, d: setattr(d, "fail_flush", True)),
+         setup=lambda a, d: d.fail("flush")),
     Case("SET FEATURES look-ahead off", 0xEF, dict(features=0x55), check=ident_word(85, 0, 0x40)),
     Case("SET FEATURES look-ahead on", 0xEF, dict(features=0xAA), check=ident_word(85, 0x40, 0x40)),
     Case("SET FEATURES PIO default", 0xEF, dict(features=0x03, count=0x00), check=ident_word(88, 0x003F)),
@@ -548,7 +549,7 @@ def test_pio_write_protocol():
         assert status == (0x58 if sector < 2 else OK)
     for sector in range(3):
         expect = b"".join((0x0100 * sector + i).to_bytes(2, "little") for i in range(256))
-        assert disk.content(500 + sector, 1) == expect
+        assert sectors(disk, 500 + sector, 1) == expect
     ata.write_data(0xFFFF)                                     # ignored: no DRQ
     assert disk.writes == [(500 * 512, 512), (501 * 512, 512), (502 * 512, 512)]
 
@@ -563,7 +564,7 @@ def test_write_multiple_bulk_with_partial_chunks():
     assert disk.writes == []
     assert ata.write_data_bytes(payload[1000:]) == 6 * 512 - 1000
     assert disk.writes == [(8 * 512, 4 * 512), (12 * 512, 2 * 512)]
-    assert disk.content(8, 6) == payload
+    assert sectors(disk, 8, 6) == payload
     assert ata.write_data_bytes(b"\0\0") == 0
     assert ata.read_register(REG_STATUS) == OK
 
@@ -621,12 +622,12 @@ def test_dma_write_in_pieces():
     assert ata.dma_request == DmaRequest(DMA_OUT, 2048)
     payload = wdata(4)
     assert ata.dma_out(payload[:700]) == 700
-    assert disk.content(64, 1) == payload[:512]
+    assert sectors(disk, 64, 1) == payload[:512]
     assert ata.dma_out(payload[700:1800]) == 1100
     assert not ata.irq
     assert ata.dma_out(payload[1800:] + b"extra") == 248       # bytes past the transfer are not taken
     assert ata.irq and ata.dma_request is None
-    assert disk.content(64, 4) == payload
+    assert sectors(disk, 64, 4) == payload
     assert ata.dma_out(b"more") == 0
 
 
@@ -642,7 +643,7 @@ def test_dma_abort():
 
 def test_dma_read_error_mid_transfer():
     ata, disk = make()
-    disk.bad_read.add(1003)
+    bad_sectors(disk, "readinto", 1003)
     lba28_regs(ata, 1000, 8)
     ata.write_register(REG_COMMAND, 0xC8)
     got = ata.dma_in(1024)
@@ -675,7 +676,7 @@ def test_unselected_device_stays_silent():
     assert ata.read_register(REG_ERROR) == 0
     ata.write_register(REG_DEVICE, 0xE0)
     assert ata.read_register(REG_STATUS) == OK    # the command never ran
-    slave = AtaDisk(MemDisk(100), unit=1)
+    slave = AtaDisk(ata_disk(100), unit=1)
     assert not slave.selected and slave.read_alt_status() == 0
     assert slave.execute(0xE5).status == OK and slave.selected
 
@@ -749,11 +750,26 @@ def test_real_image_read_only(tmp_path):
 
 
 def test_disk_refusing_a_write_gives_abrt():
-    disk = MemDisk(100)
+    disk = ata_disk(100)
     ata = AtaDisk(disk, read_only=False)
     disk.read_only = True                              # the image says no after all
     assert ata.execute(0x30, count=1, data_out=bytes(512)).error == ABRT
     assert ata.execute(0x06, features=1, count=1, data_out=dsm_ranges((0, 1))).error == ABRT
+
+
+def test_a_disk_with_4096_byte_logical_sectors_is_refused_clearly():
+    # ATA long logical sectors (IDENTIFY words 106/117-118) are not modelled; 512-byte sectors over
+    # such a disk would put a 4Kn guest's partition table at the wrong LBAs (docs/ata.md).
+    with pytest.raises(vdisk.VDiskError, match=r"^/x/4k\.vhdx: has 4096-byte logical sectors; an ATA disk "
+                                               r"has 512-byte sectors \(export it as a SCSI disk instead\)$"):
+        AtaDisk(FakeDisk(1 << 20, logical_sector_size=4096, path="/x/4k.vhdx"))
+    assert AtaDisk(FakeDisk(1 << 20, logical_sector_size=512)).total_sectors == 2048
+
+
+def test_read_only_is_the_disks_own_unless_the_device_says_so():
+    disk = ata_disk(100, read_only=True)
+    assert AtaDisk(disk).read_only and not AtaDisk(ata_disk(100)).read_only
+    assert AtaDisk(ata_disk(100), read_only=True).read_only
 
 
 def test_closed_image_gives_unc(tmp_path):

@@ -1,13 +1,15 @@
 """Shared helpers for the ATA device tests (no tests here).
 
-MemDisk is a sparse in-memory stand-in for vdisk.Disk with fault injection: sectors that fail to
-read or write, a failing flush, and a count of flushes and discards.
+:func:`ata_disk` is the shared test fake (tests/fakes.py) set up as the ATA tests want it: sectors
+never written read as :func:`pattern` (so a read shows which sectors it came from), no path unless
+given, and writes that are not whole sectors refused. Faults: :func:`bad_sectors` or
+``disk.fail("flush")``; what happened: ``disk.writes``, ``disk.discards``, ``disk.flushes``.
 """
 from __future__ import annotations
 
-import errno
+from vdisk.errors import VDiskError
 
-from vdisk.errors import RangeError, ReadOnlyError, VDiskError
+from fakes import FakeDisk
 
 SECTOR = 512
 
@@ -21,73 +23,27 @@ def pattern(lba: int, n: int = 1) -> bytes:
     return bytes(out)
 
 
-class MemDisk:
-    """A sparse in-memory disk with the Disk API subset AtaDisk uses."""
+def _pattern_bytes(offset: int, length: int) -> bytes:
+    return pattern(offset // SECTOR, length // SECTOR)
 
-    def __init__(self, sectors: int, *, read_only: bool = False, patterned: bool = True, geometry=None,
-                 uuid=None, path=None):
-        self.size = sectors * SECTOR
-        self.read_only = read_only
-        self.patterned = patterned
-        self.geometry = geometry
-        self.uuid = uuid
-        if path is not None:
-            self.path = path
-        self.data: dict[int, bytes] = {}
-        self.bad_read: set[int] = set()
-        self.bad_write: set[int] = set()
-        self.fail_flush = False
-        self.flushes = 0
-        self.discards: list[tuple[int, int]] = []
-        self.writes: list[tuple[int, int]] = []
 
-    def _sector(self, s: int) -> bytes:
-        if s in self.data:
-            return self.data[s]
-        return pattern(s) if self.patterned else bytes(SECTOR)
+def ata_disk(sectors: int, *, patterned: bool = True, path=None, **kw) -> FakeDisk:
+    """A sparse in-memory disk of *sectors* 512-byte sectors (``read_only``, ``geometry``, ``uuid``
+    and ``path`` as FakeDisk takes them)."""
+    return FakeDisk(sectors * SECTOR, block_size=4096, background=_pattern_bytes if patterned else None,
+                    aligned=True, path=path, **kw)
 
-    def pread(self, length: int, offset: int) -> bytes:
-        if offset < 0 or offset + length > self.size:
-            raise RangeError("out of range")
-        first, last = offset // SECTOR, (offset + length - 1) // SECTOR
-        for s in range(first, last + 1):
-            if s in self.bad_read:
-                raise OSError(errno.EIO, "injected read error")
-        out = b"".join(self._sector(s) for s in range(first, last + 1))
-        skip = offset - first * SECTOR
-        return out[skip:skip + length]
 
-    def pwrite(self, data, offset: int) -> int:
-        data = bytes(data)
-        if self.read_only:
-            raise ReadOnlyError("read-only")
-        if offset % SECTOR or len(data) % SECTOR or offset + len(data) > self.size:
-            raise RangeError("bad write")
-        first = offset // SECTOR
-        for i in range(len(data) // SECTOR):
-            if first + i in self.bad_write:
-                raise VDiskError("injected write error")
-        for i in range(len(data) // SECTOR):
-            self.data[first + i] = data[i * SECTOR:(i + 1) * SECTOR]
-        self.writes.append((offset, len(data)))
-        return len(data)
+def sectors(disk: FakeDisk, lba: int, n: int) -> bytes:
+    """What the disk holds in sectors [lba, lba+n)."""
+    return disk.content(lba * SECTOR, n * SECTOR)
 
-    def discard(self, offset: int, length: int) -> None:
-        if self.read_only:
-            raise ReadOnlyError("read-only")
-        if offset + length > self.size:
-            raise RangeError("bad discard")
-        for s in range(offset // SECTOR, (offset + length) // SECTOR):
-            self.data[s] = bytes(SECTOR)
-        self.discards.append((offset, length))
 
-    def flush(self) -> None:
-        if self.fail_flush:
-            raise OSError(errno.EIO, "injected flush error")
-        self.flushes += 1
-
-    def content(self, lba: int, n: int) -> bytes:
-        return b"".join(self._sector(s) for s in range(lba, lba + n))
+def bad_sectors(disk: FakeDisk, op: str, *lbas: int) -> None:
+    """Sectors that fail to read (*op* "readinto": EIO) or write ("pwrite": a VDiskError), like a
+    disk with bad sectors."""
+    for lba in lbas:
+        disk.fail(op, lba * SECTOR, SECTOR, VDiskError("injected write error") if op == "pwrite" else None)
 
 
 def dsm_ranges(*ranges: tuple[int, int], blocks: int = 1) -> bytes:

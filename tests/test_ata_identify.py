@@ -20,7 +20,7 @@ from vdisk.devices.ata_identify import (Geometry, ata_string, checksum_ok, decod
                                         hex_dump, image_geometry, words)
 
 from conftest import FIXTURES
-from test_ata_helpers import MemDisk, pattern
+from test_ata_helpers import ata_disk, pattern
 
 
 def hdparm(block: bytes) -> str:
@@ -135,7 +135,7 @@ def test_vdi_lchs_geometry(tmp_path):
 ])
 def test_geometry_sources(geometry, expect):
     for total in (200_000, 1 << 30):
-        disk = MemDisk(total, geometry=geometry)
+        disk = ata_disk(total, geometry=geometry)
         assert image_geometry(disk, total) == (expect or default_geometry(total))
 
 
@@ -151,7 +151,7 @@ def test_default_geometry(total, expect):
 
 @pytest.mark.judges("hdparm")
 def test_custom_strings_and_settings_reach_hdparm():
-    disk = MemDisk(1 << 20, uuid=uuid.UUID(int=0x1234))
+    disk = ata_disk(1 << 20, uuid=uuid.UUID(int=0x1234))
     ata = AtaDisk(disk, model="Acme Virtual Disk 9000 with a model name longer than forty chars",
                   serial="SN-42", firmware="1.2.3", trim=False, physical_block_size=4096)
     ata.execute(0xEF, features=0x82)            # write cache off
@@ -172,14 +172,14 @@ def test_custom_strings_and_settings_reach_hdparm():
 
 @pytest.mark.judges("hdparm")
 def test_hdparm_notices_a_bad_checksum():
-    block = bytearray(AtaDisk(MemDisk(1000)).identify())
+    block = bytearray(AtaDisk(ata_disk(1000)).identify())
     block[200] ^= 0x10
     assert not checksum_ok(block)
     assert field(hdparm(bytes(block)), "Checksum:").startswith("incorrect")
 
 
 def test_identify_words_directly():
-    disk = MemDisk((1 << 28) + 7, uuid=uuid.UUID("01234567-89ab-cdef-0123-456789abcdef"), path="/x/y/d.vhd")
+    disk = ata_disk((1 << 28) + 7, uuid=uuid.UUID("01234567-89ab-cdef-0123-456789abcdef"), path="/x/y/d.vhd")
     ata = AtaDisk(disk)
     block = ata.identify()
     w = words(block)
@@ -209,7 +209,7 @@ def test_chs_reads_match_lba_reads(tmp_path, source):
         d.pwrite(b"".join(pattern(i) for i in range(0, d.size // 512)), 0)
         disk = d
     else:
-        disk = MemDisk(100_000)
+        disk = ata_disk(100_000)
     ata = AtaDisk(disk)
     if source == "initialize-device-parameters":
         assert ata.execute(0x91, count=17, device=0xA0 | 5).ok   # 6 heads, 17 sectors per track

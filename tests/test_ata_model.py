@@ -23,7 +23,7 @@ import vdisk
 from vdisk.devices.ata import (ABRT, DRQ, IDNF, REG_COMMAND, REG_COUNT, REG_DEVICE, REG_ERROR, REG_FEATURES,
                                REG_LBA_HIGH, REG_LBA_LOW, REG_LBA_MID, REG_STATUS, AtaDisk, chs_address)
 
-from test_ata_helpers import MemDisk, dsm_ranges
+from test_ata_helpers import ata_disk, dsm_ranges
 
 SECTOR = 512
 SECTORS = 4608 + 3                 # crosses VHD (2 MiB) and VDI (1 MiB) blocks, not block-aligned
@@ -40,7 +40,7 @@ READ_COUNTS = st.one_of(st.integers(1, 40), st.integers(1, 600), st.sampled_from
 def open_backend(kind: str, folder: str, content: bytes):
     """A disk holding ``content``: in memory, a base image, or an empty child over a filled base."""
     if kind == "memory":
-        disk = MemDisk(SECTORS, patterned=False)
+        disk = ata_disk(SECTORS, patterned=False)
         disk.pwrite(content, 0)
         return disk
     fmt, sub = kind.split("-")
@@ -157,7 +157,8 @@ class AtaModel(RuleBasedStateMachine):
     def check_image(self, start, n):
         """The backing image itself holds the model's bytes around what a command touched."""
         start, end = max(0, start), min(self.total, start + n)
-        got = self.disk.pread((end - start) * SECTOR, start * SECTOR)
+        got = bytearray((end - start) * SECTOR)
+        self.disk.readinto(got, start * SECTOR)
         assert got == bytes(self.model[start * SECTOR:end * SECTOR])
 
     def usable(self, op, chs_mode):

@@ -29,7 +29,7 @@ import pytest
 
 from vdisk.devices.ata import AtaDisk
 
-from test_ata_helpers import MemDisk
+from test_ata_helpers import ata_disk, sectors
 
 QEMU = "qemu-system-x86_64"
 SECTORS = 8192                    # 4 MiB: QEMU guesses 8/16/63, as does our default derivation
@@ -355,7 +355,7 @@ def test_register_traces_match_qemu(tmp_path, seed):
         theirs = script(qemu, seed)
     finally:
         qemu.close()
-    disk = MemDisk(SECTORS, patterned=False)
+    disk = ata_disk(SECTORS, patterned=False)
     disk.pwrite(bytes(content), 0)
     ours = script(OurIde(AtaDisk(disk, write_cache=True)), seed)
 
@@ -364,4 +364,4 @@ def test_register_traces_match_qemu(tmp_path, seed):
         assert x == y, f"step {i}: ours {x} vs QEMU {y} (previous: {a[max(0, i - 3):i]})"
     assert len(a) == len(b)
     # and the image QEMU wrote equals what our device wrote
-    assert image.read_bytes() == disk.content(0, SECTORS)
+    assert image.read_bytes() == sectors(disk, 0, SECTORS)

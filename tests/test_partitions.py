@@ -6,12 +6,12 @@ sfdisk / sgdisk (independent writers whose own view, ``sfdisk -J``, is the expec
 from __future__ import annotations
 
 import json
-import os
 import struct
 import subprocess
 import time
 import uuid
 import zlib
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -21,35 +21,21 @@ from vdisk.mount.partitions import (GPT_HEADER, MAX_LOGICAL, Partition, Partitio
                                     read_partitions)
 
 from conftest import fixture_image, need
+from fakes import FakeDisk
 
 SECTOR = 512
 LINUX = "0fc63daf-8483-4772-8e79-3d69d8477de4"
 BASIC = "ebd0a0a2-b9e5-4433-87c0-68b6b72699c7"
 
 
-class MemDisk:
-    """The two things read_partitions uses: size and pread."""
-
-    def __init__(self, data, path="mem"):
-        self.data = bytes(data)
-        self.size = len(self.data)
-        self.path = path
-        self.reads = 0
-
-    def pread(self, length, offset):
-        self.reads += 1
-        assert 0 <= offset and offset + length <= self.size, "read outside the disk"
-        return self.data[offset:offset + length]
+def mem_disk(data, path="mem", **kw) -> FakeDisk:
+    """A disk holding *data* (read_partitions uses size, logical_sector_size and readinto)."""
+    return FakeDisk.from_bytes(bytes(data), path=path, **kw)
 
 
-class FileDisk:
-    def __init__(self, path):
-        self.path = str(path)
-        self.fd = os.open(path, os.O_RDONLY)
-        self.size = os.fstat(self.fd).st_size
-
-    def pread(self, length, offset):
-        return os.pread(self.fd, length, offset)
+def file_disk(path) -> FakeDisk:
+    """A disk holding what a partitioning tool wrote into a file."""
+    return FakeDisk.from_bytes(Path(path).read_bytes(), path=str(path))
 
 
 def parts(disk, **kw):
@@ -63,8 +49,8 @@ def mbr_entry(status=0, ptype=0x83, lba=0, count=0) -> bytes:
     return struct.pack("<B3sB3sII", status, b"\0\0\0", ptype, b"\0\0\0", lba, count)
 
 
-def put_table(img: bytearray, sector: int, entries) -> None:
-    base = sector * SECTOR
+def put_table(img: bytearray, sector: int, entries, ss: int = SECTOR) -> None:
+    base = sector * ss
     for i, e in enumerate(entries):
         img[base + 446 + 16 * i:base + 462 + 16 * i] = mbr_entry(*e)
     img[base + 510:base + 512] = b"\x55\xaa"
@@ -130,7 +116,7 @@ start=120000, size=10000, type=c
 """
     run("sfdisk", "-q", str(img), input=script)
     expected = [p for p in sfdisk_view(img) if p["type"] not in ("f", "5", "85")]
-    found, warnings = parts(FileDisk(img))
+    found, warnings = parts(file_disk(img))
     assert warnings == []
     assert [(p.index, p.start, p.length) for p in found] == [(e["index"], e["start"], e["length"]) for e in expected]
     assert [p.type for p in found] == ["0x83", "0x07", "0x0c", "0x83", "0x82", "0x8e"]
@@ -149,7 +135,7 @@ def test_gpt_with_names_matches_sgdisk(tmp_path):
         "-n", "3:0:+10M", "-t", "3:8300", "-c", "3:données/root ✓",
         "-n", "4:0:+1M", "-t", "4:0700", str(img))
     expected = sfdisk_view(img)
-    found, warnings = parts(FileDisk(img))
+    found, warnings = parts(file_disk(img))
     assert warnings == []
     assert [(p.index, p.start, p.length, p.name) for p in found] == \
         [(e["index"], e["start"], e["length"], e["name"]) for e in expected]
@@ -168,12 +154,12 @@ def test_gpt_with_damaged_primary_uses_backup(tmp_path):
     with open(img, "r+b") as f:               # corrupt one byte of the primary header
         f.seek(SECTOR + 40)
         f.write(b"\xff")
-    found, warnings = parts(FileDisk(img))
+    found, warnings = parts(file_disk(img))
     assert [(p.index, p.start, p.length, p.name) for p in found] == [(1, 2048 * SECTOR, 4 << 20, "data")]
     assert any("header CRC32" in w for w in warnings)
     assert any("using the backup GPT" in w for w in warnings)
     with pytest.raises(PartitionTableError, match="CRC32"):
-        read_partitions(FileDisk(img), strict=True)
+        read_partitions(file_disk(img), strict=True)
 
 
 # -- real images -------------------------------------------------------------------------------
@@ -195,34 +181,34 @@ def test_fixture_tables(name, expected):
 
 # -- hand-built tables, hostile ones included --------------------------------------------------
 def test_empty_and_non_tables():
-    assert parts(MemDisk(bytes(1 << 20))) == ([], [])
+    assert parts(mem_disk(bytes(1 << 20))) == ([], [])
     # A FAT boot sector: 0x55AA but the "status bytes" are code, not 0x00/0x80.
     vbr = bytearray(1 << 20)
     vbr[0:3] = b"\xeb\x3c\x90"
     vbr[446:510] = bytes(range(1, 65))
     vbr[510:512] = b"\x55\xaa"
-    assert parts(MemDisk(vbr)) == ([], [])
-    assert parts(MemDisk(b"")) == ([], [])
-    assert parts(MemDisk(bytes(100))) == ([], [])
+    assert parts(mem_disk(vbr)) == ([], [])
+    assert parts(mem_disk(b"")) == ([], [])
+    assert parts(mem_disk(bytes(100))) == ([], [])
 
 
 def test_mbr_overlap_past_end_and_zero_start():
     img = bytearray(4 << 20)                      # 8192 sectors
     put_table(img, 0, [(0x80, 0x83, 2048, 2048), (0, 0x83, 3000, 1000), (0, 0x07, 6000, 4000), (0, 0x83, 0, 10)])
-    found, warnings = parts(MemDisk(img))
+    found, warnings = parts(mem_disk(img))
     assert [(p.index, p.start, p.length) for p in found] == [(1, 2048 * SECTOR, 2048 * SECTOR),
                                                              (3, 6000 * SECTOR, (8192 - 6000) * SECTOR)]
     assert any("overlaps partition 1" in w for w in warnings)
     assert any("past the end of the disk" in w and "cut to" in w for w in warnings)
     assert any("sector 0" in w for w in warnings)
     with pytest.raises(PartitionTableError):
-        read_partitions(MemDisk(img), strict=True)
+        read_partitions(mem_disk(img), strict=True)
 
 
 def test_mbr_partition_starting_past_the_end_is_skipped():
     img = bytearray(1 << 20)
     put_table(img, 0, [(0, 0x83, 4096, 100), (0, 0x83, 100, 100)])
-    found, warnings = parts(MemDisk(img))
+    found, warnings = parts(mem_disk(img))
     assert [p.index for p in found] == [2]
     assert any("starts at byte" in w and "skipped" in w for w in warnings)
 
@@ -242,7 +228,7 @@ def ebr_chain(n: int, loop_to: int | None = None) -> bytearray:
 
 
 def test_logical_chain_is_followed():
-    found, warnings = parts(MemDisk(ebr_chain(5)))
+    found, warnings = parts(mem_disk(ebr_chain(5)))
     assert warnings == []
     assert [(p.index, p.start // SECTOR, p.length // SECTOR) for p in found] == \
         [(5 + i, 2048 + 8 * i + 2, 4) for i in range(5)]
@@ -250,7 +236,7 @@ def test_logical_chain_is_followed():
 
 @pytest.mark.parametrize("loop_to", [0, 2, 4])
 def test_ebr_loop_terminates_with_a_warning(loop_to):
-    disk = MemDisk(ebr_chain(5, loop_to=loop_to))
+    disk = mem_disk(ebr_chain(5, loop_to=loop_to))
     t = time.monotonic()
     found, warnings = parts(disk)
     assert time.monotonic() - t < 1
@@ -258,11 +244,11 @@ def test_ebr_loop_terminates_with_a_warning(loop_to):
     assert any("loops back" in w for w in warnings)
     assert disk.reads < 20
     with pytest.raises(PartitionTableError, match="loops back"):
-        read_partitions(MemDisk(ebr_chain(5, loop_to=loop_to)), strict=True)
+        read_partitions(mem_disk(ebr_chain(5, loop_to=loop_to)), strict=True)
 
 
 def test_ebr_chain_length_is_capped():
-    disk = MemDisk(ebr_chain(MAX_LOGICAL + 50))
+    disk = mem_disk(ebr_chain(MAX_LOGICAL + 50))
     found, warnings = parts(disk)
     assert len(found) == MAX_LOGICAL
     assert any(f"more than {MAX_LOGICAL}" in w for w in warnings)
@@ -272,7 +258,7 @@ def test_ebr_pointing_outside_its_extended_partition():
     img = ebr_chain(3)
     # second EBR's link jumps far past the extended partition
     struct.pack_into("<I", img, (2048 + 8) * SECTOR + 446 + 16 + 8, 10 ** 6)
-    found, warnings = parts(MemDisk(img))
+    found, warnings = parts(mem_disk(img))
     assert [p.index for p in found] == [5, 6]
     assert any("outside extended partition" in w for w in warnings)
 
@@ -280,14 +266,14 @@ def test_ebr_pointing_outside_its_extended_partition():
 def test_logical_partition_running_past_its_extended_partition():
     img = ebr_chain(2)
     struct.pack_into("<I", img, (2048 + 8) * SECTOR + 446 + 12, 10 ** 5)    # size of the 2nd logical
-    found, warnings = parts(MemDisk(img))
+    found, warnings = parts(mem_disk(img))
     assert [p.index for p in found] == [5]
     assert any("runs past its extended partition" in w for w in warnings)
 
 
 def test_gpt_by_hand_unicode_names_and_gaps():
     img = gpt_image(4096, [(LINUX, 40, 1000, "root 🐧"), None, (BASIC, 1001, 2000, "x/y\x01z", 1 << 63)])
-    found, warnings = parts(MemDisk(img))
+    found, warnings = parts(mem_disk(img))
     assert warnings == []
     assert [(p.index, p.start, p.length, p.name) for p in found] == [
         (1, 40 * SECTOR, 961 * SECTOR, "root 🐧"), (3, 1001 * SECTOR, 1000 * SECTOR, "x/y\x01z")]
@@ -296,16 +282,38 @@ def test_gpt_by_hand_unicode_names_and_gaps():
 
 def test_gpt_4k_sectors():
     img = gpt_image(2048, [(LINUX, 10, 100, "big sectors")], ss=4096)
-    found, warnings = parts(MemDisk(img))
+    found, warnings = parts(mem_disk(img))
     assert warnings == []
     assert [(p.start, p.length, p.name) for p in found] == [(10 * 4096, 91 * 4096, "big sectors")]
+
+
+def test_mbr_addresses_count_the_disks_logical_sectors():
+    img = bytearray(4096 * 4096)
+    put_table(img, 0, [(0x80, 0x83, 256, 1000), (0, 0x05, 2048, 64)], ss=4096)
+    put_table(img, 2048, [(0, 0x07, 8, 16)], ss=4096)                   # one logical partition
+    found, warnings = parts(mem_disk(img, logical_sector_size=4096))
+    assert warnings == []
+    assert [(p.index, p.start, p.length, p.bootable) for p in found] == \
+        [(1, 256 * 4096, 1000 * 4096, True), (5, 2056 * 4096, 16 * 4096, False)]
+    found, _ = parts(mem_disk(img))                                      # read as 512-byte sectors
+    assert [(p.index, p.start) for p in found] == [(1, 256 * 512)]      # (no EBR at byte 2048 * 512)
+
+
+def test_gpt_is_looked_for_at_the_disks_own_sector_size_first():
+    img = gpt_image(2048, [(LINUX, 10, 100, "big sectors")], ss=4096, n_entries=4)
+    small = gpt_image(4096, [(BASIC, 40, 99, "small sectors")], n_entries=4)
+    img[512:1536] = small[512:1536]               # a 512-byte-sector GPT too: header and its array
+    found, _ = parts(mem_disk(img, logical_sector_size=4096))
+    assert [(p.start, p.name) for p in found] == [(10 * 4096, "big sectors")]
+    found, _ = parts(mem_disk(img))
+    assert [(p.start, p.name) for p in found] == [(40 * 512, "small sectors")]
 
 
 def test_gpt_hostile_entries():
     img = gpt_image(4096, [(LINUX, 100, 50, "backwards"), (LINUX, 40, 1000, "a"), (LINUX, 900, 1100, "overlap"),
                            (LINUX, 1200, 10 ** 6, "too long"), (LINUX, 1, 30, "over the header"),
                            (LINUX, 10 ** 7, 10 ** 7 + 5, "far away")])
-    found, warnings = parts(MemDisk(img))
+    found, warnings = parts(mem_disk(img))
     assert [(p.index, p.name) for p in found] == [(2, "a"), (4, "too long")]
     assert found[1].end == 4096 * SECTOR
     text = "\n".join(warnings)
@@ -322,7 +330,7 @@ def test_gpt_huge_entry_count_is_refused_quickly():
         struct.pack_into("<I", header, 16, 0)
         struct.pack_into("<I", header, 16, zlib.crc32(header))
         img[lba * SECTOR:lba * SECTOR + 92] = header
-    disk = MemDisk(img)
+    disk = mem_disk(img)
     found, warnings = parts(disk)
     assert found == []
     assert any("num_entries" in w for w in warnings)
@@ -333,7 +341,7 @@ def test_gpt_bad_entry_crc_both_copies():
     img = gpt_image(4096, [(LINUX, 40, 1000, "a")])
     img[2 * SECTOR + 100] ^= 1                    # primary array
     img[(4096 - 33) * SECTOR + 100] ^= 1          # backup array
-    found, warnings = parts(MemDisk(img))
+    found, warnings = parts(mem_disk(img))
     assert found == []
     assert any("entry array CRC32" in w for w in warnings)
 
@@ -341,7 +349,7 @@ def test_gpt_bad_entry_crc_both_copies():
 def test_gpt_only_backup_left():
     img = gpt_image(4096, [(LINUX, 40, 1000, "survivor")])
     img[SECTOR:2 * SECTOR] = bytes(SECTOR)        # primary header wiped
-    found, warnings = parts(MemDisk(img))
+    found, warnings = parts(mem_disk(img))
     assert [p.name for p in found] == ["survivor"]
     assert any("backup GPT" in w for w in warnings)
 
@@ -351,7 +359,7 @@ def test_hybrid_mbr_falls_back_when_gpt_is_broken():
     put_table(img, 0, [(0, 0xEE, 1, 39), (0, 0x0C, 2000, 1000)])
     img[SECTOR:2 * SECTOR] = bytes(SECTOR)
     img[4095 * SECTOR:] = bytes(SECTOR)
-    found, warnings = parts(MemDisk(img))
+    found, warnings = parts(mem_disk(img))
     assert [(p.index, p.scheme, p.type) for p in found] == [(2, "mbr", "0x0c")]
     assert any("no valid GPT" in w for w in warnings)
 
@@ -359,7 +367,7 @@ def test_hybrid_mbr_falls_back_when_gpt_is_broken():
 def test_warnings_name_the_disk_and_offset():
     img = bytearray(1 << 20)
     put_table(img, 0, [(0, 0x83, 100, 100), (0, 0x83, 150, 100)])
-    _, warnings = parts(MemDisk(img, path="/images/x.vhd"))
+    _, warnings = parts(mem_disk(img, path="/images/x.vhd"))
     assert warnings and warnings[0].startswith("/images/x.vhd: MBR at offset 0x1ce:")
     assert isinstance(Partition(1, 0, 1, "0x83").type_name, str)
 
@@ -380,7 +388,7 @@ def test_random_tables_never_hang_or_crash(data):
     for _ in range(data.draw(st.integers(1, 12))):
         pos = data.draw(st.integers(0, min(len(img), 40 * SECTOR) - 1))
         img[pos] = data.draw(st.integers(0, 255))
-    disk = MemDisk(img)
+    disk = mem_disk(img)
     found = read_partitions(disk, warn=lambda m: None)
     assert disk.reads < 2 * MAX_LOGICAL + 16
     spans = sorted((p.start, p.end) for p in found)
@@ -389,6 +397,6 @@ def test_random_tables_never_hang_or_crash(data):
     for p in found:
         assert 0 < p.start and p.end <= disk.size and p.length > 0
     try:
-        read_partitions(MemDisk(img), strict=True)
+        read_partitions(mem_disk(img), strict=True)
     except PartitionTableError:
         pass

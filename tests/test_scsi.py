@@ -14,6 +14,8 @@ from vdisk.devices.scsi import MAX_TRANSFER_BLOCKS, ScsiDisk
 from vdisk.devices.scsi_sense import (CHECK_CONDITION, GOOD, decode_sense, descriptor_sense,
                                       fixed_sense)
 
+from fakes import FakeDisk
+
 SIZE = 4 << 20                 # 8192 blocks of 512 bytes
 BLOCKS = SIZE // 512
 
@@ -299,23 +301,8 @@ def test_transfer_longer_than_the_maximum_is_refused(tmp_path):
         assert sense_of(ScsiDisk(d).execute(read16(0, MAX_TRANSFER_BLOCKS + 1))) == (5, 0x24, 0)
 
 
-class CountingDisk:
-    """Wraps a Disk and counts flushes (FUA and write-through must reach Disk.flush)."""
-
-    def __init__(self, disk):
-        self._disk = disk
-        self.flushes = 0
-
-    def flush(self):
-        self.flushes += 1
-        self._disk.flush()
-
-    def __getattr__(self, name):
-        return getattr(self._disk, name)
-
-
-def test_fua_flushes_before_good(disk):
-    counting = CountingDisk(disk)
+def test_fua_flushes_before_good():
+    counting = FakeDisk(SIZE)                                # FUA and write-through must reach flush
     lu = ScsiDisk(counting)
     good(lu.execute(write16(0, 1), bytes(512)))
     assert counting.flushes == 0
@@ -326,8 +313,8 @@ def test_fua_flushes_before_good(disk):
     assert counting.flushes == 3
 
 
-def test_write_cache_off_makes_every_write_durable(disk):
-    counting = CountingDisk(disk)
+def test_write_cache_off_makes_every_write_durable():
+    counting = FakeDisk(SIZE)
     lu = ScsiDisk(counting)
     caching = good(lu.execute(mode_sense6(page=0x08, dbd=1)))[4:]
     assert caching[0] == 0x08 and caching[2] & 0x04          # WCE on by default
@@ -345,26 +332,10 @@ def test_dpofua_is_advertised(lu):
     assert good(lu.execute(mode_sense10()))[3] == 0x10
 
 
-class FailingDisk(CountingDisk):
-    """Reads of blocks [bad, bad+count) fail like a disk with unreadable sectors."""
-
-    def __init__(self, disk, bad, count=1):
-        super().__init__(disk)
-        self.bad = range(bad * 512, (bad + count) * 512)
-
-    def pread(self, length, offset):
-        if offset < self.bad.stop and offset + length > self.bad.start:
-            raise vdisk.VDiskError("simulated I/O error")
-        return self._disk.pread(length, offset)
-
-    def pwrite(self, data, offset):
-        if offset < self.bad.stop and offset + len(data) > self.bad.start:
-            raise vdisk.VDiskError("simulated I/O error")
-        return self._disk.pwrite(data, offset)
-
-
-def test_medium_error_reports_the_first_failing_lba(disk):
-    lu = ScsiDisk(FailingDisk(disk, bad=37, count=3))
+def test_medium_error_reports_the_first_failing_lba():
+    failing = FakeDisk(SIZE)                # blocks 37-39 unreadable and unwritable, like bad sectors
+    failing.fail(("readinto", "pwrite"), 37 * 512, 3 * 512, vdisk.VDiskError("simulated I/O error"))
+    lu = ScsiDisk(failing)
     res = lu.execute(read16(30, 16))
     assert sense_of(res) == (3, 0x11, 0)
     assert res.sense[0] & 0x80 and struct.unpack(">I", res.sense[3:7])[0] == 37
@@ -659,26 +630,22 @@ def test_report_supported_opcodes(lu):
     assert good(lu.execute(rsoc(options=1, op=0x5E)))[1] & 0x07 == 1  # not supported
 
 
-class BrokenDisk(CountingDisk):
-    """A disk whose reads fail with something that is not a VDiskError (a bug, say)."""
-
-    def pread(self, length, offset):
-        raise ZeroDivisionError("bug")
-
-
-def test_an_internal_failure_is_a_check_condition_not_an_exception(disk):
-    lu = ScsiDisk(BrokenDisk(disk))
+def test_an_internal_failure_is_a_check_condition_not_an_exception():
+    broken = FakeDisk(SIZE)                 # reads fail with something that is no VDiskError (a bug)
+    broken.fail("readinto", error=ZeroDivisionError("bug"))
+    lu = ScsiDisk(broken)
     assert sense_of(lu.execute(read16(0, 1))) == (4, 0x44, 0)
     assert good(lu.execute(bytes(6))) == b""
 
 
 def test_clip_transfer_shortens_writes_only():
-    assert ScsiDisk.clip_transfer(rw10(0x2A, 7, 4), 1024) == rw10(0x2A, 7, 2)
-    assert ScsiDisk.clip_transfer(rw12(0xAE, 7, 4), 600) == rw12(0xAE, 7, 1)
-    assert ScsiDisk.clip_transfer(write16(7, 4), 0) == write16(7, 0)
-    assert ScsiDisk.clip_transfer(rw6(0x0A, 7, 4), 512) == rw6(0x0A, 7, 1)
-    assert ScsiDisk.clip_transfer(rw6(0x0A, 7, 4), 100) is None        # 0 would mean 256
-    assert ScsiDisk.clip_transfer(ws16(0, 4), 100) is None
+    clip = ScsiDisk(FakeDisk(SIZE)).clip_transfer
+    assert clip(rw10(0x2A, 7, 4), 1024) == rw10(0x2A, 7, 2)
+    assert clip(rw12(0xAE, 7, 4), 600) == rw12(0xAE, 7, 1)
+    assert clip(write16(7, 4), 0) == write16(7, 0)
+    assert clip(rw6(0x0A, 7, 4), 512) == rw6(0x0A, 7, 1)
+    assert clip(rw6(0x0A, 7, 4), 100) is None        # 0 would mean 256
+    assert clip(ws16(0, 4), 100) is None
 
 
 def test_physical_block_size_is_reported(disk):

@@ -16,6 +16,8 @@ import vdisk
 from vdisk.devices.scsi import MAX_TRANSFER_BLOCKS, ScsiDisk
 from vdisk.devices.scsi_sense import CHECK_CONDITION, GOOD, decode_sense
 
+from fakes import FakeDisk
+
 MiB = 1 << 20
 
 
@@ -65,14 +67,9 @@ def test_optimal_transfer_is_the_image_block_at_least_1mib_at_most_one_command(i
             assert optimal * 512 == block
 
 
-def test_optimal_transfer_never_exceeds_the_maximum_transfer(tmp_path):
-    class BigBlocks:                                          # a disk whose blocks are 256 MiB
-        size, block_size, read_only, path = 1 << 30, 256 * MiB, True, "big"
-
-        def pread(self, n, off):
-            return bytes(n)
-
-    limits = good(ScsiDisk(BigBlocks()).execute(inquiry_vpd(0xB0)))
+def test_optimal_transfer_never_exceeds_the_maximum_transfer():
+    big = FakeDisk(1 << 30, block_size=256 * MiB, read_only=True, path="big")   # 256 MiB blocks
+    limits = good(ScsiDisk(big).execute(inquiry_vpd(0xB0)))
     assert struct.unpack(">I", limits[12:16])[0] == MAX_TRANSFER_BLOCKS
 
 
@@ -95,20 +92,13 @@ def test_serve_iscsi_of_a_tiny_image_is_one_error_line(tmp_path):
         "a SCSI disk needs at least one"]
 
 
-def test_a_disk_shrunk_to_nothing_reports_no_medium_not_a_block(tmp_path):
-    path = str(tmp_path / "shrinks.raw")
-    vdisk.create(path, MiB, format="raw").close()
-    with vdisk.open(path) as d:
-        class Shrinking:                                      # the image went away under the LU
-            size, read_only, path = MiB, True, "shrinks"
-            pread = d.pread
-
-        disk = Shrinking()
-        lu = ScsiDisk(disk)
-        disk.size = 0
-        lu.capacity_changed()
-        lu.execute(bytes(6))                                  # consume CAPACITY DATA HAS CHANGED
-        for cdb in (read_capacity10(), read_capacity16()):
-            res = lu.execute(cdb)
-            assert res.status == CHECK_CONDITION
-            assert decode_sense(res.sense) == (0x2, 0x3A, 0x00)   # NOT READY, MEDIUM NOT PRESENT
+def test_a_disk_shrunk_to_nothing_reports_no_medium_not_a_block():
+    disk = FakeDisk(MiB, read_only=True, path="shrinks")
+    lu = ScsiDisk(disk)
+    disk.size = 0                                             # the image went away under the LU
+    lu.capacity_changed()
+    lu.execute(bytes(6))                                      # consume CAPACITY DATA HAS CHANGED
+    for cdb in (read_capacity10(), read_capacity16()):
+        res = lu.execute(cdb)
+        assert res.status == CHECK_CONDITION
+        assert decode_sense(res.sense) == (0x2, 0x3A, 0x00)   # NOT READY, MEDIUM NOT PRESENT

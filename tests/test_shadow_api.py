@@ -49,6 +49,20 @@ def test_read_only_opens_and_images_without_shadows_stay_plain_disks(image):
         assert type(d) is vdisk.Disk
 
 
+def test_the_open_pipeline_not_the_core_wraps_the_disk_in_the_filter(image):
+    from vdisk import disk as core
+    from vdisk.openers import STEPS
+    with open_shadowed(image, "r+") as d:
+        d.create_shadow()
+    with core.open(image, "r+") as plain:               # the core knows nothing about shadows
+        assert type(plain) is vdisk.Disk
+    with vdisk.open(image, "r+") as d:
+        assert isinstance(d, ShadowedDisk) and type(d.disk) is vdisk.Disk
+        assert not hasattr(d, "_engine") and d.layers is d.disk.layers   # one engine: the Disk's
+        d.pwrite(b"\x33" * 512, 0)
+    assert "shadows" in [step.name for step in STEPS]
+
+
 def test_a_shadow_view_is_read_only_and_checks_ranges(image):
     with open_shadowed(image, "r+") as d:
         v = d.shadow_view(d.create_shadow().id)

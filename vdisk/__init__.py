@@ -20,17 +20,23 @@ __version__ = "0.1.0"
 
 # The block-device API lives in vdisk.disk, which pulls in numpy and every format. It is loaded on
 # first use, so that commands which never open an image (--help, --version, argument errors)
-# start at once, and the CLI can configure numpy before it is imported.
-_FROM_DISK = ("open", "create", "Disk", "Extent", "ExtentKind")
+# start at once, and the CLI can configure numpy before it is imported. ``open`` is the open
+# pipeline (vdisk/openers.py: backups, snapshot trees, shadows around the core's chain open).
+_FROM_DISK = ("create", "Disk", "Extent", "ExtentKind")
+_FROM_OPENERS = ("open",)
 if TYPE_CHECKING:          # what the lazy names are, for type checkers (the package ships py.typed)
-    from .disk import Disk, Extent, ExtentKind, create, open
+    from .disk import Disk, Extent, ExtentKind, create
+    from .openers import open
 
 
 def __getattr__(name: str):
-    if name in _FROM_DISK:
+    if name in _FROM_DISK or name in _FROM_OPENERS:
         disk = importlib.import_module(".disk", __name__)
+        openers = importlib.import_module(".openers", __name__)
         for attr in _FROM_DISK:
             globals()[attr] = getattr(disk, attr)
+        for attr in _FROM_OPENERS:
+            globals()[attr] = getattr(openers, attr)
         return globals()[name]
     try:
         return importlib.import_module(f".{name}", __name__)     # vdisk.<submodule>

@@ -220,38 +220,30 @@ class DiskFile(io.RawIOBase):
         raise io.UnsupportedOperation("a virtual disk has a fixed size")
 
 
-def open(path, mode: str = "r", *, parent_search: Sequence[str] = (), vbox_registry=None,
-         size_policy: str = "current", format: Optional[str] = None, parent: Optional[str] = None,
-         allow_parent_modified: bool = False) -> Disk:
-    """Open an image (and its parents) as a :class:`Disk`.
-
-    mode "r" (shared lock) or "r+" (exclusive lock, top image writable). *format* forces the
-    format instead of probing; *parent* names the top image's parent explicitly.
-    """
+def check_open_args(mode: str, size_policy: str) -> bool:
+    """Refuse a bad *mode* or *size_policy* (ValueError); returns whether the mode writes."""
     if mode not in ("r", "r+", "rw", "w"):
         raise ValueError(f"mode must be 'r' or 'r+', not {mode!r}")
     if size_policy not in ("current", "chs"):
         raise ValueError(f"size_policy must be 'current' or 'chs', not {size_policy!r}")
-    writable = mode != "r"
+    return mode != "r"
+
+
+def open(path, mode: str = "r", *, parent_search: Sequence[str] = (), vbox_registry=None,
+         size_policy: str = "current", format: Optional[str] = None, parent: Optional[str] = None,
+         allow_parent_modified: bool = False) -> Disk:
+    """Open an image file and its parents as a :class:`Disk` (the core of :func:`vdisk.open`).
+
+    mode "r" (shared lock) or "r+" (exclusive lock, top image writable). *format* forces the
+    format instead of probing; *parent* names the top image's parent explicitly. Backups,
+    snapshot trees and shadow copies are the open pipeline's business (vdisk/openers.py).
+    """
+    writable = check_open_args(mode, size_policy)
     path = os.fspath(path)
-    from .backup import is_backup, open_backup
-    if format is None and is_backup(path):
-        # A vdisk backup (vdisk/backup): a read-only Disk over it and the backups it builds on.
-        if writable:
-            raise ReadOnlyError(f"{path}: a vdisk backup is read-only (restore it to get a writable image)")
-        return open_backup(path)
-    if os.path.isdir(path + ".snapshots"):
-        # A snapshot tree (vdisk/snapshot.py) keeps the frozen parents in IMAGE.snapshots/.
-        parent_search = (*parent_search, path + ".snapshots", os.path.dirname(os.path.abspath(path)))
     layers, infos = open_chain(path, writable=writable, fmt=format, parent_search=tuple(parent_search),
                                vbox_registry=vbox_registry, size_policy=size_policy,
                                allow_parent_modified=allow_parent_modified, explicit_parent=parent)
-    disk = Disk(layers, infos, read_only=not writable)
-    if writable and os.path.isdir(path + ".vdisk-shadows"):
-        # The image has shadow copies: every writer gets the copy-on-write filter (vdisk/shadow).
-        from .shadow import wrap_writable
-        return wrap_writable(disk)
-    return disk
+    return Disk(layers, infos, read_only=not writable)
 
 
 def create(path, size: Optional[int] = None, *, format: Optional[str] = None, subtype: str = "dynamic",

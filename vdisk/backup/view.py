@@ -1,4 +1,4 @@
-"""A chain of backups (full first) as a read-only :class:`vdisk.Disk`.
+"""A chain of backups (full first) as a read-only :class:`vdisk.Disk` (a BlockDevice).
 
 The full backup's entries cover the disk; each incremental's entries replace what lies under
 them. The result is a sorted table of segments (numpy), each read from one entry of one file or
@@ -10,15 +10,15 @@ from __future__ import annotations
 import collections
 import threading
 import uuid as uuidlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 
+from vdisk.blockdev import Extent, ExtentKind
 from vdisk.chain import LayerInfo
-from vdisk.disk import Disk, Extent
-from vdisk.engine import ExtentKind
-from vdisk.formats.base import Layer
+from vdisk.disk import Disk
+from vdisk.io import ImageFile
 from .container import KIND_ZERO
 from .reader import BackupFile
 
@@ -28,9 +28,39 @@ FORMAT = "backup"
 
 
 @dataclass
-class BackupLayer(Layer):
-    """One backup file of the chain, as `vdisk info` and `Disk.layers` expect to see it."""
+class BackupLayer:
+    """One backup file of the chain, described with the fields `vdisk info` reads of a chain layer
+    (``Disk.layers``); it is no image format, so it allocates nothing and nothing writes it."""
+    file: ImageFile
+    format: str
+    subtype: str
+    size: int
+    block_size: int
+    block_map: np.ndarray
+    uuid: Optional[uuidlib.UUID] = None
+    parent_id: Optional[bytes] = None
     backup: Optional[BackupFile] = None
+    parent_hints: list = field(default_factory=list)
+    geometry: Optional[tuple] = None
+    creator: Optional[str] = None
+    warnings: list = field(default_factory=list)
+    sector_granular: bool = False
+    logical_sector_size: int = 512
+
+    @property
+    def path(self) -> str:
+        return self.file.path
+
+    @property
+    def is_differencing(self) -> bool:
+        return False
+
+    @property
+    def writable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.file.close()
 
     def info(self) -> dict:
         h = self.backup.header
@@ -113,6 +143,7 @@ class BackupDisk(Disk):
     format = property(lambda self: FORMAT)
     subtype = property(lambda self: self._files[-1].header.kind)
     block_size = property(lambda self: self._files[-1].header.chunk_size)
+    logical_sector_size = property(lambda self: 512)     # the header records none: bytes are bytes
     uuid = property(lambda self: uuidlib.UUID(self._files[-1].header.backup_id))
     path = property(lambda self: self._files[-1].path)
     geometry = property(lambda self: None)

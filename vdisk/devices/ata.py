@@ -176,33 +176,21 @@ _PIO_WRITE_COMMANDS = {0x30, 0x31, 0x34, 0x39, 0xC5, 0xCE}
 SUPPORTED_COMMANDS = {op: name for op, (name, _, _) in _COMMANDS.items()}
 
 
-def _is_read_only(disk) -> bool:
-    for attr in ("read_only", "readonly"):
-        value = getattr(disk, attr, None)
-        if callable(value):
-            value = value()
-        if isinstance(value, bool):
-            return value
-    value = getattr(disk, "writable", None)
-    if callable(value):
-        value = value()
-    if isinstance(value, bool):
-        return not value
-    mode = getattr(disk, "mode", None)
-    if isinstance(mode, str):
-        return not any(c in mode for c in "+wax")
-    return False
-
-
 class AtaDisk:
     """An ATA hard disk (ATA8-ACS, PIO + bus-master DMA, LBA28/LBA48/CHS) backed by ``disk``.
 
-    ``disk`` needs ``size``, ``pread(length, offset)``, ``pwrite(data, offset)``, ``flush()`` and,
-    for TRIM, ``discard(offset, length)``; ``geometry``, ``uuid`` and ``path`` are used when present.
-    ``read_only`` defaults to the disk's own mode. ``unit`` is the device number on its channel
-    (0 = master, 1 = slave): the device executes commands only while the Device register selects it.
-    ``trim_zeroes`` (word 69 bit 5) says that TRIMmed sectors read back as zeros; it defaults to the
-    disk's ``discard_zeroes`` attribute when present, else True (a vdisk discard leaves zeros).
+    ``disk`` is a :class:`vdisk.blockdev.BlockDevice` (a :class:`vdisk.Disk`, a shadow view, ...),
+    used through that protocol only; ``geometry`` and ``path`` are used when present. ``read_only``
+    defaults to the disk's own. ``unit`` is the device number on its channel (0 = master,
+    1 = slave): the device executes commands only while the Device register selects it.
+    ``trim_zeroes`` (word 69 bit 5) says that TRIMmed sectors read back as zeros; it defaults to
+    True (a discard leaves zeros, by the protocol).
+
+    Logical sectors are 512 bytes. A disk with larger logical sectors (a VHDX made with 4096) is
+    refused with :class:`vdisk.VDiskError`: ATA8-ACS long logical sectors (IDENTIFY word 106
+    bit 12, words 117-118) change every transfer and few guests or firmwares drive them, and
+    presenting such a disk as 512-byte sectors would show a 4Kn guest's partition table at the
+    wrong LBAs. Export it as a SCSI disk instead (:class:`vdisk.devices.scsi.ScsiDisk`).
     """
 
     def __init__(self, disk, *, read_only: Optional[bool] = None, model: Optional[str] = None,
@@ -216,16 +204,19 @@ class AtaDisk:
             raise ValueError("max_multiple must be 0 or a power of two up to 128")
         if physical_block_size < SECTOR or physical_block_size & (physical_block_size - 1):
             raise ValueError("physical_block_size must be a power of two >= 512")
+        if int(disk.logical_sector_size) != SECTOR:
+            name = getattr(disk, "path", None) or "the image"
+            raise VDiskError(f"{name}: has {int(disk.logical_sector_size)}-byte logical sectors; an ATA disk "
+                             f"has {SECTOR}-byte sectors (export it as a SCSI disk instead)")
         self.disk = disk
-        self.read_only = _is_read_only(disk) if read_only is None else bool(read_only)
+        self.read_only = bool(disk.read_only) if read_only is None else bool(read_only)
         self.unit = unit
         self.irq_callback = irq_callback
         self.total_sectors = int(disk.size) // SECTOR
         if trim is None:
-            trim = callable(getattr(disk, "discard", None))
+            trim = True
         if trim_zeroes is None:
-            dz = getattr(disk, "discard_zeroes", None)
-            trim_zeroes = True if dz is None else bool(dz() if callable(dz) else dz)
+            trim_zeroes = True
         geometry = image_geometry(disk, self.total_sectors)
         self._power_on = IdentifyState(
             total_sectors=self.total_sectors,
@@ -765,22 +756,19 @@ class AtaDisk:
     def _read(self, lba: int, n: int):
         """(data, bad_lba): the sectors read, cut before the first failing one (bad_lba) if any."""
         self._standby = False
+        data = bytearray(n * SECTOR)
         try:
-            data = self.disk.pread(n * SECTOR, lba * SECTOR)
-            if len(data) == n * SECTOR:
-                return data, None
+            self.disk.readinto(data, lba * SECTOR)
+            return bytes(data), None
         except _IO_ERRORS:
             pass
-        good = bytearray()
-        for i in range(n):
+        one = memoryview(data)
+        for i in range(n):            # sector by sector, to find the first failing one
             try:
-                one = self.disk.pread(SECTOR, (lba + i) * SECTOR)
+                self.disk.readinto(one[i * SECTOR:(i + 1) * SECTOR], (lba + i) * SECTOR)
             except _IO_ERRORS:
-                return bytes(good), lba + i
-            if len(one) != SECTOR:
-                return bytes(good), lba + i
-            good += one
-        return bytes(good), None
+                return bytes(data[:i * SECTOR]), lba + i
+        return bytes(data), None
 
     def _write(self, lba: int, data: bytes) -> None:
         self._standby = False

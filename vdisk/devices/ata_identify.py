@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-import uuid as _uuid
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -129,43 +128,15 @@ def decode_ata_string(block: bytes, first_word: int, words: int) -> str:
     return out.decode("ascii", "replace").strip()
 
 
-def _as_uuid(value) -> Optional[_uuid.UUID]:
-    if value is None:
-        return None
-    if isinstance(value, _uuid.UUID):
-        return value
-    if isinstance(value, (bytes, bytearray)) and len(value) == 16:
-        return _uuid.UUID(bytes=bytes(value))
-    try:
-        return _uuid.UUID(str(value))
-    except ValueError:
-        return None
-
-
 def image_path(disk) -> Optional[str]:
-    """The file behind a Disk, if it tells: ``path``/``filename``/``name`` or its first chain entry."""
-    for attr in ("path", "filename", "name"):
-        value = getattr(disk, attr, None)
-        if isinstance(value, (str, os.PathLike)):
-            return os.fspath(value)
-    chain = getattr(disk, "chain", None)
-    if chain:
-        try:
-            first = chain[0]
-        except (TypeError, IndexError, KeyError):
-            return None
-        value = first.get("path") if isinstance(first, dict) else getattr(first, "path", None)
-        if isinstance(value, (str, os.PathLike)):
-            return os.fspath(value)
-    return None
+    """The file behind a disk, if it has one (``path``: a shadow view or a fake may not)."""
+    value = getattr(disk, "path", None)
+    return os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
 
 
 def default_serial(disk) -> str:
     """20 characters: the image UUID's first 80 bits in hex, else a hash of the file name."""
-    try:
-        ident = _as_uuid(getattr(disk, "uuid", None))
-    except Exception:
-        ident = None
+    ident = disk.uuid
     if ident is not None and ident.int != 0:
         return ident.hex[:20].upper()
     path = image_path(disk)

@@ -11,7 +11,9 @@ caller (a VMM's virtual HBA, or :mod:`vdisk.serve.iscsi`) moves the bytes and re
 
 Checks follow the order in ``spec/BLOCK-BACKENDS.md`` §1.2: opcode, CDB fields, write protect,
 LBA range (``lba + n <= capacity`` in Python integers, so nothing overflows), then the transfer.
-Logical blocks are 512 bytes; a trailing partial sector of a raw file is not exposed.
+Logical blocks are the disk's ``logical_sector_size`` (512, or 4096 for an image made so); a
+trailing partial block of a raw file is not exposed. The disk is used only through the
+:class:`vdisk.blockdev.BlockDevice` protocol.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..blockdev import ExtentKind
 from ..errors import ReadOnlyError, VDiskError
 from . import scsi_pages as pages
 from .scsi_sense import (ASC_CAPACITY_CHANGED, ASC_INTERNAL_FAILURE, ASC_INVALID_FIELD_IN_CDB,
@@ -41,6 +44,7 @@ _log = logging.getLogger("vdisk.scsi")
 BLOCK_SIZE = pages.BLOCK
 _SHIFT = 9
 
+# Counts of 512-byte blocks; a LU with larger logical blocks keeps the same bytes (see ScsiDisk).
 MAX_TRANSFER_BLOCKS = 65536          # 32 MiB per READ/WRITE: bounds one command's memory
 MIN_OPTIMAL_TRANSFER_BLOCKS = 2048   # 1 MiB: Linux sizes its requests by this (io_opt)
 MAX_UNMAP_DESCRIPTORS = 255
@@ -49,6 +53,7 @@ MAX_WRITE_SAME_BLOCKS = 0x400000     # 2 GiB per WRITE SAME
 MAX_COMPARE_AND_WRITE_BLOCKS = 255
 _CHUNK_BLOCKS = 2048                 # 1 MiB pieces for VERIFY and patterned WRITE SAME
 _LBA_STATUS_SPAN = 1 << 30           # GET LBA STATUS looks at most 1 GiB ahead
+MAX_PHYSICAL_BLOCK = 32 << 10        # largest logical or physical block a LU reports
 
 _GROUP_LENGTH = {0: 6, 1: 10, 2: 10, 4: 16, 5: 12}
 
@@ -90,24 +95,41 @@ def _u64(b, o: int) -> int:
 
 
 class ScsiDisk:
-    """One SCSI logical unit backed by a :class:`vdisk.Disk` (or anything with its methods)."""
+    """One SCSI logical unit backed by a :class:`vdisk.blockdev.BlockDevice` (a :class:`vdisk.Disk`).
+
+    Its logical blocks are the disk's ``logical_sector_size`` (512, or 4096 for an image made
+    so); ``physical_block_size`` (default: the logical size) is reported as logical blocks per
+    physical block. Bounds that protect memory (one command's transfer, WRITE SAME) are in bytes,
+    so a 4096-byte LU advertises an eighth of the blocks a 512-byte one does.
+    """
 
     def __init__(self, disk, *, read_only: Optional[bool] = None, vendor: str = "VDISK",
                  product: Optional[str] = None, serial: Optional[str] = None,
-                 revision: str = "0001", physical_block_size: int = 512):
+                 revision: str = "0001", physical_block_size: Optional[int] = None):
         self.disk = disk
-        exponent = (physical_block_size >> _SHIFT).bit_length() - 1
-        if physical_block_size < BLOCK_SIZE or physical_block_size != BLOCK_SIZE << exponent \
-                or exponent > 6:
-            raise ValueError("physical_block_size must be 512 times a power of two, at most 32 KiB")
+        name = getattr(disk, "path", None) or "the image"
+        sector = int(disk.logical_sector_size)
+        if sector < BLOCK_SIZE or sector & (sector - 1) or sector > MAX_PHYSICAL_BLOCK:
+            raise VDiskError(f"{name}: logical sectors of {sector} bytes are not a SCSI block size")
+        self.logical_block_size = sector
+        self._shift = shift = sector.bit_length() - 1
+        if physical_block_size is None:
+            physical_block_size = sector
+        exponent = (physical_block_size >> shift).bit_length() - 1
+        if physical_block_size < sector or physical_block_size != sector << exponent \
+                or physical_block_size > MAX_PHYSICAL_BLOCK:
+            raise ValueError(f"physical_block_size must be {sector} (the logical block) times a power of two, "
+                             "at most 32 KiB")
         self.physical_exponent = exponent   # READ CAPACITY(16): logical blocks per physical
-        self.read_only = bool(getattr(disk, "read_only", False)) if read_only is None else bool(read_only)
-        self.blocks = int(disk.size) >> _SHIFT
+        self.max_transfer = (MAX_TRANSFER_BLOCKS << _SHIFT) >> shift
+        self._chunk = (_CHUNK_BLOCKS << _SHIFT) >> shift
+        self._max_write_same = (MAX_WRITE_SAME_BLOCKS << _SHIFT) >> shift
+        self.read_only = bool(disk.read_only) if read_only is None else bool(read_only)
+        self.blocks = int(disk.size) >> shift
         if self.blocks == 0:
-            name = getattr(disk, "path", None) or "the image"
-            raise VDiskError(f"{name}: {int(disk.size)} bytes is less than one {BLOCK_SIZE}-byte "
+            raise VDiskError(f"{name}: {int(disk.size)} bytes is less than one {sector}-byte "
                              "logical block; a SCSI disk needs at least one")
-        uuid = getattr(disk, "uuid", None)
+        uuid = disk.uuid
         unique = pages.unique_id_for(uuid.bytes if uuid is not None else None,
                                      str(getattr(disk, "path", "") or id(disk)))
         if product is None:
@@ -116,17 +138,17 @@ class ScsiDisk:
         if serial is None:
             serial = unique.hex()[:20].upper()
         self.identity = pages.Identity(vendor, product, revision, serial, unique)
-        granularity = int(getattr(disk, "block_size", 0) or 0) >> _SHIFT
+        granularity = int(disk.block_size or 0) >> shift
         if granularity <= 0 or granularity & (granularity - 1) or granularity > 1 << 20:
             granularity = 1
         # the image block size (whole blocks allocate and copy at once), at least 1 MiB, at most
         # one command: a guest that splits its I/O below this wastes round trips
-        optimal = min(max(granularity, MIN_OPTIMAL_TRANSFER_BLOCKS), MAX_TRANSFER_BLOCKS)
+        optimal = min(max(granularity, (MIN_OPTIMAL_TRANSFER_BLOCKS << _SHIFT) >> shift), self.max_transfer)
         self.limits = pages.Limits(
             granularity=1 << exponent,
-            max_transfer=MAX_TRANSFER_BLOCKS, optimal_transfer=optimal,
+            max_transfer=self.max_transfer, optimal_transfer=optimal,
             max_unmap_lba_count=MAX_UNMAP_BLOCKS, max_unmap_descriptors=MAX_UNMAP_DESCRIPTORS,
-            unmap_granularity=granularity, max_write_same=MAX_WRITE_SAME_BLOCKS,
+            unmap_granularity=granularity, max_write_same=self._max_write_same,
             max_compare_and_write=MAX_COMPARE_AND_WRITE_BLOCKS)
         self.geometry = pages.chs_geometry(self.blocks, getattr(disk, "geometry", None))
         self.write_cache = True      # mode page 8 WCE; off => every write is flushed before GOOD
@@ -219,8 +241,7 @@ class ScsiDisk:
             return None
         return self.execute_lun(lun, cdb, _AWAITING_DATA, nexus=nexus)
 
-    @staticmethod
-    def clip_transfer(cdb: bytes, nbytes: int) -> Optional[bytes]:
+    def clip_transfer(self, cdb: bytes, nbytes: int) -> Optional[bytes]:
         """The write CDB with its transfer length cut to the whole blocks in ``nbytes``.
 
         For transports whose initiator announced less data than the CDB asks for (iSCSI
@@ -228,7 +249,7 @@ class ScsiDisk:
         """
         if not cdb:
             return None
-        op, blocks = cdb[0], nbytes >> _SHIFT
+        op, blocks = cdb[0], nbytes >> self._shift
         out = bytearray(cdb)
         if op in (0x2A, 0x2E):
             struct.pack_into(">H", out, 7, min(blocks, 0xFFFF))
@@ -261,7 +282,7 @@ class ScsiDisk:
 
     def capacity_changed(self) -> None:
         """Re-read the disk size and tell every initiator (CAPACITY DATA HAS CHANGED)."""
-        self.blocks = int(self.disk.size) >> _SHIFT
+        self.blocks = int(self.disk.size) >> self._shift
         self.unit_attention(ASC_CAPACITY_CHANGED)
 
     def forget_nexus(self, nexus) -> None:
@@ -276,17 +297,17 @@ class ScsiDisk:
         op = cdb[0]
         try:
             if op in (0x0A,):
-                return (cdb[4] or 256) << _SHIFT
+                return (cdb[4] or 256) << self._shift
             if op in (0x2A, 0x2E):
-                return _u16(cdb, 7) << _SHIFT
+                return _u16(cdb, 7) << self._shift
             if op in (0xAA, 0xAE):
-                return _u32(cdb, 6) << _SHIFT
+                return _u32(cdb, 6) << self._shift
             if op in (0x8A, 0x8E):
-                return _u32(cdb, 10) << _SHIFT
+                return _u32(cdb, 10) << self._shift
             if op in (0x2F, 0xAF, 0x8F):
                 bytchk = (cdb[1] >> 1) & 3
                 n = _u16(cdb, 7) if op == 0x2F else _u32(cdb, 6 if op == 0xAF else 10)
-                return {0: 0, 1: n << _SHIFT, 3: BLOCK_SIZE}.get(bytchk, 0)
+                return {0: 0, 1: n << self._shift, 3: self.logical_block_size}.get(bytchk, 0)
             if op in (0x41, 0x93, 0x89):
                 return None                       # exactly-sized: the device checks the length
             if op in (0x15,):
@@ -308,23 +329,25 @@ class ScsiDisk:
 
     def _read_blocks(self, lba: int, n: int) -> bytes:
         try:
-            return self.disk.pread(n << _SHIFT, lba << _SHIFT)
+            buf = bytearray(n << self._shift)
+            self.disk.readinto(buf, lba << self._shift)
+            return bytes(buf)
         except (VDiskError, OSError):
             raise SenseError(MEDIUM_ERROR, ASC_UNRECOVERED_READ,
                              info=self._first_bad_block(lba, n)) from None
 
     def _first_bad_block(self, lba: int, n: int) -> int:
         """After a failed read, find the first block that fails on its own (error path only)."""
-        for block in range(lba, lba + min(n, MAX_TRANSFER_BLOCKS)):
+        for block in range(lba, lba + min(n, self.max_transfer)):
             try:
-                self.disk.pread(BLOCK_SIZE, block << _SHIFT)
+                self.disk.readinto(bytearray(self.logical_block_size), block << self._shift)
             except (VDiskError, OSError):
                 return block
         return lba
 
     def _write_blocks(self, lba: int, data, fua: bool) -> None:
         try:
-            self.disk.pwrite(data, lba << _SHIFT)
+            self.disk.pwrite(data, lba << self._shift)
             if fua or not self.write_cache:
                 self.disk.flush()
         except ReadOnlyError:
@@ -356,7 +379,7 @@ class ScsiDisk:
             raise SenseError(ILLEGAL_REQUEST, ASC_LBA_OUT_OF_RANGE, info=lba)
         if n == 0:
             return _EMPTY
-        if n > MAX_TRANSFER_BLOCKS:
+        if n > self.max_transfer:
             raise illegal_field(2)
         return self._read_blocks(lba, n)
 
@@ -384,9 +407,9 @@ class ScsiDisk:
         self._check_range(lba, n)
         if n == 0:
             return _EMPTY
-        if n > MAX_TRANSFER_BLOCKS:
+        if n > self.max_transfer:
             raise illegal_field(length_field)
-        data = self._data(data_out, n << _SHIFT, length_field)
+        data = self._data(data_out, n << self._shift, length_field)
         with self._atomic:
             self._write_blocks(lba, data, fua=bool(flags & 0x08))
             if verify and flags & 0x02:           # WRITE AND VERIFY with BYTCHK: read back
@@ -426,22 +449,22 @@ class ScsiDisk:
         if n == 0:
             return _EMPTY
         if bytchk == 0:                           # medium verification: every block readable
-            for start in range(lba, lba + n, _CHUNK_BLOCKS):
-                self._read_blocks(start, min(_CHUNK_BLOCKS, lba + n - start))
+            for start in range(lba, lba + n, self._chunk):
+                self._read_blocks(start, min(self._chunk, lba + n - start))
             return _EMPTY
-        if n > MAX_TRANSFER_BLOCKS:
+        if n > self.max_transfer:
             raise illegal_field(length_field)
         single = bytchk == 3
-        data = self._data(data_out, BLOCK_SIZE if single else n << _SHIFT, length_field)
+        data = self._data(data_out, self.logical_block_size if single else n << self._shift, length_field)
         self._compare(lba, n, data, single=single)
         return _EMPTY
 
     def _compare(self, lba: int, n: int, expected: memoryview, *, single: bool) -> None:
-        for start in range(lba, lba + n, _CHUNK_BLOCKS):
-            count = min(_CHUNK_BLOCKS, lba + n - start)
+        for start in range(lba, lba + n, self._chunk):
+            count = min(self._chunk, lba + n - start)
             actual = self._read_blocks(start, count)
-            base = (start - lba) << _SHIFT
-            want = bytes(expected) * count if single else expected[base:base + (count << _SHIFT)]
+            base = (start - lba) << self._shift
+            want = bytes(expected) * count if single else expected[base:base + (count << self._shift)]
             if actual != want:
                 diff = np.frombuffer(actual, np.uint8) != np.frombuffer(want, np.uint8)
                 raise SenseError(MISCOMPARE, ASC_MISCOMPARE_VERIFY, info=base + int(diff.argmax()))
@@ -466,11 +489,11 @@ class ScsiDisk:
             # one-byte field and get 0: refuse rather than report a compare that never happened
             raise illegal_field(13)
         data = memoryview(data_out if data_out is not None else _EMPTY)
-        if len(data) != (n << _SHIFT) * 2:            # verify half + write half, exactly
+        if len(data) != (n << self._shift) * 2:            # verify half + write half, exactly
             raise illegal_field(13)
         with self._atomic:
-            self._compare(lba, n, data[:n << _SHIFT], single=False)
-            self._write_blocks(lba, data[n << _SHIFT:], fua=bool(flags & 0x08))
+            self._compare(lba, n, data[:n << self._shift], single=False)
+            self._write_blocks(lba, data[n << self._shift:], fua=bool(flags & 0x08))
         return _EMPTY
 
     # -- cache ------------------------------------------------------------------------------
@@ -498,7 +521,7 @@ class ScsiDisk:
     def _deallocate(self, lba: int, n: int) -> None:
         try:
             with self._atomic:
-                self.disk.discard(lba << _SHIFT, n << _SHIFT)
+                self.disk.discard(lba << self._shift, n << self._shift)
         except ReadOnlyError:
             raise SenseError(DATA_PROTECT, ASC_WRITE_PROTECTED) from None
         except (VDiskError, OSError):
@@ -518,14 +541,14 @@ class ScsiDisk:
         self._check_range(lba, n)
         if n == 0:                                # WSNZ=1 in the block limits page
             raise illegal_field(length_field)
-        if n > MAX_WRITE_SAME_BLOCKS:
+        if n > self._max_write_same:
             raise illegal_field(length_field)
         if ndob:
             if data_out:
                 raise illegal_field(1, 0)
-            block = bytes(BLOCK_SIZE)
+            block = bytes(self.logical_block_size)
         else:
-            if data_out is None or len(data_out) != BLOCK_SIZE:
+            if data_out is None or len(data_out) != self.logical_block_size:
                 raise SenseError(ILLEGAL_REQUEST, ASC_PARAM_LIST_LENGTH, in_cdb=False)
             block = bytes(data_out)
         if not any(block):
@@ -534,7 +557,7 @@ class ScsiDisk:
                     self._deallocate(lba, n)
                 else:
                     with self._atomic:
-                        self.disk.write_zeroes(lba << _SHIFT, n << _SHIFT)
+                        self.disk.write_zeroes(lba << self._shift, n << self._shift)
                 if not self.write_cache:
                     self.disk.flush()
             except ReadOnlyError:
@@ -542,11 +565,11 @@ class ScsiDisk:
             except (VDiskError, OSError):
                 raise SenseError(MEDIUM_ERROR, ASC_WRITE_ERROR, info=lba) from None
             return _EMPTY
-        chunk = memoryview(block * min(n, _CHUNK_BLOCKS))
+        chunk = memoryview(block * min(n, self._chunk))
         with self._atomic:
-            for start in range(lba, lba + n, _CHUNK_BLOCKS):
-                count = min(_CHUNK_BLOCKS, lba + n - start)
-                self._write_blocks(start, chunk[:count << _SHIFT], fua=False)
+            for start in range(lba, lba + n, self._chunk):
+                count = min(self._chunk, lba + n - start)
+                self._write_blocks(start, chunk[:count << self._shift], fua=False)
         if not self.write_cache:
             self._flush()
         return _EMPTY
@@ -601,16 +624,16 @@ class ScsiDisk:
         if alloc == 0:
             return _EMPTY
         max_desc = max(1, (alloc - 8) // 16)
-        span = min((self.blocks - lba) << _SHIFT, _LBA_STATUS_SPAN)
+        span = min((self.blocks - lba) << self._shift, _LBA_STATUS_SPAN)
         runs: list[list[int]] = []                # [start_block, end_block, status]
         try:
-            extents = self.disk.extents(lba << _SHIFT, span)
+            extents = self.disk.extents(lba << self._shift, span)
         except (VDiskError, OSError):
             raise SenseError(MEDIUM_ERROR, ASC_UNRECOVERED_READ, info=lba) from None
         for ext in extents:
-            mapped = getattr(ext.kind, "name", str(ext.kind)).upper() == "DATA"
-            start = max(lba, ext.offset >> _SHIFT)
-            end = (ext.offset + ext.length + BLOCK_SIZE - 1) >> _SHIFT
+            mapped = ext.kind == ExtentKind.DATA
+            start = max(lba, ext.offset >> self._shift)
+            end = (ext.offset + ext.length + self.logical_block_size - 1) >> self._shift
             status = 0 if mapped else 1           # 0 mapped, 1 deallocated
             if runs and start < runs[-1][1]:      # a block shared by two extents is mapped if
                 if mapped and runs[-1][2] != 0:   # any of its bytes is
@@ -667,13 +690,13 @@ class ScsiDisk:
         if not cdb[8] & 0x01 and _u32(cdb, 2):
             raise illegal_field(2)                # LBA without PMI
         last = self._last_block()
-        return struct.pack(">II", last if last < 0xFFFFFFFF else 0xFFFFFFFF, BLOCK_SIZE)
+        return struct.pack(">II", last if last < 0xFFFFFFFF else 0xFFFFFFFF, self.logical_block_size)
 
     def _service_action_in16(self, cdb, data_out):
         sa = cdb[1] & 0x1F
         if sa == 0x10:
             alloc = _u32(cdb, 10)
-            data = struct.pack(">QIBB", self._last_block(), BLOCK_SIZE, 0, self.physical_exponent)
+            data = struct.pack(">QIBB", self._last_block(), self.logical_block_size, 0, self.physical_exponent)
             data += bytes((0xC0, 0x00)) + bytes(16)   # LBPME | LBPRZ, lowest aligned LBA 0
             return data[:alloc]
         if sa == 0x12:
@@ -738,8 +761,8 @@ class ScsiDisk:
 
     def _block_descriptor(self, long_lba: bool) -> bytes:
         if long_lba:
-            return struct.pack(">Q4xI", self.blocks, BLOCK_SIZE)
-        return struct.pack(">II", min(self.blocks, 0xFFFFFFFF), BLOCK_SIZE & 0xFFFFFF)
+            return struct.pack(">Q4xI", self.blocks, self.logical_block_size)
+        return struct.pack(">II", min(self.blocks, 0xFFFFFFFF), self.logical_block_size & 0xFFFFFF)
 
     def _mode_sense6(self, cdb, data_out):
         dbd, pc, page = cdb[1] & 0x08, cdb[2] >> 6, cdb[2] & 0x3F
@@ -782,7 +805,7 @@ class ScsiDisk:
         if desc_len:
             desc = param[header_len:header_len + desc_len]
             length = int.from_bytes(desc[-3:], "big")
-            if length not in (0, BLOCK_SIZE):
+            if length not in (0, self.logical_block_size):
                 raise illegal_param(header_len + desc_len - 3)
         pos = header_len + desc_len
         new_wce = self.write_cache

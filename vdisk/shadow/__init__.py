@@ -8,7 +8,8 @@
             old.pread(3, 0)                      # what the disk held when the shadow was made
 
 Any ``vdisk.open(IMAGE, "r+")`` of an image that has a diff area (``IMAGE.vdisk-shadows/``)
-returns a :class:`ShadowedDisk`, so every writer that goes through vdisk (API, mount, devices,
+returns a :class:`ShadowedDisk` (a wrapper around the Disk, installed by the open pipeline in
+vdisk/openers.py), so every writer that goes through vdisk (API, mount, devices,
 NBD) keeps the shadows intact. See docs/shadows.md.
 """
 from __future__ import annotations
@@ -18,7 +19,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from vdisk.disk import Disk
-from vdisk.disk import open as _open_disk
 from vdisk.errors import VDiskError
 from .catalog import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_SHADOWS, store_dir
 from .filter import ShadowedDisk, ShadowView
@@ -45,8 +45,8 @@ def has_shadows(image_path: str) -> bool:
     return os.path.isdir(store_dir(os.fspath(image_path)))
 
 
-def wrap_writable(disk: Disk) -> Disk:
-    """Hook for :func:`vdisk.open`: a writable disk with a diff area gets the copy-on-write filter."""
+def wrap_writable(disk: Disk) -> "Disk | ShadowedDisk":
+    """The open pipeline's step: a writable disk with a diff area gets the copy-on-write filter."""
     if isinstance(disk, ShadowedDisk) or disk.read_only or not has_shadows(disk.path):
         return disk
     return ShadowedDisk(disk)
@@ -54,7 +54,8 @@ def wrap_writable(disk: Disk) -> Disk:
 
 def open_shadowed(path, mode: str = "r", **kwargs) -> ShadowedDisk:
     """Open an image with its shadows (the diff area is created by the first ``create_shadow``)."""
-    disk = _open_disk(path, mode, **kwargs)
+    import vdisk
+    disk = vdisk.open(path, mode, **kwargs)
     if isinstance(disk, ShadowedDisk):
         return disk
     return ShadowedDisk(disk)

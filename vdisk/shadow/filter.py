@@ -1,18 +1,21 @@
 """The copy-on-write filter around a Disk (:class:`ShadowedDisk`) and read-only shadow views.
 
-Like an nbdkit filter, :class:`ShadowedDisk` is a small piece stacked on the engine: it is a
-:class:`vdisk.Disk` whose writes, zeroings and discards first preserve the blocks they change into
-the newest shadow's store, then pass through unchanged. The engine knows nothing about shadows.
+Like an nbdkit filter, :class:`ShadowedDisk` is a small piece stacked on a :class:`vdisk.Disk`: a
+wrapper whose writes, zeroings and discards first preserve the blocks they change into the newest
+shadow's store, then pass through unchanged. Neither the Disk nor its engine knows about shadows;
+:mod:`vdisk.openers` installs the wrapper when a writable image has a diff area.
 """
 from __future__ import annotations
 
 import logging
+import threading
 import uuid as uuidlib
 from typing import Optional
 
 import numpy as np
 
-from vdisk.disk import Disk, DiskFile, Extent, ExtentKind
+from vdisk.blockdev import Extent, ExtentKind
+from vdisk.disk import Disk, DiskFile
 from vdisk.errors import RangeError, ReadOnlyError, VDiskError
 from .catalog import fingerprint
 from .shadowset import ShadowInfo, ShadowSet
@@ -24,25 +27,78 @@ log = logging.getLogger("vdisk")
 PRESERVE_BATCH = 256          # blocks preserved per durable append (bounds memory for huge writes)
 
 
-class ShadowedDisk(Disk):
+class ShadowedDisk:
     """A :class:`vdisk.Disk` with shadow copies: every change is preceded by copy-on-write.
 
+    A wrapper (a :class:`vdisk.blockdev.BlockDevice`) around the Disk it is given, which it owns:
+    reads and identity pass through, writes, zeroings and discards first preserve the blocks they
+    change, then go to the wrapped disk. Every public method of :class:`vdisk.Disk` is offered.
     Live writes never fail because of shadows: when the diff-area maximum would be exceeded the
     oldest shadows are deleted first.
     """
 
     def __init__(self, disk: Disk):
-        super().__init__(disk.layers, disk.chain, disk.read_only)
+        self._disk = disk
+        self._closed = False
+        self._close_lock = threading.Lock()
         try:
             self.shadow_set = ShadowSet(disk.path, not disk.read_only, lambda: fingerprint(self))
         except BaseException:
-            Disk.close(self)
+            disk.close()
             raise
         for note in self.shadow_set.notes:
             log.warning("%s: %s", self.path, note)
 
     def __repr__(self) -> str:
         return f"<vdisk.shadow.ShadowedDisk {self.path!r} {len(self.shadow_set.catalog.shadows)} shadows>"
+
+    # -- the wrapped disk: identity and reads pass through ------------------------------------
+    @property
+    def disk(self) -> Disk:
+        """The wrapped Disk (writing to it directly would bypass the copy-on-write)."""
+        return self._disk
+
+    size = property(lambda self: self._disk.size)
+    read_only = property(lambda self: self._disk.read_only)
+    format = property(lambda self: self._disk.format)
+    subtype = property(lambda self: self._disk.subtype)
+    block_size = property(lambda self: self._disk.block_size)
+    logical_sector_size = property(lambda self: self._disk.logical_sector_size)
+    uuid = property(lambda self: self._disk.uuid)
+    path = property(lambda self: self._disk.path)
+    geometry = property(lambda self: self._disk.geometry)
+    layers = property(lambda self: self._disk.layers)
+    chain = property(lambda self: self._disk.chain)
+    warnings = property(lambda self: self._disk.warnings)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed or self._disk.closed
+
+    def pread(self, length: int, offset: int) -> bytes:
+        return self._disk.pread(length, offset)
+
+    def readinto(self, buffer, offset: int) -> int:
+        return self._disk.readinto(buffer, offset)
+
+    def extents(self, offset: int = 0, length: Optional[int] = None) -> list[Extent]:
+        return self._disk.extents(offset, length)
+
+    def map_runs(self, offset: int, length: int):
+        return self._disk.map_runs(offset, length)
+
+    def flush(self) -> None:
+        self._disk.flush()
+
+    def as_file(self) -> DiskFile:
+        """A seekable io.RawIOBase view whose writes go through the copy-on-write."""
+        return DiskFile(self)  # type: ignore[arg-type]   # DiskFile needs only the Disk's methods
+
+    def __enter__(self) -> "ShadowedDisk":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- shadows -------------------------------------------------------------------------------
     @property
@@ -155,33 +211,31 @@ class ShadowedDisk(Disk):
         ss = self.shadow_set
         with ss.lock:
             # Fast path, a re-write: the block is already in the newest store and the session is
-            # marked, so nothing needs preserving (this is Disk.pwrite, inlined to save a call).
+            # marked, so nothing needs preserving: straight to the Disk.
             fast = ss.fast
             if fast is not None and n:
                 entries, bs = fast
                 b = offset // bs
                 if b in entries and (offset + n - 1) // bs == b:
-                    self._check_write(offset, n)           # Disk's own checks, then its engine
-                    self._engine.write(data, offset)
-                    return n
+                    return self._disk.pwrite(data, offset)     # the Disk checks range and mode
             self._guard(offset, n)
             if n:
                 self._preserve(offset, n, zeroing=False)
-            return Disk.pwrite(self, data, offset)
+            return self._disk.pwrite(data, offset)
 
     def write_zeroes(self, offset: int, length: int, *, keep_allocated: bool = False) -> None:
         self._guard(offset, length)
         with self.shadow_set.lock:
             if length:
                 self._preserve(offset, length, zeroing=True)
-            super().write_zeroes(offset, length, keep_allocated=keep_allocated)
+            self._disk.write_zeroes(offset, length, keep_allocated=keep_allocated)
 
     def discard(self, offset: int, length: int) -> None:
         self._guard(offset, length)
         with self.shadow_set.lock:
             if length:
                 self._preserve(offset, length, zeroing=True)
-            super().discard(offset, length)
+            self._disk.discard(offset, length)
 
     def _preserve(self, offset: int, length: int, zeroing: bool) -> None:
         """Copy every block of [offset, offset+length) the newest shadow lacks into its store."""
@@ -218,10 +272,11 @@ class ShadowedDisk(Disk):
     # -- lifecycle -----------------------------------------------------------------------------
     def close(self) -> None:
         with self._close_lock:
-            if self.closed:
+            if self._closed:
                 return
+            self._closed = True
         try:
-            super().close()
+            self._disk.close()
         except BaseException:
             self.shadow_set.close()
             raise
@@ -252,6 +307,7 @@ class ShadowView:
     format = property(lambda self: self._disk.format)
     subtype = property(lambda self: self._disk.subtype)
     block_size = property(lambda self: self._disk.shadow_set.block_size)
+    logical_sector_size = property(lambda self: self._disk.logical_sector_size)
     geometry = property(lambda self: self._disk.geometry)
     chain = property(lambda self: self._disk.chain)
 
