@@ -1,5 +1,5 @@
-"""NBD export of vdisk images: an asyncio server around the sans-IO protocol in
-:mod:`vdisk.serve.nbd_proto`.
+"""NBD export of vdisk images: an asyncio server around the sans-IO connection in
+:mod:`vdisk.serve.nbd_conn` and the request backend in :mod:`vdisk.serve.nbd_backend`.
 
     from vdisk.serve.nbd import serve_nbd
     serve_nbd(["a.vhd", "b.vdi"])               # nbd://127.0.0.1:10809/a.vhd and /b.vdi, read-only
@@ -7,7 +7,7 @@
 Several clients at once; several exports by name (default: the image's file name; ``names``
 overrides); read-only unless ``rw=True``; loopback unless ``host`` says otherwise, and any other
 address only with TLS required (``tls=TlsConfig.from_options(creds_dir)``) or ``insecure=True``.
-TLS wraps the socket only: the protocol in :mod:`vdisk.serve.nbd_proto` decides when, the shell
+TLS wraps the socket only: the protocol in :mod:`vdisk.serve.nbd_conn` decides when, the shell
 here runs the handshake. One line per connection (accepted, refused or abandoned, with the peer
 and its certificate subject) goes to ``on_connection``, or to the ``vdisk.nbd`` log. Disk I/O runs in
 a thread pool, so a slow request on one connection never stalls another, and one client's
@@ -34,8 +34,9 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
 from ..errors import VDiskError
-from .nbd_proto import (CMD_READ, CMD_WRITE, MUST_SEND, NEED_DATA, Closed, ExportChosen, ExportInfo,
-                        Request, ServerConnection, StartTLS, handle_request)
+from .nbd_backend import handle_request
+from .nbd_conn import MUST_SEND, NEED_DATA, Closed, ExportChosen, Request, ServerConnection, StartTLS
+from .nbd_wire import CMD_READ, CMD_WRITE, ExportInfo
 from .nbd_tls import TlsConfig, check_exposure, connection_line, peer_subject
 
 log = logging.getLogger("vdisk.nbd")
@@ -59,18 +60,6 @@ class Export:
     disk: object
     info: ExportInfo
     owned: bool              # opened by us: closed when the server stops
-
-
-def _disk_writable(disk) -> Optional[bool]:
-    """Whether a Disk object was opened writable, if it tells."""
-    for attr, meaning in (("writable", True), ("readonly", False), ("read_only", False)):
-        value = getattr(disk, attr, None)
-        if isinstance(value, bool):
-            return value if meaning else not value
-    mode = getattr(disk, "mode", None)
-    if isinstance(mode, str):
-        return "+" in mode or "w" in mode
-    return None
 
 
 def _describe(disk) -> str:
@@ -128,8 +117,7 @@ def open_exports(images: Sequence, names=None, rw: bool = False) -> List[Export]
             if len(name.encode("utf-8")) > 4096 or "\0" in name:
                 exports.append(Export(name, disk, None, owned))
                 raise VDiskError(f"export name {name[:40]!r}... is not a valid NBD name")
-            writable = _disk_writable(disk)
-            readonly = not rw or writable is False
+            readonly = not rw or disk.read_only
             info = ExportInfo(name=name, size=int(disk.size), readonly=readonly,
                               description=_describe(disk))
             exports.append(Export(name, disk, info, owned))
