@@ -11,7 +11,9 @@ TLS wraps the socket only: the protocol in :mod:`vdisk.serve.nbd_conn` decides w
 here runs the handshake. One line per connection (accepted, refused or abandoned, with the peer
 and its certificate subject) goes to ``on_connection``, or to the ``vdisk.nbd`` log. Disk I/O runs in
 a thread pool, so a slow request on one connection never stalls another, and one client's
-requests run concurrently (replies may come back out of order, as NBD allows).
+requests run concurrently (replies may come back out of order, as NBD allows). A read whose
+bytes are all in the page cache is answered on the event loop itself (``preadv(RWF_NOWAIT)``),
+which is cheaper than the round trip through a worker thread; one that would wait goes to the pool.
 
 For tests and embedding, :class:`BackgroundNBDServer` runs the same server in a thread on a free
 port::
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
 from ..errors import VDiskError
-from .nbd_backend import handle_request
+from .nbd_backend import handle_request, read_cached
 from .nbd_conn import MUST_SEND, NEED_DATA, Closed, ExportChosen, Request, ServerConnection, StartTLS
 from .nbd_wire import CMD_READ, CMD_WRITE, ExportInfo
 from .nbd_tls import TlsConfig, check_exposure, connection_line, peer_subject
@@ -150,7 +152,7 @@ class NBDServer:
                  tls: Optional[TlsConfig] = None, insecure: bool = False,
                  on_connection: Optional[Callable[[str], None]] = None,
                  send_timeout: Optional[float] = SEND_TIMEOUT,
-                 max_total_inflight: int = MAX_TOTAL_INFLIGHT_BYTES):
+                 max_total_inflight: int = MAX_TOTAL_INFLIGHT_BYTES, inline_reads: bool = True):
         if shared is not None and shared < 0:
             raise VDiskError("--shared must be 0 (unlimited) or a positive number of clients")
         self.tls = tls if tls is not None else TlsConfig()
@@ -159,6 +161,8 @@ class NBDServer:
         self.shared = shared or None                     # None = unlimited
         self.handshake_timeout = handshake_timeout
         self.send_timeout = send_timeout
+        #: reads whose bytes are all in the page cache run on the event loop (no worker thread)
+        self.inline_reads = inline_reads
         self.max_total_inflight = max(max_total_inflight, MAX_INFLIGHT_BYTES)
         self._on_connection = on_connection
         self.exports = open_exports(images, names, rw)
@@ -354,10 +358,11 @@ class NBDServer:
             if data and not writer.transport.is_closing():
                 writer.write(data)
 
-        async def run(req: Request, cost: int) -> None:
+        async def run(req: Request, cost: int, buffers=None) -> None:
             nonlocal broken
             try:
-                buffers = await loop.run_in_executor(self._pool, handle_request, req, disk)
+                if buffers is None:
+                    buffers = await loop.run_in_executor(self._pool, handle_request, req, disk)
                 # One reply at a time enters the transport, and only once the one before it has
                 # left: the transport's copy of a reply counts against the in-flight budget too.
                 async with write_turn:
@@ -438,7 +443,12 @@ class NBDServer:
                     send(conn.data_to_send())
                     cost = ev.length if ev.command in (CMD_READ, CMD_WRITE) else 0
                     await self._admit(budget, cost)
-                    t = asyncio.create_task(run(ev, cost))
+                    # A read served from the page cache costs less than the trip to a worker
+                    # thread and back (two thread switches, GIL hand-offs): it runs here.
+                    # Anything that would wait for the disk goes to the pool.
+                    ready = read_cached(ev, disk) if ev.command == CMD_READ and self.inline_reads \
+                        else None
+                    t = asyncio.create_task(run(ev, cost, ready))
                     inflight.add(t)
                     t.add_done_callback(inflight.discard)
                     continue
@@ -536,7 +546,7 @@ class BackgroundNBDServer:
                  workers: Optional[int] = None, handshake_timeout: Optional[float] = HANDSHAKE_TIMEOUT,
                  **options):
         """``options``: the rest of :class:`NBDServer`'s keywords (tls, insecure, on_connection,
-        send_timeout, max_total_inflight)."""
+        send_timeout, max_total_inflight, inline_reads)."""
         self._kwargs = dict(host=host, port=port, names=names, rw=rw, shared=shared, workers=workers,
                             handshake_timeout=handshake_timeout, **options)
         self._images = images

@@ -8,8 +8,9 @@ complete reply as a list of buffers. It blocks on disk I/O, so the shell in
 from __future__ import annotations
 
 import errno as _errno
+import os
 import struct
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from ..blockdev import ExtentKind
 from .nbd_conn import Request
@@ -149,12 +150,18 @@ def _flush_if_fua(req: Request, disk) -> None:
         disk.flush()
 
 
-def _do_read(req: Request, disk) -> List[bytes]:
+_ZEROS = memoryview(bytes(1024 * 1024))
+
+
+def _do_read(req: Request, disk, fetch=None) -> List[bytes]:
+    """The reply to a READ; ``fetch(disk, view, offset)`` fills a buffer (default: the disk's
+    readinto)."""
+    fetch = fetch or _readinto_exact
     off, n, cookie = req.offset, req.length, req.cookie
     if not req.structured:
         buf = bytearray(HDR_SIMPLE.size + n)
         if n:
-            _readinto_exact(disk, memoryview(buf)[HDR_SIMPLE.size:], off)
+            fetch(disk, memoryview(buf)[HDR_SIMPLE.size:], off)
         HDR_SIMPLE.pack_into(buf, 0, SIMPLE_REPLY_MAGIC, 0, cookie)
         return [buf]
     if n == 0:
@@ -164,20 +171,61 @@ def _do_read(req: Request, disk) -> List[bytes]:
     else:
         plan = _read_plan(disk, off, n)
     # Read everything first, so an error can still be reported as a clean single ERROR chunk.
-    pieces = []
+    pieces: List[bytes] = []
+    hdr = HDR_CHUNK.size + 8
     for i, (o, ln, hole) in enumerate(plan):
         done = i == len(plan) - 1
+        flags = REPLY_FLAG_DONE if done else 0
         if hole:
             pieces.append(encode_hole_chunk(cookie, o, ln, done))
-        else:
-            hdr = HDR_CHUNK.size + 8
-            buf = bytearray(hdr + ln)
-            _readinto_exact(disk, memoryview(buf)[hdr:], o)
-            HDR_CHUNK.pack_into(buf, 0, STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE if done else 0,
-                                 REPLY_TYPE_OFFSET_DATA, cookie, 8 + ln)
-            struct.pack_into(">Q", buf, HDR_CHUNK.size, o)
-            pieces.append(buf)
+            continue
+        buf = bytearray(hdr + ln)
+        fetch(disk, memoryview(buf)[hdr:], o)
+        HDR_CHUNK.pack_into(buf, 0, STRUCTURED_REPLY_MAGIC, flags, REPLY_TYPE_OFFSET_DATA, cookie,
+                            8 + ln)
+        struct.pack_into(">Q", buf, HDR_CHUNK.size, o)
+        pieces.append(buf)
     return pieces
+
+
+class _WouldBlock(Exception):
+    """A cached read found a byte that is not in the page cache."""
+
+
+def _fetch_cached(disk, view: memoryview, offset: int) -> None:
+    runs = disk.file_runs(offset, len(view))
+    if runs is None:
+        raise _WouldBlock()
+    pos = 0
+    for fd, foff, n in runs:
+        piece = view[pos:pos + n]
+        pos += n
+        if fd < 0:
+            piece[:] = _ZEROS[:n] if n <= len(_ZEROS) else bytes(n)
+            continue
+        try:
+            got = os.preadv(fd, [piece], foff, os.RWF_NOWAIT)
+        except OSError:                 # EAGAIN (not cached), or no RWF_NOWAIT here
+            raise _WouldBlock() from None
+        if got != n:
+            raise _WouldBlock()
+
+
+def read_cached(req: Request, disk) -> Optional[List[bytes]]:
+    """The reply to a READ whose bytes are all in the page cache (``preadv(RWF_NOWAIT)``), so
+    it costs no disk wait and may run on the event loop instead of a worker thread; None when
+    anything would wait for the disk, the disk is not a plain :class:`vdisk.Disk` reading its
+    own files, or the system has no RWF_NOWAIT (then the caller runs :func:`handle_request`)."""
+    from ..disk import Disk
+    if req.command != CMD_READ or type(disk).readinto is not Disk.readinto or \
+            not hasattr(os, "RWF_NOWAIT") or disk.closed:
+        return None
+    try:
+        return _do_read(req, disk, fetch=_fetch_cached)
+    except _WouldBlock:
+        return None
+    except Exception:  # noqa: BLE001 - the worker path reports errors properly
+        return None
 
 
 def _readinto_exact(disk, view: memoryview, offset: int) -> None:
