@@ -93,8 +93,9 @@ def test_a_file_shorter_than_its_map_is_left_to_the_worker(tmp_path):
     with vdisk.open(path) as d:
         d.pread(d.size, 0)
         runs = d.file_runs(0, d.size)
-        fd, foff, n = max((r for r in runs if r[0] >= 0), key=lambda r: r[1])
-        voff = sum(r[2] for r in runs[:runs.index((fd, foff, n))])
+        last = max((r for r in runs if r[1] >= 0), key=lambda r: r[2])
+        _kind, fd, foff, n = last
+        voff = sum(r[3] for r in runs[:runs.index(last)])
         os.truncate(path, foff + n // 2)                # inside the last data run
         req = read_request(d.size, voff, n, False)
         assert B.read_cached(req, d) is None

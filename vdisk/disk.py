@@ -144,31 +144,22 @@ class Disk:
         self._check_range(offset, length)
         return self._engine.resolve(offset, length)
 
-    def file_runs(self, offset: int, length: int) -> Optional[list[tuple[int, int, int]]]:
+    def file_runs(self, offset: int, length: int) -> Optional[list[tuple]]:
         """Where a read of the range would come from, for callers that read the image files
-        themselves (the NBD server's page-cache probe): ``(fd, file offset, length)`` pieces in
-        order, ``fd == -1`` where the range reads as zeros. None when the bytes cannot be taken
-        from the files as they are (a piece past a file's end, or read fault injection on): then
-        use :meth:`readinto`. Valid until the next write to the range; the descriptors belong
-        to the disk (do not close them)."""
+        themselves (the NBD server's page-cache path): ``(kind, fd, file offset, length)``
+        pieces in order, ``fd == -1`` where the piece reads as zeros (kind ZERO or
+        UNALLOCATED). None when the files must not be read directly (read fault injection is
+        on): then use :meth:`readinto`. The file may be shorter than its map says (a damaged
+        or truncated image): a caller that reads fewer bytes than a piece asks for must fall
+        back to :meth:`readinto`, which reports it. Valid until the next write to the range;
+        the descriptors belong to the disk (do not close them)."""
         from . import io as _io
         self._check_range(offset, length)
         if _io.read_fault_hook is not None:
             return None
-        out: list[tuple[int, int, int]] = []
-        ends: dict[int, int] = {}
-        for _voff, n, kind, level, foff in self._engine.resolve(offset, length):
-            if kind != ExtentKind.DATA:
-                out.append((-1, 0, n))
-                continue
-            f = self._layers[level].file
-            end = ends.get(level)
-            if end is None:
-                end = ends[level] = f.size()
-            if foff + n > end:
-                return None
-            out.append((f.fd, foff, n))
-        return out
+        layers = self._layers
+        return [(kind, layers[level].file.fd if kind == ExtentKind.DATA else -1, foff, n)
+                for _voff, n, kind, level, foff in self._engine.resolve(offset, length)]
 
     def flush(self) -> None:
         """Make every completed write durable (data first, then the metadata pointing at it)."""

@@ -11,9 +11,9 @@ TLS wraps the socket only: the protocol in :mod:`vdisk.serve.nbd_conn` decides w
 here runs the handshake. One line per connection (accepted, refused or abandoned, with the peer
 and its certificate subject) goes to ``on_connection``, or to the ``vdisk.nbd`` log. Disk I/O runs in
 a thread pool, so a slow request on one connection never stalls another, and one client's
-requests run concurrently (replies may come back out of order, as NBD allows). A read whose
-bytes are all in the page cache is answered on the event loop itself (``preadv(RWF_NOWAIT)``),
-which is cheaper than the round trip through a worker thread; one that would wait goes to the pool.
+requests run concurrently (replies may come back out of order, as NBD allows). A small read
+whose bytes are all in the page cache is answered on the event loop itself
+(``preadv(RWF_NOWAIT)``), which is cheaper than the round trip through a worker thread.
 
 For tests and embedding, :class:`BackgroundNBDServer` runs the same server in a thread on a free
 port::
@@ -54,6 +54,9 @@ HANDSHAKE_TIMEOUT = 60.0                # seconds a client may take to reach tra
 #: bytes of replies the transport may hold before the next reply waits for it to drain
 TRANSPORT_QUEUE = 4 * 1024 * 1024
 SEND_TIMEOUT = 60.0                     # seconds replies may wait for a client that reads nothing
+INLINE_READ_MAX = 64 * 1024             # largest cached READ answered on the event loop itself
+COALESCE_MAX = 64 * 1024                # replies smaller than this may share one send()
+COALESCE_COUNT = 8                      # ...and at most this many: the client starts on them early
 
 
 @dataclass
@@ -183,6 +186,7 @@ class NBDServer:
         self._slots: Optional[asyncio.Semaphore] = None
         self._total_inflight = 0                         # bytes, all connections
         self._budget_freed: Optional[asyncio.Condition] = None
+        self._budget_waiters = 0
         self._closing = False
         self._closed = False
 
@@ -291,8 +295,12 @@ class NBDServer:
 
         assert self._budget_freed is not None
         if not fits():
-            async with self._budget_freed:
-                await self._budget_freed.wait_for(fits)
+            self._budget_waiters += 1
+            try:
+                async with self._budget_freed:
+                    await self._budget_freed.wait_for(fits)
+            finally:
+                self._budget_waiters -= 1
         budget["bytes"] += cost
         budget["count"] += 1
         self._total_inflight += cost
@@ -302,8 +310,9 @@ class NBDServer:
         budget["count"] -= 1
         self._total_inflight -= cost
         assert self._budget_freed is not None
-        async with self._budget_freed:
-            self._budget_freed.notify_all()
+        if self._budget_waiters:               # nobody waiting: no lock, no wake-up to send
+            async with self._budget_freed:
+                self._budget_freed.notify_all()
 
     async def _send_watchdog(self, writer, raw_transport) -> None:
         """End a connection whose replies have not moved for ``send_timeout`` seconds: a client
@@ -354,23 +363,56 @@ class NBDServer:
                                          readonly=export.readonly if export else True,
                                          reason=reason, **who), outcome == "accepted")
 
+        # Small replies finished in the same turn of the event loop leave in one send() (a
+        # pipelining client's 4 KiB reads would otherwise cost a system call and a TCP segment
+        # each); large ones are written as they are, never copied into a batch.
+        batch: list = []
+        batch_due = False
+        batch_bytes = 0
+
+        def flush_batch() -> None:
+            nonlocal batch_due, batch_bytes
+            batch_due = False
+            if batch:
+                data = b"".join(batch) if len(batch) > 1 else batch[0]
+                batch.clear()
+                batch_bytes = 0
+                if not writer.transport.is_closing():
+                    writer.write(data)
+
+        def send_reply(data) -> None:
+            nonlocal batch_due, batch_bytes
+            if len(data) >= COALESCE_MAX:
+                flush_batch()
+                if not writer.transport.is_closing():
+                    writer.write(memoryview(data))
+                return
+            batch.append(data)
+            batch_bytes += len(data)
+            if len(batch) >= COALESCE_COUNT:
+                flush_batch()           # let the client start on these while we go on
+                return
+            if not batch_due:
+                batch_due = True
+                loop.call_soon(flush_batch)
+
         def send(data) -> None:
+            flush_batch()                       # whatever is batched goes first, in order
             if data and not writer.transport.is_closing():
                 writer.write(data)
 
-        async def run(req: Request, cost: int, buffers=None) -> None:
+        async def run(req: Request, cost: int) -> None:
             nonlocal broken
             try:
-                if buffers is None:
-                    buffers = await loop.run_in_executor(self._pool, handle_request, req, disk)
+                buffers = await loop.run_in_executor(self._pool, handle_request, req, disk)
                 # One reply at a time enters the transport, and only once the one before it has
                 # left: the transport's copy of a reply counts against the in-flight budget too.
                 async with write_turn:
                     await writer.drain()
                     if not writer.transport.is_closing():
                         for b in buffers:
-                            writer.write(memoryview(b))   # no await between: never interleaved
-                    del buffers             # the transport holds its copy; do not keep two
+                            send_reply(b)       # no await between: never interleaved
+                    del buffers             # the transport (or the batch) holds it; not two copies
                     await writer.drain()
             except (ConnectionError, OSError):
                 broken = True
@@ -441,14 +483,23 @@ class NBDServer:
                     continue
                 if isinstance(ev, Request):
                     send(conn.data_to_send())
+                    # A small read served from the page cache costs less than the trip to a
+                    # worker thread and back (two thread switches, GIL hand-offs): it is
+                    # answered here and now, while the replies waiting to leave are few (the
+                    # transport's limit stands in for the in-flight budget). Large reads go to
+                    # the pool, where their copying overlaps the sending of other replies; so
+                    # does anything that would wait for the disk.
+                    if ev.command == CMD_READ and self.inline_reads and \
+                            ev.length <= INLINE_READ_MAX and \
+                            raw_transport.get_write_buffer_size() + batch_bytes < TRANSPORT_QUEUE:
+                        ready = read_cached(ev, disk)
+                        if ready is not None:
+                            for b in ready:
+                                send_reply(b)
+                            continue
                     cost = ev.length if ev.command in (CMD_READ, CMD_WRITE) else 0
                     await self._admit(budget, cost)
-                    # A read served from the page cache costs less than the trip to a worker
-                    # thread and back (two thread switches, GIL hand-offs): it runs here.
-                    # Anything that would wait for the disk goes to the pool.
-                    ready = read_cached(ev, disk) if ev.command == CMD_READ and self.inline_reads \
-                        else None
-                    t = asyncio.create_task(run(ev, cost, ready))
+                    t = asyncio.create_task(run(ev, cost))
                     inflight.add(t)
                     t.add_done_callback(inflight.discard)
                     continue

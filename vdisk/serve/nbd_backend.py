@@ -94,7 +94,20 @@ def block_status_descriptors(disk, offset: int, length: int, req_one: bool,
 def _read_plan(disk, offset: int, length: int) -> List[Tuple[int, int, bool]]:
     """(offset, length, is_hole) pieces for a structured read: holes shorter than HOLE_MIN are
     folded into the data around them so a fragmented region costs one read, not many."""
-    runs = [(o, n, kind is not ExtentKind.DATA) for o, n, kind in extent_runs(disk, offset, length)]
+    return _plan_from_kinds(offset, [(kind, n) for _o, n, kind in extent_runs(disk, offset, length)])
+
+
+def _plan_from_kinds(offset: int, kinds: List[Tuple[ExtentKind, int]]) -> List[Tuple[int, int, bool]]:
+    """The read plan from (kind, length) runs covering the range from *offset* in order."""
+    merged: List[Tuple[int, int, bool]] = []
+    pos = offset
+    for kind, n in kinds:                       # runs of one kind first (as extent_runs gives)
+        if merged and merged[-1][2] == kind:
+            merged[-1] = (merged[-1][0], merged[-1][1] + n, kind)
+        else:
+            merged.append((pos, n, kind))
+        pos += n
+    runs = [(o, n, kind is not ExtentKind.DATA) for o, n, kind in merged]
     plan: List[Tuple[int, int, bool]] = []
     for o, n, hole in runs:
         if hole and n < HOLE_MIN:
@@ -150,18 +163,12 @@ def _flush_if_fua(req: Request, disk) -> None:
         disk.flush()
 
 
-_ZEROS = memoryview(bytes(1024 * 1024))
-
-
-def _do_read(req: Request, disk, fetch=None) -> List[bytes]:
-    """The reply to a READ; ``fetch(disk, view, offset)`` fills a buffer (default: the disk's
-    readinto)."""
-    fetch = fetch or _readinto_exact
+def _do_read(req: Request, disk) -> List[bytes]:
     off, n, cookie = req.offset, req.length, req.cookie
     if not req.structured:
         buf = bytearray(HDR_SIMPLE.size + n)
         if n:
-            fetch(disk, memoryview(buf)[HDR_SIMPLE.size:], off)
+            _readinto_exact(disk, memoryview(buf)[HDR_SIMPLE.size:], off)
         HDR_SIMPLE.pack_into(buf, 0, SIMPLE_REPLY_MAGIC, 0, cookie)
         return [buf]
     if n == 0:
@@ -180,7 +187,7 @@ def _do_read(req: Request, disk, fetch=None) -> List[bytes]:
             pieces.append(encode_hole_chunk(cookie, o, ln, done))
             continue
         buf = bytearray(hdr + ln)
-        fetch(disk, memoryview(buf)[hdr:], o)
+        _readinto_exact(disk, memoryview(buf)[hdr:], o)
         HDR_CHUNK.pack_into(buf, 0, STRUCTURED_REPLY_MAGIC, flags, REPLY_TYPE_OFFSET_DATA, cookie,
                             8 + ln)
         struct.pack_into(">Q", buf, HDR_CHUNK.size, o)
@@ -192,40 +199,85 @@ class _WouldBlock(Exception):
     """A cached read found a byte that is not in the page cache."""
 
 
-def _fetch_cached(disk, view: memoryview, offset: int) -> None:
-    runs = disk.file_runs(offset, len(view))
-    if runs is None:
-        raise _WouldBlock()
-    pos = 0
-    for fd, foff, n in runs:
-        piece = view[pos:pos + n]
-        pos += n
-        if fd < 0:
-            piece[:] = _ZEROS[:n] if n <= len(_ZEROS) else bytes(n)
-            continue
-        try:
-            got = os.preadv(fd, [piece], foff, os.RWF_NOWAIT)
-        except OSError:                 # EAGAIN (not cached), or no RWF_NOWAIT here
-            raise _WouldBlock() from None
-        if got != n:
-            raise _WouldBlock()
+def _fill_cached(view: memoryview, runs: list, i: int, skip: int) -> Tuple[int, int]:
+    """Fill *view* from ``runs[i]`` on (the first *skip* bytes of it already used) with
+    ``preadv(RWF_NOWAIT)``; zero runs stay as they are (the buffer is fresh). Returns where the
+    next piece starts (run index, bytes of it used)."""
+    pos, want = 0, len(view)
+    while pos < want:
+        _kind, fd, foff, n = runs[i]
+        take = min(n - skip, want - pos)
+        if fd >= 0:
+            try:
+                got = os.preadv(fd, [view[pos:pos + take]], foff + skip, os.RWF_NOWAIT)
+            except OSError:             # EAGAIN (not cached), or no RWF_NOWAIT here
+                raise _WouldBlock() from None
+            if got != take:             # not all cached, or the file ends early
+                raise _WouldBlock()
+        pos += take
+        skip += take
+        if skip == n:
+            i, skip = i + 1, 0
+    return i, skip
 
 
 def read_cached(req: Request, disk) -> Optional[List[bytes]]:
     """The reply to a READ whose bytes are all in the page cache (``preadv(RWF_NOWAIT)``), so
-    it costs no disk wait and may run on the event loop instead of a worker thread; None when
-    anything would wait for the disk, the disk is not a plain :class:`vdisk.Disk` reading its
-    own files, or the system has no RWF_NOWAIT (then the caller runs :func:`handle_request`)."""
+    it costs no disk wait and may run on the event loop instead of a worker thread. Exactly the
+    reply :func:`handle_request` gives, from one look-up of the map. None when anything would
+    wait for the disk, the disk is not a plain :class:`vdisk.Disk` reading its own files, or
+    the system has no RWF_NOWAIT: then the caller runs :func:`handle_request`."""
     from ..disk import Disk
     if req.command != CMD_READ or type(disk).readinto is not Disk.readinto or \
             not hasattr(os, "RWF_NOWAIT") or disk.closed:
         return None
+    off, n, cookie = req.offset, req.length, req.cookie
     try:
-        return _do_read(req, disk, fetch=_fetch_cached)
+        runs = disk.file_runs(off, n) if n else []
+        if runs is None:
+            return None
+        if not req.structured:
+            buf = bytearray(HDR_SIMPLE.size + n)
+            if n:
+                _fill_cached(memoryview(buf)[HDR_SIMPLE.size:], runs, 0, 0)
+            HDR_SIMPLE.pack_into(buf, 0, SIMPLE_REPLY_MAGIC, 0, cookie)
+            return [buf]
+        if n == 0:
+            return [encode_none_chunk(cookie)]
+        if req.flags & CMD_FLAG_DF:
+            plan = [(off, n, False)]
+        else:
+            plan = _plan_from_kinds(off, [(r[0], r[3]) for r in runs])
+        pieces: List[bytes] = []
+        hdr = HDR_CHUNK.size + 8
+        i = skip = 0
+        for k, (o, ln, hole) in enumerate(plan):
+            done = k == len(plan) - 1
+            if hole:
+                pieces.append(encode_hole_chunk(cookie, o, ln, done))
+                i, skip = _advance(runs, i, skip, ln)
+                continue
+            buf = bytearray(hdr + ln)
+            i, skip = _fill_cached(memoryview(buf)[hdr:], runs, i, skip)
+            HDR_CHUNK.pack_into(buf, 0, STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE if done else 0,
+                                REPLY_TYPE_OFFSET_DATA, cookie, 8 + ln)
+            struct.pack_into(">Q", buf, HDR_CHUNK.size, o)
+            pieces.append(buf)
+        return pieces
     except _WouldBlock:
         return None
     except Exception:  # noqa: BLE001 - the worker path reports errors properly
         return None
+
+
+def _advance(runs: list, i: int, skip: int, length: int) -> Tuple[int, int]:
+    while length:
+        take = min(runs[i][3] - skip, length)
+        length -= take
+        skip += take
+        if skip == runs[i][3]:
+            i, skip = i + 1, 0
+    return i, skip
 
 
 def _readinto_exact(disk, view: memoryview, offset: int) -> None:
