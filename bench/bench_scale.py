@@ -298,7 +298,8 @@ def main() -> None:
     if max(depths) > MAX_DEPTH or min(depths) < 1:
         raise SystemExit(f"depths must be 1..{MAX_DEPTH}")
     only = set(args.only.split(","))
-    build_chains()
+    if only & {"chain", "open", "shadow"}:
+        build_chains()
     if "chain" in only:
         bench_chains(depths, args.reads, args.rounds)
     if "open" in only:

@@ -1,5 +1,7 @@
-"""Sans-IO tests of vdisk.serve.nbd_proto: the handshake state machine, option haggling, request
-validation and reply encoding, with no socket anywhere (an in-memory disk stands in for images)."""
+"""Sans-IO tests of the NBD protocol (vdisk.serve.nbd_wire / nbd_conn / nbd_backend, reached here
+through their one-release alias vdisk.serve.nbd_proto): the handshake state machine, option
+haggling, request validation, reply encoding and request execution, with no socket anywhere (an
+in-memory disk stands in for images)."""
 from __future__ import annotations
 
 import struct
@@ -8,9 +10,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from vdisk.blockdev import Extent, ExtentKind
 from vdisk.errors import RangeError, ReadOnlyError, UnsupportedError, VDiskError
 from vdisk.serve import nbd_proto as P
 from test_nbd_support import MemDisk
+
+DATA, UNALLOCATED = ExtentKind.DATA, ExtentKind.UNALLOCATED
 
 EXPORTS = [P.ExportInfo("a.vhd", 1 << 20, readonly=False, description="vhd dynamic"),
            P.ExportInfo("b.vdi", 2 << 20, readonly=True)]
@@ -539,10 +544,7 @@ def test_write_zeroes_variants():
     assert d.state[5] == "DATA" and d.data[5 * 65536:6 * 65536] == bytes(65536)
     assert d.calls[-2:] == [("write_zeroes_keep", 5 * 65536, 65536), ("flush",)]
 
-    class Plain(MemDisk):                      # a Disk-like object without keep_allocated
-        def write_zeroes(self, offset, length):
-            raise AssertionError("must not be used for NO_HOLE")
-    p = Plain(1 << 20)
+    p = MemDisk(1 << 20)                       # NO_HOLE on allocated blocks: zeros, still DATA
     p.fill(0, b"\xff" * (1 << 20))
     P.handle_request(request(P.CMD_WRITE_ZEROES, 100, 3 << 20 >> 2, flags=P.CMD_FLAG_NO_HOLE, size=1 << 20), p)
     assert p.data[100:100 + (3 << 18)] == bytes(3 << 18) and p.data[99] == 0xff
@@ -583,19 +585,29 @@ def test_block_status_descriptor_limit():
     assert len(desc) == 100 and sum(n for n, _ in desc) == 100 * 512
 
 
-def test_extent_runs_tolerates_tuples_gaps_and_overhang():
+def test_extent_runs_tolerates_gaps_and_overhang():
     class T:
         size = 1000
 
         def extents(self, offset, length):
-            return [(0, 300, "DATA", 0), (500, 1000, "UNALLOCATED", 0)]   # gap 300-500, overhang
-    assert P.extent_runs(T(), 100, 600) == [(100, 400, "DATA"), (500, 200, "UNALLOCATED")]
+            return [Extent(0, 300, DATA, 0), Extent(500, 1000, UNALLOCATED, 0)]   # gap 300-500, overhang
+    assert P.extent_runs(T(), 100, 600) == [(100, 400, DATA), (500, 200, UNALLOCATED)]
+
+
+def test_extent_kinds_must_be_extentkind_members():
+    class T:
+        size = 1000
+
+        def extents(self, offset, length):
+            return [Extent(0, 1000, "DATA", 0)]
+    with pytest.raises(TypeError):
+        P.extent_runs(T(), 0, 1000)
 
 
 def test_allocation_flags():
-    assert P.allocation_flags("DATA") == 0
-    assert P.allocation_flags("ZERO") == P.STATE_HOLE | P.STATE_ZERO
-    assert P.allocation_flags("UNALLOCATED") == P.STATE_HOLE | P.STATE_ZERO
+    assert P.allocation_flags(DATA) == 0
+    assert P.allocation_flags(ExtentKind.ZERO) == P.STATE_HOLE | P.STATE_ZERO
+    assert P.allocation_flags(UNALLOCATED) == P.STATE_HOLE | P.STATE_ZERO
 
 
 @pytest.mark.parametrize("exc, cmd, err", [
@@ -732,7 +744,7 @@ class StripedDisk:
         out, pos, end = [], offset, offset + length
         while pos < end:
             nxt = min((pos // self.stripe + 1) * self.stripe, end)
-            out.append((pos, nxt - pos, "DATA" if (pos // self.stripe) % 2 == 0 else "UNALLOCATED", 0))
+            out.append(Extent(pos, nxt - pos, DATA if (pos // self.stripe) % 2 == 0 else UNALLOCATED, 0))
             pos = nxt
         return out
 

@@ -1,7 +1,8 @@
 """Shared helpers for the NBD tests (no tests in here).
 
-* :class:`MemDisk`: an in-memory object with the Disk API (pread/readinto/pwrite/write_zeroes/
-  discard/extents/flush), a block allocation map and counters, to drive the protocol without files.
+* :class:`MemDisk`: an in-memory :class:`vdisk.blockdev.BlockDevice` (readinto/pwrite/write_zeroes/
+  discard/extents/flush, extents as ``Extent`` with ``ExtentKind``), a block allocation map and
+  counters, to drive the protocol without files.
 * free ports, a raw-socket NBD client for malformed-input tests, image builders via vdisk.
 * the python ``nbd`` module (python3-libnbd), imported from Debian's dist-packages when possible.
 """
@@ -13,9 +14,10 @@ import struct
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass
 
 from conftest import need  # noqa: F401  (re-exported: the one judge check, see conftest)
+
+from vdisk.blockdev import Extent, ExtentKind
 
 NBD_DIST = "/usr/lib/python3/dist-packages"
 
@@ -24,24 +26,21 @@ NBD_DIST = "/usr/lib/python3/dist-packages"
 # An in-memory disk with the vdisk.Disk API
 # ----------------------------------------------------------------------------------------------
 
-@dataclass
-class MemExtent:
-    offset: int
-    length: int
-    kind: str          # "DATA" | "ZERO" | "UNALLOCATED"
-    layer: int = 0
-
-
 class MemDisk:
-    """bytearray-backed disk with per-block state: UNALLOCATED, ZERO or DATA."""
+    """bytearray-backed disk with per-block state ("UNALLOCATED", "ZERO" or "DATA", reported as
+    the ExtentKind of that name)."""
+
+    logical_sector_size = 512
+    uuid = None
 
     def __init__(self, size: int, block: int = 64 * 1024, writable: bool = True, path: str = "mem.img"):
         self.size = size
         self.block = block
+        self.block_size = block
         self.data = bytearray(size)
         nblocks = (size + block - 1) // block
         self.state = ["UNALLOCATED"] * nblocks
-        self.writable = writable
+        self.read_only = not writable
         self.path = path
         self.format, self.subtype = "mem", "test"
         self.flushes = 0
@@ -83,7 +82,7 @@ class MemDisk:
 
     def pwrite(self, data, offset):
         from vdisk.errors import ReadOnlyError
-        if not self.writable:
+        if self.read_only:
             raise ReadOnlyError("read-only")
         data = bytes(data)
         self._check(offset, len(data))
@@ -131,11 +130,11 @@ class MemDisk:
         while pos < end:
             b = pos // self.block
             nxt = min((b + 1) * self.block, end)
-            kind = self.state[b]
+            kind = ExtentKind[self.state[b]]
             if out and out[-1].kind == kind:
-                out[-1].length += nxt - pos
+                out[-1] = Extent(out[-1].offset, out[-1].length + nxt - pos, kind, 0)
             else:
-                out.append(MemExtent(pos, nxt - pos, kind))
+                out.append(Extent(pos, nxt - pos, kind, 0))
             pos = nxt
         return out
 
@@ -346,12 +345,12 @@ def build_chain(directory, stem: str, fmt: str, depth: int, size: int = 40 << 20
 def expected_allocation(path):
     """[(offset, length, flags)] of base:allocation as our server must report it, merged."""
     import vdisk
-    from vdisk.serve.nbd_proto import allocation_flags
+    from vdisk.serve.nbd_backend import allocation_flags
 
     out = []
     with vdisk.open(path) as d:
         for e in d.extents():
-            fl = allocation_flags(e.kind.name)
+            fl = allocation_flags(e.kind)
             if out and out[-1][2] == fl:
                 out[-1] = (out[-1][0], out[-1][1] + e.length, fl)
             else:

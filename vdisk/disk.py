@@ -143,6 +143,23 @@ class Disk:
         self._check_range(offset, length)
         return self._engine.resolve(offset, length)
 
+    def file_runs(self, offset: int, length: int) -> Optional[list[tuple]]:
+        """Where a read of the range would come from, for callers that read the image files
+        themselves (the NBD server's page-cache path): ``(kind, fd, file offset, length)``
+        pieces in order, ``fd == -1`` where the piece reads as zeros (kind ZERO or
+        UNALLOCATED). None when the files must not be read directly (read fault injection is
+        on): then use :meth:`readinto`. The file may be shorter than its map says (a damaged
+        or truncated image): a caller that reads fewer bytes than a piece asks for must fall
+        back to :meth:`readinto`, which reports it. Valid until the next write to the range;
+        the descriptors belong to the disk (do not close them)."""
+        from . import io as _io
+        self._check_range(offset, length)
+        if _io.read_fault_hook is not None:
+            return None
+        layers = self._layers
+        return [(kind, layers[level].file.fd if kind == ExtentKind.DATA else -1, foff, n)
+                for _voff, n, kind, level, foff in self._engine.resolve(offset, length)]
+
     def flush(self) -> None:
         """Make every completed write durable (data first, then the metadata pointing at it)."""
         if not self.read_only and not self._closed:

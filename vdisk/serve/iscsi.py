@@ -232,7 +232,7 @@ def _open_lu(image: Union[str, os.PathLike, object], rw: bool,
             disk.close()
             raise
     disk = image
-    read_only = bool(getattr(disk, "read_only", False)) or not rw
+    read_only = disk.read_only or not rw
     return (ScsiDisk(disk, read_only=read_only, **lu_options), (lambda: None),
             str(getattr(disk, "path", "disk")))
 

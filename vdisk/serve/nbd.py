@@ -1,5 +1,5 @@
-"""NBD export of vdisk images: an asyncio server around the sans-IO protocol in
-:mod:`vdisk.serve.nbd_proto`.
+"""NBD export of vdisk images: an asyncio server around the sans-IO connection in
+:mod:`vdisk.serve.nbd_conn` and the request backend in :mod:`vdisk.serve.nbd_backend`.
 
     from vdisk.serve.nbd import serve_nbd
     serve_nbd(["a.vhd", "b.vdi"])               # nbd://127.0.0.1:10809/a.vhd and /b.vdi, read-only
@@ -7,11 +7,13 @@
 Several clients at once; several exports by name (default: the image's file name; ``names``
 overrides); read-only unless ``rw=True``; loopback unless ``host`` says otherwise, and any other
 address only with TLS required (``tls=TlsConfig.from_options(creds_dir)``) or ``insecure=True``.
-TLS wraps the socket only: the protocol in :mod:`vdisk.serve.nbd_proto` decides when, the shell
+TLS wraps the socket only: the protocol in :mod:`vdisk.serve.nbd_conn` decides when, the shell
 here runs the handshake. One line per connection (accepted, refused or abandoned, with the peer
 and its certificate subject) goes to ``on_connection``, or to the ``vdisk.nbd`` log. Disk I/O runs in
 a thread pool, so a slow request on one connection never stalls another, and one client's
-requests run concurrently (replies may come back out of order, as NBD allows).
+requests run concurrently (replies may come back out of order, as NBD allows). A small read
+whose bytes are all in the page cache is answered on the event loop itself
+(``preadv(RWF_NOWAIT)``), which is cheaper than the round trip through a worker thread.
 
 For tests and embedding, :class:`BackgroundNBDServer` runs the same server in a thread on a free
 port::
@@ -34,8 +36,9 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
 from ..errors import VDiskError
-from .nbd_proto import (CMD_READ, CMD_WRITE, MUST_SEND, NEED_DATA, Closed, ExportChosen, ExportInfo,
-                        Request, ServerConnection, StartTLS, handle_request)
+from .nbd_backend import handle_request, read_cached
+from .nbd_conn import MUST_SEND, NEED_DATA, Closed, ExportChosen, Request, ServerConnection, StartTLS
+from .nbd_wire import CMD_READ, CMD_WRITE, ExportInfo
 from .nbd_tls import TlsConfig, check_exposure, connection_line, peer_subject
 
 log = logging.getLogger("vdisk.nbd")
@@ -51,6 +54,9 @@ HANDSHAKE_TIMEOUT = 60.0                # seconds a client may take to reach tra
 #: bytes of replies the transport may hold before the next reply waits for it to drain
 TRANSPORT_QUEUE = 4 * 1024 * 1024
 SEND_TIMEOUT = 60.0                     # seconds replies may wait for a client that reads nothing
+INLINE_READ_MAX = 64 * 1024             # largest cached READ answered on the event loop itself
+COALESCE_MAX = 64 * 1024                # replies smaller than this may share one send()
+COALESCE_COUNT = 8                      # ...and at most this many: the client starts on them early
 
 
 @dataclass
@@ -59,18 +65,6 @@ class Export:
     disk: object
     info: ExportInfo
     owned: bool              # opened by us: closed when the server stops
-
-
-def _disk_writable(disk) -> Optional[bool]:
-    """Whether a Disk object was opened writable, if it tells."""
-    for attr, meaning in (("writable", True), ("readonly", False), ("read_only", False)):
-        value = getattr(disk, attr, None)
-        if isinstance(value, bool):
-            return value if meaning else not value
-    mode = getattr(disk, "mode", None)
-    if isinstance(mode, str):
-        return "+" in mode or "w" in mode
-    return None
 
 
 def _describe(disk) -> str:
@@ -128,8 +122,7 @@ def open_exports(images: Sequence, names=None, rw: bool = False) -> List[Export]
             if len(name.encode("utf-8")) > 4096 or "\0" in name:
                 exports.append(Export(name, disk, None, owned))
                 raise VDiskError(f"export name {name[:40]!r}... is not a valid NBD name")
-            writable = _disk_writable(disk)
-            readonly = not rw or writable is False
+            readonly = not rw or disk.read_only
             info = ExportInfo(name=name, size=int(disk.size), readonly=readonly,
                               description=_describe(disk))
             exports.append(Export(name, disk, info, owned))
@@ -162,7 +155,7 @@ class NBDServer:
                  tls: Optional[TlsConfig] = None, insecure: bool = False,
                  on_connection: Optional[Callable[[str], None]] = None,
                  send_timeout: Optional[float] = SEND_TIMEOUT,
-                 max_total_inflight: int = MAX_TOTAL_INFLIGHT_BYTES):
+                 max_total_inflight: int = MAX_TOTAL_INFLIGHT_BYTES, inline_reads: bool = True):
         if shared is not None and shared < 0:
             raise VDiskError("--shared must be 0 (unlimited) or a positive number of clients")
         self.tls = tls if tls is not None else TlsConfig()
@@ -171,6 +164,8 @@ class NBDServer:
         self.shared = shared or None                     # None = unlimited
         self.handshake_timeout = handshake_timeout
         self.send_timeout = send_timeout
+        #: reads whose bytes are all in the page cache run on the event loop (no worker thread)
+        self.inline_reads = inline_reads
         self.max_total_inflight = max(max_total_inflight, MAX_INFLIGHT_BYTES)
         self._on_connection = on_connection
         self.exports = open_exports(images, names, rw)
@@ -191,6 +186,7 @@ class NBDServer:
         self._slots: Optional[asyncio.Semaphore] = None
         self._total_inflight = 0                         # bytes, all connections
         self._budget_freed: Optional[asyncio.Condition] = None
+        self._budget_waiters = 0
         self._closing = False
         self._closed = False
 
@@ -299,8 +295,12 @@ class NBDServer:
 
         assert self._budget_freed is not None
         if not fits():
-            async with self._budget_freed:
-                await self._budget_freed.wait_for(fits)
+            self._budget_waiters += 1
+            try:
+                async with self._budget_freed:
+                    await self._budget_freed.wait_for(fits)
+            finally:
+                self._budget_waiters -= 1
         budget["bytes"] += cost
         budget["count"] += 1
         self._total_inflight += cost
@@ -310,8 +310,9 @@ class NBDServer:
         budget["count"] -= 1
         self._total_inflight -= cost
         assert self._budget_freed is not None
-        async with self._budget_freed:
-            self._budget_freed.notify_all()
+        if self._budget_waiters:               # nobody waiting: no lock, no wake-up to send
+            async with self._budget_freed:
+                self._budget_freed.notify_all()
 
     async def _send_watchdog(self, writer, raw_transport) -> None:
         """End a connection whose replies have not moved for ``send_timeout`` seconds: a client
@@ -362,7 +363,41 @@ class NBDServer:
                                          readonly=export.readonly if export else True,
                                          reason=reason, **who), outcome == "accepted")
 
+        # Small replies finished in the same turn of the event loop leave in one send() (a
+        # pipelining client's 4 KiB reads would otherwise cost a system call and a TCP segment
+        # each); large ones are written as they are, never copied into a batch.
+        batch: list = []
+        batch_due = False
+        batch_bytes = 0
+
+        def flush_batch() -> None:
+            nonlocal batch_due, batch_bytes
+            batch_due = False
+            if batch:
+                data = b"".join(batch) if len(batch) > 1 else batch[0]
+                batch.clear()
+                batch_bytes = 0
+                if not writer.transport.is_closing():
+                    writer.write(data)
+
+        def send_reply(data) -> None:
+            nonlocal batch_due, batch_bytes
+            if len(data) >= COALESCE_MAX:
+                flush_batch()
+                if not writer.transport.is_closing():
+                    writer.write(memoryview(data))
+                return
+            batch.append(data)
+            batch_bytes += len(data)
+            if len(batch) >= COALESCE_COUNT:
+                flush_batch()           # let the client start on these while we go on
+                return
+            if not batch_due:
+                batch_due = True
+                loop.call_soon(flush_batch)
+
         def send(data) -> None:
+            flush_batch()                       # whatever is batched goes first, in order
             if data and not writer.transport.is_closing():
                 writer.write(data)
 
@@ -376,8 +411,8 @@ class NBDServer:
                     await writer.drain()
                     if not writer.transport.is_closing():
                         for b in buffers:
-                            writer.write(memoryview(b))   # no await between: never interleaved
-                    del buffers             # the transport holds its copy; do not keep two
+                            send_reply(b)       # no await between: never interleaved
+                    del buffers             # the transport (or the batch) holds it; not two copies
                     await writer.drain()
             except (ConnectionError, OSError):
                 broken = True
@@ -448,6 +483,20 @@ class NBDServer:
                     continue
                 if isinstance(ev, Request):
                     send(conn.data_to_send())
+                    # A small read served from the page cache costs less than the trip to a
+                    # worker thread and back (two thread switches, GIL hand-offs): it is
+                    # answered here and now, while the replies waiting to leave are few (the
+                    # transport's limit stands in for the in-flight budget). Large reads go to
+                    # the pool, where their copying overlaps the sending of other replies; so
+                    # does anything that would wait for the disk.
+                    if ev.command == CMD_READ and self.inline_reads and \
+                            ev.length <= INLINE_READ_MAX and \
+                            raw_transport.get_write_buffer_size() + batch_bytes < TRANSPORT_QUEUE:
+                        ready = read_cached(ev, disk)
+                        if ready is not None:
+                            for b in ready:
+                                send_reply(b)
+                            continue
                     cost = ev.length if ev.command in (CMD_READ, CMD_WRITE) else 0
                     await self._admit(budget, cost)
                     t = asyncio.create_task(run(ev, cost))
@@ -548,7 +597,7 @@ class BackgroundNBDServer:
                  workers: Optional[int] = None, handshake_timeout: Optional[float] = HANDSHAKE_TIMEOUT,
                  **options):
         """``options``: the rest of :class:`NBDServer`'s keywords (tls, insecure, on_connection,
-        send_timeout, max_total_inflight)."""
+        send_timeout, max_total_inflight, inline_reads)."""
         self._kwargs = dict(host=host, port=port, names=names, rw=rw, shared=shared, workers=workers,
                             handshake_timeout=handshake_timeout, **options)
         self._images = images
