@@ -1,0 +1,152 @@
+"""Filesystem-aware compaction: give back the blocks the guest's filesystems do not use.
+
+    from vdisk.fsaware import compact_fs
+    report = compact_fs("guest.vhd")               # or dry_run=True
+    for v in report.volumes: print(v.name, v.filesystem, v.free_bytes, v.reclaimable)
+
+The image's partitions are found (MBR/GPT), each filesystem is recognised by its superblock and
+its allocation map is read (ext2/3/4 block bitmaps, FAT, exFAT and NTFS bitmaps, Linux swap).
+Image blocks that lie wholly in free space are then given up by the ordinary compaction (one
+journaled transaction), without being read or zero-filled. A volume nothing here recognises is
+left byte-identical; a filesystem that is dirty, needs recovery, uses features not understood or
+whose map fails its own consistency checks refuses the whole run before a byte is written.
+Disks are spoken to only through the BlockDevice protocol (``size``, ``block_size``, ``readinto``,
+``discard``).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+
+from vdisk.errors import VDiskError
+
+from .base import Refusal
+from .detect import Volume, read_free, volumes
+from .plan import BlockPlan
+
+__all__ = ["Refusal", "FsReport", "analyse", "compact_fs", "free_blocks"]
+
+
+@dataclass
+class FsReport:
+    """What a filesystem-aware compaction found and did."""
+    path: str
+    block_size: int
+    dry_run: bool
+    volumes: list[Volume] = field(default_factory=list)
+    free_blocks: int = 0            # image blocks wholly in free space
+    size_before: int = 0
+    size_after: int = 0
+    method: str = "compact"         # "compact" (dynamic/differencing) or "punch" (raw/fixed)
+
+    @property
+    def reclaimed(self) -> int:
+        return self.size_before - self.size_after
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["reclaimed"] = self.reclaimed
+        d["partitions"] = d.pop("volumes")
+        for v in d["partitions"]:
+            v["released" if not self.dry_run else "reclaimable"] = v.pop("reclaimable")
+        return d
+
+    def summary(self) -> str:
+        lines = []
+        for v in self.volumes:
+            fs = v.filesystem or "not recognised (left as is)"
+            lines.append(f"{self.path}: {v.name}: {fs}, {v.length} bytes, {v.free_bytes} free, "
+                         f"{v.reclaimable} {'reclaimable' if self.dry_run else 'released'}")
+        verb = "would reclaim" if self.dry_run else "reclaimed"
+        lines.append(f"{self.path}: {self.free_blocks} blocks of {self.block_size} bytes wholly free; {verb} "
+                     f"{self.reclaimed} bytes ({self.size_before} -> {self.size_after})")
+        return "\n".join(lines)
+
+
+def analyse(dev, path: str, block_size: Optional[int] = None) -> tuple[list[Volume], np.ndarray, BlockPlan]:
+    """Read every volume's allocation map on the BlockDevice *dev*: the volumes (with free and
+    reclaimable bytes filled in) and a boolean array over blocks of *block_size* (default: the
+    device's allocation unit), True where every byte is free. Raises :class:`Refusal`."""
+    bs = int(block_size or dev.block_size)
+    if bs <= 0:
+        raise VDiskError(f"{path}: block size {bs} is invalid")
+    plan = BlockPlan(dev.size, bs)
+    vols = volumes(dev, path)
+    for v in vols:
+        fm = read_free(dev, path, v, sink=plan.sink(v.start, v.start + v.length))
+        if fm is not None:
+            v.filesystem = fm.filesystem if v.kind != "gap" else "unpartitioned"
+            v.free_bytes = min(fm.free_bytes, v.length)
+    mask = plan.free_blocks()
+    for v in vols:
+        if v.kind is not None:
+            v.reclaimable = plan.bytes_in(mask, v.start, v.start + v.length)
+    return vols, mask, plan
+
+
+def free_blocks(dev, path: str, block_size: Optional[int] = None) -> np.ndarray:
+    """The boolean block mask of :func:`analyse` alone (``vdisk convert --sparsify`` uses it)."""
+    return analyse(dev, path, block_size)[1]
+
+
+def compact_fs(path, *, dry_run: bool = False, parent_search: Sequence[str] = (), vbox_registry=None,
+               progress=None) -> FsReport:
+    """Give up the image blocks of *path* that its filesystems do not use, then compact.
+
+    Dynamic and differencing VHD/VDI: the blocks join the compaction's zero blocks (in a
+    differencing image they read as zeros afterwards where the child can say so for free: unlinked
+    over a zero parent, a VDI ZERO entry; otherwise they are left). Raw and fixed images: the free
+    blocks are discarded (holes punched). ``dry_run`` writes nothing."""
+    import vdisk
+    from vdisk.compact import compact
+    path = os.fspath(path)
+    holder: dict = {}
+
+    with vdisk.open(path, parent_search=parent_search, vbox_registry=vbox_registry) as probe_disk:
+        top = probe_disk.layers[0]
+        flat = top.format == "raw" or top.subtype == "fixed"
+        chained = len(probe_disk.layers) > 1
+        block_size = probe_disk.block_size
+    if not dry_run and not os.access(path, os.W_OK):
+        raise VDiskError(f"{path}: the image is read-only (file permissions); nothing was changed")
+    if flat:
+        return _punch(path, dry_run, parent_search, vbox_registry)
+
+    def find(disk) -> np.ndarray:
+        vols, mask, _ = analyse(disk, path)
+        if len(mask) != len(disk.layers[0].block_map):
+            raise VDiskError(f"{path}: block map has {len(disk.layers[0].block_map)} entries, "
+                             f"the disk {len(mask)} blocks")
+        holder["volumes"], holder["mask"] = vols, mask
+        return mask
+
+    rep = compact(path, dry_run=dry_run, parent_search=parent_search, vbox_registry=vbox_registry,
+                  progress=progress, free_space=find)
+    report = FsReport(path, block_size, dry_run, holder["volumes"],
+                      int(holder["mask"].sum()), rep.size_before, rep.size_after,
+                      "compact (differencing)" if chained else "compact")
+    return report
+
+
+def _punch(path: str, dry_run: bool, parent_search, vbox_registry) -> FsReport:
+    """Raw and fixed images: discard the free blocks in place (the file keeps its size but loses
+    the storage behind them, where the host filesystem can punch holes)."""
+    import vdisk
+    with vdisk.open(path, "r" if dry_run else "r+", parent_search=parent_search, vbox_registry=vbox_registry) as disk:
+        bs = 1 << 20
+        vols, mask, _ = analyse(disk, path, bs)
+        before = os.stat(path).st_blocks * 512
+        if not dry_run:
+            from .base import mask_runs
+            s, e = mask_runs(mask)
+            for a, b in zip(s.tolist(), e.tolist()):
+                lo, hi = a * bs, min(b * bs, disk.size)
+                disk.discard(lo, hi - lo)
+            disk.flush()
+    after = os.stat(path).st_blocks * 512
+    if dry_run:
+        after = max(0, before - sum(v.reclaimable for v in vols))
+    return FsReport(path, bs, dry_run, vols, int(mask.sum()), before, after, "punch")
