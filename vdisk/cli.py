@@ -306,7 +306,7 @@ def cmd_convert(args) -> int:
         try:
             result = convert(src, args.dst, args.output_format, args.subtype, block_size=args.block_size,
                              target=args.target, zero_detect=args.zero_detect, progress=bar,
-                             force=args.force, durable=args.sync)
+                             force=args.force, durable=args.sync, skip=_sparsify_hook(args))
         finally:
             bar.finish()
     if args.json:
@@ -314,6 +314,13 @@ def cmd_convert(args) -> int:
                    "virtual_size": result.size, "bytes_read": result.bytes_read,
                    "bytes_written": result.bytes_written})
     return 0
+
+
+def _sparsify_hook(args):
+    if not getattr(args, "sparsify", False):
+        return None
+    from .fsaware import sparsify
+    return sparsify(args.src)
 
 
 # -- map ----------------------------------------------------------------------------------------
@@ -436,6 +443,8 @@ def build_parser(load_optional: bool = True) -> argparse.ArgumentParser:
                    help="azure: fixed VHD, whole MiB; hyper-v: dynamic VHD; virtualbox: dynamic VDI")
     p.add_argument("--no-zero-detect", dest="zero_detect", action="store_false",
                    help="copy allocated zero blocks too")
+    p.add_argument("--sparsify", action="store_true",
+                   help="skip what the guest's filesystems do not use (it reads as zeros in DST)")
     add_progress_option(p)
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.add_argument("--no-sync", dest="sync", action="store_false",

@@ -27,7 +27,7 @@ from .base import Refusal
 from .detect import Volume, read_free, volumes
 from .plan import BlockPlan
 
-__all__ = ["Refusal", "FsReport", "analyse", "compact_fs", "free_blocks"]
+__all__ = ["Refusal", "FsReport", "analyse", "compact_fs", "free_blocks", "sparsify", "subtract"]
 
 
 @dataclass
@@ -150,3 +150,33 @@ def _punch(path: str, dry_run: bool, parent_search, vbox_registry) -> FsReport:
     if dry_run:
         after = max(0, before - sum(v.reclaimable for v in vols))
     return FsReport(path, bs, dry_run, vols, int(mask.sum()), before, after, "punch")
+
+
+def sparsify(path: str):
+    """A ``skip`` hook for :func:`vdisk.convert.convert`: drops from the ranges to copy every
+    granule wholly in free space of the source's filesystems (they read as zeros in the output)."""
+    from .base import mask_runs
+
+    def skip(src, granule: int, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        mask = free_blocks(src, path, granule)
+        s, e = mask_runs(mask)
+        free = list(zip((s * granule).tolist(), np.minimum(e * granule, src.size).tolist()))
+        return subtract(ranges, free)
+    return skip
+
+
+def subtract(ranges: list[tuple[int, int]], holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """*ranges* minus *holes* (both sorted, each internally disjoint [start, end) lists)."""
+    out, j = [], 0
+    for s, e in ranges:
+        while j < len(holes) and holes[j][1] <= s:
+            j += 1
+        k, pos = j, s
+        while k < len(holes) and holes[k][0] < e:
+            if holes[k][0] > pos:
+                out.append((pos, holes[k][0]))
+            pos = max(pos, holes[k][1])
+            k += 1
+        if pos < e:
+            out.append((pos, e))
+    return out
