@@ -53,7 +53,7 @@ def _entries(raw: bytes, kind: int, first: int, n: int) -> np.ndarray:
         return np.frombuffer(raw, dtype="<u4")[:n] & 0x0FFFFFFF
     if kind == 16:
         return np.frombuffer(raw, dtype="<u2")[:n].astype(np.uint32)
-    b = np.frombuffer(raw, dtype=np.uint8)
+    b = np.frombuffer(raw + bytes(-len(raw) % 3), dtype=np.uint8)
     trip = b[: len(b) // 3 * 3].reshape(-1, 3).astype(np.uint32)
     even = trip[:, 0] | ((trip[:, 1] & 0x0F) << 8)
     odd = (trip[:, 1] >> 4) | (trip[:, 2] << 4)
@@ -88,7 +88,8 @@ def read_free(region: Region, sink=None) -> FreeMap:
     while pos < total:
         n = min(CHUNK_ENTRIES, total - pos)       # CHUNK_ENTRIES is even: FAT12 pairs stay whole
         lo = pos * entry_bits // 8
-        hi = min(-(-(pos + n) * entry_bits // 8) + 2, fat_bytes)
+        hi = -(-(pos + n) * entry_bits // 8)
+        need(hi <= fat_bytes, region, "FAT ends before its last cluster")
         copies = [region.read(fat0 + k * fat_bytes + lo, hi - lo, f"FAT copy {k + 1}") for k in range(nfats)]
         if mirrored and any(c != copies[0] for c in copies[1:]):
             raise region.fail(f"FAT{kind} copies disagree (entries from {pos}): run fsck.fat")
