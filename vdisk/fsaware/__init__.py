@@ -110,7 +110,9 @@ def compact_fs(path, *, dry_run: bool = False, parent_search: Sequence[str] = ()
         flat = top.format == "raw" or top.subtype == "fixed"
         chained = len(probe_disk.layers) > 1
         block_size = probe_disk.block_size
-    if not dry_run and not os.access(path, os.W_OK):
+    # Write bits, not access(2) alone: root may write anything, but a file made read-only says
+    # "do not change me" (a backing image other children rely on, typically).
+    if not dry_run and (not os.stat(path).st_mode & 0o222 or not os.access(path, os.W_OK)):
         raise VDiskError(f"{path}: the image is read-only (file permissions); nothing was changed")
     if flat:
         return _punch(path, dry_run, parent_search, vbox_registry)
