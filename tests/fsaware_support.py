@@ -78,6 +78,7 @@ class Part:
     start: int = 0                 # filled in by make_disk
     files: dict = field(default_factory=dict)      # name -> sha256 of what must remain
     deleted: list = field(default_factory=list)
+    mkfs: tuple = ()               # extra mkfs arguments (features, block size)
 
 
 def noise(n: int, seed: int) -> bytes:
@@ -87,26 +88,38 @@ def noise(n: int, seed: int) -> bytes:
 def make_disk(path: str, parts: list[Part], *, table: str = "mbr", seed: int = 1, nfiles: int = 8,
               file_size: int = 3 * MiB) -> list[Part]:
     """A raw disk at *path* holding *parts*, populated; returns the parts with starts and files."""
-    size = 2 * MiB + sum(p.size for p in parts) + 2 * MiB
+    size = 2 * MiB + sum(p.size + MiB for p in parts) + 2 * MiB
     with open(path, "wb") as f:
         for off in range(0, size, 16 * MiB):
             f.write(noise(min(16 * MiB, size - off), seed + off))
-    lines = [f"label: {'dos' if table == 'mbr' else 'gpt'}"]
-    pos = 2 * MiB
-    for p in parts:
-        p.start = pos
-        t = MBR_TYPE[family(p.fs)] if table == "mbr" else GPT_TYPE[family(p.fs)]
-        lines.append(f"start={pos // SECTOR}, size={p.size // SECTOR}, type={t}")
-        pos += p.size
-    run(["sfdisk", "-q", path], input="\n".join(lines) + "\n")
+    if table == "none":                    # a filesystem on the whole disk, no partition table
+        assert len(parts) == 1
+        parts[0].start, parts[0].size = 0, size
+    else:
+        _partition(path, parts, table)
     with tempfile.TemporaryDirectory(prefix="vdisk-fs-") as work:
         for i, p in enumerate(parts):
             img = os.path.join(work, f"p{i}.img")
             copy_range(path, img, p.start, p.size)
-            run(MKFS[p.fs] + [img])
+            run(MKFS[p.fs] + list(p.mkfs) + [img])
             populate(p, img, work, seed * 100 + i, nfiles, min(file_size, p.size // (2 * nfiles)))
             copy_back(img, path, p.start)
     return parts
+
+
+def _partition(path: str, parts: list[Part], table: str) -> None:
+    """sfdisk the disk: GPT, MBR primaries, or ("mbr-logical") all inside an extended partition."""
+    lines = [f"label: {'gpt' if table == 'gpt' else 'dos'}"]
+    pos = 2 * MiB
+    logical = table == "mbr-logical"
+    if logical:
+        lines.append(f"start={MiB // SECTOR}, type=5")
+    for p in parts:
+        p.start = pos
+        t = GPT_TYPE[family(p.fs)] if table == "gpt" else MBR_TYPE[family(p.fs)]
+        lines.append(f"start={pos // SECTOR}, size={p.size // SECTOR}, type={t}")
+        pos += p.size + (MiB if logical else 0)
+    run(["sfdisk", "-q", path], input="\n".join(lines) + "\n")
 
 
 def copy_range(src: str, dst: str, start: int, length: int) -> None:

@@ -44,8 +44,9 @@ def compact_and_judge(tmp_path, parts, *, table, fmt, block_size=None):
 
     assert rep["size_after"] == os.path.getsize(img)
     named = {p["name"]: p for p in rep["partitions"]}
-    for i, p in enumerate(parts, 1):
-        got = named[f"p{i}"]
+    first = 5 if table == "mbr-logical" else 1
+    for i, p in enumerate(parts, first):
+        got = named["disk" if table == "none" else f"p{i}"]
         assert got["filesystem"].startswith(p.fs[:3]), got
         assert got["free_bytes"] > 0 and 0 <= got["released"] <= got["free_bytes"]
     assert check(img).exit_code == 0
@@ -88,9 +89,12 @@ def test_ext4_fat32_and_swap_give_back_their_free_blocks(tmp_path, table, fmt):
 
 
 @pytest.mark.judges(*tools_for("ext4"))
-@pytest.mark.parametrize("fs", ["ext2", "ext3", "ext4"])
-def test_released_ext_blocks_are_all_free_in_dumpe2fs(tmp_path, fs):
-    parts = [Part(fs, 64 * MiB)]
+@pytest.mark.parametrize("fs,opts", [("ext2", ()), ("ext3", ()), ("ext4", ()),
+                                     ("ext4", ("-b", "4096", "-g", "2048", "-G", "4")),
+                                     ("ext4", ("-O", "meta_bg,^resize_inode", "-b", "1024", "-g", "1024"))],
+                         ids=["ext2", "ext3", "ext4", "ext4-4k-flex4", "ext4-meta_bg-many-groups"])
+def test_released_ext_blocks_are_all_free_in_dumpe2fs(tmp_path, fs, opts):
+    parts = [Part(fs, 64 * MiB, mkfs=opts)]
     raw = str(tmp_path / "disk.raw")
     make_disk(raw, parts, table="mbr", nfiles=10)
     pimg = str(tmp_path / "p.img")
@@ -173,3 +177,28 @@ def test_an_unknown_partition_is_left_byte_identical(tmp_path):
         g.seek(parts[1].start)
         assert f.read(parts[1].size) == g.read(parts[1].size)
     assert named["p1"]["released"] > 0
+
+
+@pytest.mark.judges(*tools_for("ext4"))
+@pytest.mark.parametrize("features", [
+    ("-O", "meta_bg,^resize_inode"),
+    ("-O", "bigalloc", "-C", "16384"),
+    ("-O", "^metadata_csum,uninit_bg", "-b", "4096"),
+    ("-O", "^64bit,^flex_bg,^metadata_csum", "-b", "2048"),
+], ids=["meta_bg", "bigalloc", "uninit_bg-4k", "32bit-noflex-2k"])
+def test_ext4_feature_variants(tmp_path, features):
+    compact_and_judge(tmp_path, [Part("ext4", 64 * MiB, mkfs=features)], table="mbr", fmt="vhd",
+                      block_size=256 * 1024)
+
+
+@pytest.mark.judges(*tools_for("ext4", "fat16"))
+def test_logical_partitions_inside_an_extended_partition(tmp_path):
+    rep, _, _ = compact_and_judge(tmp_path, [Part("ext4", 24 * MiB), Part("fat16", 24 * MiB)],
+                                  table="mbr-logical", fmt="vdi", block_size=1 * MiB)
+    assert not any(p["kind"] == "gap" for p in rep["partitions"])     # EBRs live in the gaps
+
+
+@pytest.mark.judges(*tools_for("ext4"))
+def test_a_filesystem_on_the_whole_disk_without_a_partition_table(tmp_path):
+    rep, _, _ = compact_and_judge(tmp_path, [Part("ext4", 32 * MiB)], table="none", fmt="vhd")
+    assert [p["name"] for p in rep["partitions"]] == ["disk"]

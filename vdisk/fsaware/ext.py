@@ -163,12 +163,14 @@ def _descriptors(region: Region, sb: bytes, bsize: int, groups: int, desc_size: 
     first_meta = u32(sb, 260) if meta_bg else nblocks
     compat = u32(sb, 92)
     out = []
+    sb_block = 1 if bsize == 1024 else 0          # the block holding the primary superblock
     for i in range(nblocks):
         if i < first_meta:
-            loc = first_data + 1 + i
+            loc = sb_block + 1 + i
         else:
             g = i * per_block
-            loc = first_data + g * bpg + (1 if _has_super(g, sb, ro, compat) else 0)
+            start = sb_block if g == 0 else first_data + g * bpg
+            loc = start + (1 if _has_super(g, sb, ro, compat) else 0)
         raw = region.read(loc * bsize, bsize, f"ext group descriptor block {i}")
         for j in range(min(per_block, groups - i * per_block)):
             d = raw[j * desc_size:(j + 1) * desc_size]
