@@ -168,14 +168,14 @@ def _scan(sf: SparseFile, below: Optional[Engine], size: int, progress: Progress
                     new_map[b] = ABSENT
                     dropped[start] = hole or reader.data_is_zero(start + skip, bs)
         elif hole or fs_free or reader.data_is_zero(start + skip, bs):
-            # A filesystem-free block is not read: its stale data is kept for the journal's undo.
-            zero = hole or not fs_free
+            # A filesystem-free block is neither read nor kept by the journal: should the run be
+            # rolled back, its stale content may come back as zeros, as after a discard.
             if not diff or below_zero(b):
                 new_map[b] = ABSENT
-                dropped[start] = zero
+                dropped[start] = True
             elif sf.format == "vdi":
                 new_map[b] = ZERO                     # hides non-zero parent data without storage
-                dropped[start] = zero
+                dropped[start] = True
         if progress and (i & 63 == 63 or i == total - 1):
             progress((i + 1) * bs, total * bs)      # bytes examined, as ProgressBar shows
     if free is not None and diff and sf.format == "vdi":

@@ -25,7 +25,7 @@ from vdisk.errors import VDiskError
 
 from .base import Refusal
 from .detect import Volume, read_free, volumes
-from .plan import BlockPlan
+from .plan import BlockPlan, PartialRuns
 
 __all__ = ["Refusal", "FsReport", "analyse", "compact_fs", "free_blocks", "sparsify", "subtract"]
 
@@ -81,10 +81,46 @@ def analyse(dev, path: str, block_size: Optional[int] = None) -> tuple[list[Volu
             v.filesystem = fm.filesystem if v.kind != "gap" else "unpartitioned"
             v.free_bytes = min(fm.free_bytes, v.length)
     mask = plan.free_blocks()
+    _zero_used_parts(dev, path, vols, plan, mask)
     for v in vols:
         if v.kind is not None:
             v.reclaimable = plan.bytes_in(mask, v.start, v.start + v.length)
     return vols, mask, plan
+
+
+ZERO_PROBE = 4096
+
+
+def _zero_used_parts(dev, path: str, vols: list[Volume], plan: BlockPlan, mask: np.ndarray) -> None:
+    """Also plan the partly free blocks whose used bytes all read as zeros (a never-written
+    inode table, say): giving them up changes no used byte. The maps are read a second time for
+    the free runs inside those blocks only; then only their used bytes are read, and a block is
+    abandoned at the first non-zero byte, so data blocks cost one small read."""
+    partial = plan.partial_blocks()
+    if not len(partial):
+        return
+    runs = PartialRuns(partial, plan.bs)
+    for v in vols:
+        read_free(dev, path, v, sink=runs.sink(v.start, v.start + v.length))
+    buf = bytearray(plan.bs)
+    for b in partial.tolist():
+        lo, hi = b * plan.bs, min(plan.size, (b + 1) * plan.bs)
+        if _used_is_zero(dev, buf, lo, hi, sorted(runs.runs.get(b, ()))):
+            mask[b] = True
+
+
+def _used_is_zero(dev, buf: bytearray, lo: int, hi: int, free: list[tuple[int, int]]) -> bool:
+    pos = lo
+    for a, z in free + [(hi, hi)]:
+        while pos < a:                                # [pos, a) is used: must read as zeros
+            n = min(a - pos, ZERO_PROBE if pos == lo else len(buf))
+            view = memoryview(buf)[:n]
+            dev.readinto(view, pos)
+            if np.frombuffer(view, dtype=np.uint8).any():
+                return False
+            pos += n
+        pos = max(pos, z)
+    return True
 
 
 def free_blocks(dev, path: str, block_size: Optional[int] = None) -> np.ndarray:

@@ -67,3 +67,34 @@ class BlockPlan:
         inner = int(np.count_nonzero(mask[b0 + 1:b1])) * bs
         last = min(self.size, (b1 + 1) * bs)
         return inner + int(mask[b0]) * ((b0 + 1) * bs - lo) + int(mask[b1]) * (min(hi, last) - b1 * bs)
+
+    def partial_blocks(self) -> np.ndarray:
+        """Indices of blocks holding some free bytes but not only free bytes."""
+        total = self.counts + np.cumsum(self._full)[: self.nblocks]
+        return np.flatnonzero((total > 0) & ~self.free_blocks())
+
+
+class PartialRuns:
+    """Free runs inside chosen (partly free) blocks: a second pass over the maps fills it."""
+
+    def __init__(self, blocks: np.ndarray, block_size: int):
+        self.bs = block_size
+        self.wanted = np.zeros(int(blocks.max()) + 1 if len(blocks) else 0, dtype=bool)
+        self.wanted[blocks] = True
+        self.runs: dict[int, list[tuple[int, int]]] = {}
+
+    def sink(self, lo: int, hi: int):
+        def take(chunk: FreeChunk) -> None:
+            s, e = chunk_runs(chunk)
+            s, e = np.clip(s + lo, lo, hi), np.clip(e + lo, lo, hi)
+            keep = e > s
+            s, e = s[keep], e[keep]
+            for edge in (s // self.bs, (e - 1) // self.bs):   # a partial block is a run's edge block
+                sel = edge < len(self.wanted)
+                sel[sel] = self.wanted[edge[sel]]
+                for b, a, z in zip(edge[sel].tolist(), s[sel].tolist(), e[sel].tolist()):
+                    a, z = max(a, b * self.bs), min(z, (b + 1) * self.bs)
+                    runs = self.runs.setdefault(b, [])
+                    if (a, z) not in runs[-2:]:                  # one-block runs are both edges
+                        runs.append((a, z))
+        return take
