@@ -86,3 +86,31 @@ def test_subtract_removes_exactly_the_holes(a, b):
         assert s < e
         got[s:e] = True
     assert got.tolist() == (a & ~b).tolist()
+
+
+def test_a_partly_free_block_is_planned_only_when_its_used_bytes_read_zeros(tmp_path):
+    """Whole-disk swap, 64 KiB image blocks: bad pages are the used units. Block 1 holds a bad
+    page of zeros (planned: giving it up changes no used byte), block 2 a bad page of data (kept),
+    block 0 the header page (kept)."""
+    import struct
+    import subprocess
+    import vdisk
+    from vdisk.fsaware import analyse
+    from conftest import need
+    need("mkswap")
+    path = str(tmp_path / "swap.raw")
+    rng = np.random.default_rng(3)
+    with open(path, "wb") as f:
+        f.write(rng.integers(1, 256, 4 << 20, dtype=np.uint8).tobytes())
+    subprocess.run(["mkswap", "-q", path], check=True)
+    with open(path, "r+b") as f:
+        f.seek(1024 + 8)
+        f.write(struct.pack("<I", 2))
+        f.seek(1536)
+        f.write(struct.pack("<II", 20, 40))
+        f.seek(20 * 4096)
+        f.write(bytes(4096))
+    with vdisk.open(path) as d:
+        vols, mask, _ = analyse(d, path, 65536)
+    assert vols[0].filesystem == "swap"
+    assert not mask[0] and mask[1] and not mask[2] and mask[3:].all()
