@@ -162,7 +162,7 @@ def test_exfat_refusals(tmp_path, poke, words):
 
 # -- NTFS -------------------------------------------------------------------------------------
 def _ntfs_volume_flags_offset(img_raw_path, start):
-    """Byte offset of $Volume's flags (found with the volume's own boot sector and MFT)."""
+    """Byte offsets of $Volume's flags in $MFT and $MFTMirr (found through the boot sector)."""
     from vdisk.fsaware import ntfs
     from vdisk.fsaware.base import Region
     with vdisk.open(img_raw_path) as d:
@@ -171,8 +171,9 @@ def _ntfs_volume_flags_offset(img_raw_path, start):
         for t, a, nonres, name in vol.attributes(rec, "$Volume"):
             if t == 0x70:
                 in_rec = rec.index(a) + a[20] + (a[21] << 8) + 10
-                run0 = vol.mft_runs[0]
-                return start + run0[1] * vol.cluster + 3 * vol.record + in_rec
+                mft = vol.mft_runs[0][1]
+                mirror = struct.unpack("<Q", d.pread(8, start + 56))[0]          # $MFTMirr too
+                return [start + lcn * vol.cluster + 3 * vol.record + in_rec for lcn in (mft, mirror)]
     raise AssertionError("no $VOLUME_INFORMATION")
 
 
@@ -181,13 +182,28 @@ def _ntfs_volume_flags_offset(img_raw_path, start):
 def test_ntfs_marked_dirty(tmp_path):
     raw = str(tmp_path / "disk.raw")
     parts = make_disk(raw, [Part("ntfs", 32 * MiB)], nfiles=2)
-    at = _ntfs_volume_flags_offset(raw, parts[0].start)
     with open(raw, "r+b") as f:
-        f.seek(at)
-        f.write(struct.pack("<H", 1))
+        for at in _ntfs_volume_flags_offset(raw, parts[0].start):
+            f.seek(at)
+            f.write(struct.pack("<H", 1))
     img = str(tmp_path / "disk.vdi")
     run([os.path.join(os.path.dirname(os.sys.executable), "vdisk"), "convert", raw, img])
-    assert_refused(img, "partition 1", "dirty")
+    assert "--force" in assert_refused(img, "partition 1", "dirty")
+    size = os.path.getsize(img)
+    p = _vdisk("compact", img, "--filesystem-aware", "--force")         # then only the bitmap is trusted
+    assert p.returncode == 0, p.stderr
+    assert os.path.getsize(img) < size
+    out = str(tmp_path / "out.raw")
+    run(["qemu-img", "convert", "-f", "vdi", "-O", "raw", img, out])
+    from fsaware_support import copy_range
+    import hashlib
+    pimg = str(tmp_path / "p.img")
+    copy_range(out, pimg, parts[0].start, parts[0].size)
+    for name, digest in parts[0].files.items():
+        r = subprocess.run(["ntfscat", "-f", pimg, name], capture_output=True)
+        assert r.returncode == 0, r.stderr
+        data = r.stdout
+        assert hashlib.sha256(data).hexdigest() == digest
 
 
 @pytest.mark.judges(*tools_for("ntfs"))

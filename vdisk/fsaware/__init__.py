@@ -66,22 +66,24 @@ class FsReport:
         return "\n".join(lines)
 
 
-def analyse(dev, path: str, block_size: Optional[int] = None) -> tuple[list[Volume], np.ndarray, BlockPlan]:
+def analyse(dev, path: str, block_size: Optional[int] = None, *,
+            force: bool = False) -> tuple[list[Volume], np.ndarray, BlockPlan]:
     """Read every volume's allocation map on the BlockDevice *dev*: the volumes (with free and
     reclaimable bytes filled in) and a boolean array over blocks of *block_size* (default: the
-    device's allocation unit), True where every byte is free. Raises :class:`Refusal`."""
+    device's allocation unit), True where every byte is free. Raises :class:`Refusal`.
+    *force*: trust the bitmap of an NTFS volume marked dirty or hibernated."""
     bs = int(block_size or dev.block_size)
     if bs <= 0:
         raise VDiskError(f"{path}: block size {bs} is invalid")
     plan = BlockPlan(dev.size, bs)
     vols = volumes(dev, path)
     for v in vols:
-        fm = read_free(dev, path, v, sink=plan.sink(v.start, v.start + v.length))
+        fm = read_free(dev, path, v, sink=plan.sink(v.start, v.start + v.length), force=force)
         if fm is not None:
             v.filesystem = fm.filesystem if v.kind != "gap" else "unpartitioned"
             v.free_bytes = min(fm.free_bytes, v.length)
     mask = plan.free_blocks()
-    _zero_used_parts(dev, path, vols, plan, mask)
+    _zero_used_parts(dev, path, vols, plan, mask, force)
     for v in vols:
         if v.kind is not None:
             v.reclaimable = plan.bytes_in(mask, v.start, v.start + v.length)
@@ -91,7 +93,8 @@ def analyse(dev, path: str, block_size: Optional[int] = None) -> tuple[list[Volu
 ZERO_PROBE = 4096
 
 
-def _zero_used_parts(dev, path: str, vols: list[Volume], plan: BlockPlan, mask: np.ndarray) -> None:
+def _zero_used_parts(dev, path: str, vols: list[Volume], plan: BlockPlan, mask: np.ndarray,
+                     force: bool = False) -> None:
     """Also plan the partly free blocks whose used bytes all read as zeros (a never-written
     inode table, say): giving them up changes no used byte. The maps are read a second time for
     the free runs inside those blocks only; then only their used bytes are read, and a block is
@@ -101,7 +104,7 @@ def _zero_used_parts(dev, path: str, vols: list[Volume], plan: BlockPlan, mask: 
         return
     runs = PartialRuns(partial, plan.bs)
     for v in vols:
-        read_free(dev, path, v, sink=runs.sink(v.start, v.start + v.length))
+        read_free(dev, path, v, sink=runs.sink(v.start, v.start + v.length), force=force)
     buf = bytearray(plan.bs)
     for b in partial.tolist():
         lo, hi = b * plan.bs, min(plan.size, (b + 1) * plan.bs)
@@ -129,13 +132,14 @@ def free_blocks(dev, path: str, block_size: Optional[int] = None) -> np.ndarray:
 
 
 def compact_fs(path, *, dry_run: bool = False, parent_search: Sequence[str] = (), vbox_registry=None,
-               progress=None) -> FsReport:
+               progress=None, force: bool = False) -> FsReport:
     """Give up the image blocks of *path* that its filesystems do not use, then compact.
 
     Dynamic and differencing VHD/VDI: the blocks join the compaction's zero blocks (in a
     differencing image they read as zeros afterwards where the child can say so for free: unlinked
     over a zero parent, a VDI ZERO entry; otherwise they are left). Raw and fixed images: the free
-    blocks are discarded (holes punched). ``dry_run`` writes nothing."""
+    blocks are discarded (holes punched). ``dry_run`` writes nothing. *force* trusts the bitmap
+    of an NTFS volume marked dirty or hibernated (every other refusal stands)."""
     import vdisk
     from vdisk.compact import compact
     path = os.fspath(path)
@@ -151,10 +155,10 @@ def compact_fs(path, *, dry_run: bool = False, parent_search: Sequence[str] = ()
     if not dry_run and (not os.stat(path).st_mode & 0o222 or not os.access(path, os.W_OK)):
         raise VDiskError(f"{path}: the image is read-only (file permissions); nothing was changed")
     if flat:
-        return _punch(path, dry_run, parent_search, vbox_registry)
+        return _punch(path, dry_run, parent_search, vbox_registry, force)
 
     def find(disk) -> np.ndarray:
-        vols, mask, _ = analyse(disk, path)
+        vols, mask, _ = analyse(disk, path, force=force)
         if len(mask) != len(disk.layers[0].block_map):
             raise VDiskError(f"{path}: block map has {len(disk.layers[0].block_map)} entries, "
                              f"the disk {len(mask)} blocks")
@@ -169,13 +173,13 @@ def compact_fs(path, *, dry_run: bool = False, parent_search: Sequence[str] = ()
     return report
 
 
-def _punch(path: str, dry_run: bool, parent_search, vbox_registry) -> FsReport:
+def _punch(path: str, dry_run: bool, parent_search, vbox_registry, force: bool) -> FsReport:
     """Raw and fixed images: discard the free blocks in place (the file keeps its size but loses
     the storage behind them, where the host filesystem can punch holes)."""
     import vdisk
     with vdisk.open(path, "r" if dry_run else "r+", parent_search=parent_search, vbox_registry=vbox_registry) as disk:
         bs = 1 << 20
-        vols, mask, _ = analyse(disk, path, bs)
+        vols, mask, _ = analyse(disk, path, bs, force=force)
         before = os.stat(path).st_blocks * 512
         if not dry_run:
             from .base import mask_runs

@@ -99,8 +99,10 @@ def _gaps(parts: list[Partition], size: int) -> list[Volume]:
     return out
 
 
-def read_free(dev, path: str, vol: Volume, sink: Optional[Callable[[FreeChunk], None]] = None) -> Optional[FreeMap]:
-    """The free space of *vol* (None when nothing is recognised there). Raises :class:`Refusal`."""
+def read_free(dev, path: str, vol: Volume, sink: Optional[Callable[[FreeChunk], None]] = None,
+              force: bool = False) -> Optional[FreeMap]:
+    """The free space of *vol* (None when nothing is recognised there). Raises :class:`Refusal`.
+    *force* reaches only the NTFS reader (dirty / hibernated volumes: trust the bitmap)."""
     if vol.kind is None:
         return None
     if vol.kind == "gap":
@@ -111,7 +113,7 @@ def read_free(dev, path: str, vol: Volume, sink: Optional[Callable[[FreeChunk], 
     region = Region(dev, vol.start, vol.length, label)
     reader = READERS[vol.kind]
     try:
-        return reader(region, sink=sink)
+        return reader(region, sink=sink, force=True) if force and vol.kind == "ntfs" else reader(region, sink=sink)
     except Refusal:
         raise
     except (ValueError, IndexError, OverflowError) as exc:      # a structure too short to parse

@@ -1,7 +1,7 @@
 """NTFS: free clusters from $Bitmap (MFT record 6), found through $MFT's own data runs.
 
-Refuses a volume whose $Volume flags say dirty, one holding an active hibernation image or fast
-startup state (hiberfil.sys beginning "hibr"/"wake"), a $Bitmap shorter than the cluster count,
+Refuses (unless forced) a volume whose $Volume flags say dirty, one holding an active
+hibernation image or fast startup state (hiberfil.sys beginning "hibr"/"wake"); always refuses a $Bitmap shorter than the cluster count,
 compressed/encrypted or attribute-list-split $Bitmap data, and geometry past the partition end.
 """
 from __future__ import annotations
@@ -146,7 +146,7 @@ def _check_clean(vol: _Volume) -> None:
     info = vol.resident_value(attrs, ATTR_VOLUME_INFO, "$Volume")
     need(info is not None and len(info) >= 12, vol.region, "NTFS $Volume has no volume information")
     if u16(info, 10) & VOLUME_DIRTY:
-        raise vol.region.fail("NTFS volume is marked dirty: run chkdsk (or ntfsfix) first")
+        raise vol.region.fail("NTFS volume is marked dirty: run chkdsk (or ntfsfix) first, or --force to trust its bitmap")
     hib = _root_file(vol, "hiberfil.sys")
     if hib is not None:
         attrs = vol.attributes(vol.record_bytes(hib), "hiberfil.sys")
@@ -156,7 +156,7 @@ def _check_clean(vol: _Volume) -> None:
             head = vol.read_runs(runs, 0, min(4, size), "hiberfil.sys") if size else b""
         if head and head[:4].lower() in (b"hibr", b"wake"):
             raise vol.region.fail("NTFS volume holds a hibernated Windows (hiberfil.sys is active); "
-                                  "boot it and shut down fully first")
+                                  "boot it and shut down fully first, or --force to trust its bitmap")
 
 
 def _root_file(vol: _Volume, wanted: str) -> Optional[int]:
@@ -194,10 +194,12 @@ def _root_file(vol: _Volume, wanted: str) -> Optional[int]:
     return None
 
 
-def read_free(region: Region, sink=None) -> FreeMap:
-    """The free clusters of the NTFS volume in *region*."""
+def read_free(region: Region, sink=None, force: bool = False) -> FreeMap:
+    """The free clusters of the NTFS volume in *region*. *force*: trust the bitmap of a volume
+    marked dirty or holding a hibernated system (the bitmap is then all that is trusted)."""
     vol = _Volume(region)
-    _check_clean(vol)
+    if not force:
+        _check_clean(vol)
     attrs = vol.attributes(vol.record_bytes(MFT_BITMAP), "$Bitmap")
     runs, size = vol.nonresident(attrs, ATTR_DATA, "$Bitmap")
     need(size * 8 >= vol.clusters, region, f"NTFS $Bitmap of {size} bytes cannot cover {vol.clusters} clusters")
