@@ -46,7 +46,7 @@ TOOLS = {
     "ntfs": ("mkntfs", "ntfs-3g", "ntfscat", "ntfsfix", "fusermount3"),
     "swap": ("mkswap",),
 }
-COMMON_TOOLS = ("sfdisk", "qemu-img")
+COMMON_TOOLS = ("sfdisk", "sgdisk", "qemu-img")
 MBR_TYPE = {"ext": "83", "fat": "0c", "exfat": "07", "ntfs": "07", "swap": "82"}
 GPT_TYPE = {"ext": "0FC63DAF-8483-4772-8E79-3D69D8477DE4", "fat": "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7",
             "exfat": "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7", "ntfs": "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7",

@@ -16,7 +16,6 @@ import pytest
 import vdisk
 from vdisk.check import check
 from vdisk.fsaware import analyse, compact_fs
-from vdisk.layout import path_digest
 
 from fsaware_support import (MiB, Part, copy_back, copy_range, judge_partition, make_disk, run, sha_file,
                              tools_for)
@@ -99,7 +98,6 @@ def test_a_differencing_child_gives_back_only_what_it_can_and_the_parent_stays(t
     write_raw(child, after)                 # qemu opens no differencing VHD / linked VDI
     judge_partition(after, parts[0], str(tmp_path))
     with vdisk.open(child) as d:
-        layer = d.layers[0]
         bs = d.block_size
         ext = d.extents()
     # What changed in the guest's view: only free blocks, now zeros.

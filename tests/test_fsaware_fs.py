@@ -12,7 +12,6 @@ import subprocess
 import numpy as np
 import pytest
 
-import vdisk
 from vdisk.check import check
 
 from fsaware_support import (MiB, Part, changed_blocks, copy_range, ext_free_blocks, judge_partition,
@@ -57,6 +56,11 @@ def compact_and_judge(tmp_path, parts, *, table, fmt, block_size=None):
     to_raw(img, after)
     for p in parts:
         judge_partition(after, p, str(tmp_path))
+    if table == "gpt":                       # both GPT headers and arrays survive (gaps released)
+        v = run(["sgdisk", "-v", after]).stdout
+        assert "No problems found" in v, v
+    elif table != "none":
+        assert run(["sfdisk", "-d", after]).stdout == run(["sfdisk", "-d", raw]).stdout
 
     # Exactly the released blocks changed, and they read as zeros: the image as it was, with
     # those blocks zeroed, is what qemu-img reads now.

@@ -209,7 +209,6 @@ def test_ntfs_marked_dirty(tmp_path):
 @pytest.mark.judges(*tools_for("ntfs"))
 @pytest.mark.needs_fuse
 def test_ntfs_holding_a_hibernated_windows(tmp_path):
-    import shutil
     import tempfile
     raw = str(tmp_path / "disk.raw")
     parts = make_disk(raw, [Part("ntfs", 32 * MiB)], nfiles=2)
@@ -292,3 +291,20 @@ def test_huge_claimed_counts_cost_no_memory(tmp_path, fs, poke):
         finally:
             tracemalloc.stop()
     assert peak < 16 * MiB
+
+
+@pytest.mark.judges(*tools_for("ntfs"))
+@pytest.mark.needs_fuse
+def test_ntfs_claiming_more_sectors_than_the_partition(tmp_path):
+    assert_refused(_image(tmp_path, "ntfs", 24 * MiB, _poke(40, struct.pack("<Q", 1 << 40))),
+                   "partition 1", "more than the partition")
+
+
+@EXT
+@pytest.mark.parametrize("extra", [["--to", "x.vhd"], ["--verify"]])
+def test_filesystem_aware_compaction_is_in_place_and_says_so(tmp_path, extra):
+    img = _image(tmp_path, "ext4", 24 * MiB)
+    before = sha_file(img)
+    p = _vdisk("compact", img, "--filesystem-aware", *extra)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "in place" in p.stderr
+    assert sha_file(img) == before

@@ -121,7 +121,3 @@ def power_of_two(v: int) -> bool:
 def need(cond: bool, region: Region, reason: str) -> None:
     if not cond:
         raise region.fail(reason)
-
-
-def optional(v: Optional[int]) -> int:
-    return 0 if v is None else v

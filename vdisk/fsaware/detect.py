@@ -70,9 +70,14 @@ def volumes(dev, path: str) -> list[Volume]:
     """The volumes of the block device *dev* (the image at *path*), in disk order."""
     whole = Region(dev, 0, dev.size, f"{path}: disk")
     kind = identify(whole)
-    if kind is not None:
+    # A FAT/NTFS/exFAT boot sector carries 0x55AA like an MBR: it wins. An ext superblock or a
+    # swap header on the whole disk only counts without a partition table (a boot loader in the
+    # MBR gap could look like one).
+    if kind in ("fat", "ntfs", "exfat"):
         return [Volume("disk", 0, dev.size, kind)]
     parts = read_partitions(_Pread(dev, path), strict=True)
+    if not parts:
+        return [Volume("disk", 0, dev.size, kind)] if kind is not None else []
     out = []
     for p in sorted(parts, key=lambda p: p.start):
         out.append(Volume(f"p{p.index}", p.start, p.length, identify(Region(dev, p.start, p.length, f"{path}: partition {p.index}"))))

@@ -46,9 +46,9 @@ def geometry(region: Region, boot: bytes) -> dict:
                 clusters=clusters, kind=kind, ext_flags=u16(boot, 40) if kind == 32 else 0)
 
 
-def _entries(raw: bytes, kind: int, first: int, n: int) -> np.ndarray:
-    """Entries first..first+n-1 from the FAT bytes *raw* starting at entry *first* (FAT12: the
-    caller keeps *first* even so entries pair up on byte boundaries)."""
+def _entries(raw: bytes, kind: int, n: int) -> np.ndarray:
+    """*n* entries from the FAT bytes *raw* (FAT12: *raw* starts at an even entry, so entries
+    pair up in 3-byte groups)."""
     if kind == 32:
         return np.frombuffer(raw, dtype="<u4")[:n] & 0x0FFFFFFF
     if kind == 16:
@@ -93,7 +93,7 @@ def read_free(region: Region, sink=None) -> FreeMap:
         copies = [region.read(fat0 + k * fat_bytes + lo, hi - lo, f"FAT copy {k + 1}") for k in range(nfats)]
         if mirrored and any(c != copies[0] for c in copies[1:]):
             raise region.fail(f"FAT{kind} copies disagree (entries from {pos}): run fsck.fat")
-        ent = _entries(copies[active], kind, pos, n)
+        ent = _entries(copies[active], kind, n)
         need(len(ent) == n, region, "FAT ends before its last cluster")
         free = ent == 0
         if pos == 0:
