@@ -123,8 +123,6 @@ def test_raw_and_fixed_images_get_holes_punched(tmp_path, kind):
     if kind == "fixed":
         img = str(tmp_path / "disk.vhd")
         _vdisk("convert", raw, img, "--subtype", "fixed")
-    ref = str(tmp_path / "ref.raw")
-    run(["cp", "--sparse=never", raw, ref])
     used_before = os.stat(img).st_blocks * 512
     rep = compact_fs(img)
     assert rep.method == "punch"
@@ -133,7 +131,8 @@ def test_raw_and_fixed_images_get_holes_punched(tmp_path, kind):
     out = str(tmp_path / "out.raw")
     run(["qemu-img", "convert", "-f", "vpc" if kind == "fixed" else "raw", "-O", "raw", img, out])
     judge_partition(out, parts[0], str(tmp_path))
-    assert check(img).exit_code == 0 if kind == "fixed" else True
+    if kind == "fixed":
+        assert check(img).exit_code == 0
 
 
 def _content(path):

@@ -1,8 +1,9 @@
 """NTFS: free clusters from $Bitmap (MFT record 6), found through $MFT's own data runs.
 
-Refuses (unless forced) a volume whose $Volume flags say dirty, one holding an active
-hibernation image or fast startup state (hiberfil.sys beginning "hibr"/"wake"); always refuses a $Bitmap shorter than the cluster count,
-compressed/encrypted or attribute-list-split $Bitmap data, and geometry past the partition end.
+Refuses, unless forced, a volume whose $Volume flags say dirty or one holding an active
+hibernation image or fast startup state (hiberfil.sys beginning "hibr"/"wake"). Always refuses
+a $Bitmap shorter than the cluster count, compressed or encrypted $Bitmap data, data found only
+through an attribute list, and geometry past the partition end.
 """
 from __future__ import annotations
 
@@ -108,9 +109,8 @@ class _Volume:
         return None
 
     def nonresident(self, attrs, t: int, what: str, name: str = "") -> tuple[list, int]:
-        """(runs, data size) of the unnamed non-resident attribute *t*."""
-        if any(typ == ATTR_LIST for typ, *_ in attrs):
-            raise self.region.fail(f"NTFS {what} is split over an attribute list; left untouched")
+        """(runs, data size) of the non-resident attribute *t* named *name*, from the base record
+        (its first extent; a read past what those runs cover refuses in :meth:`read_runs`)."""
         for typ, a, nonres, nm in attrs:
             if typ == t and nm == name:
                 need(nonres, self.region, f"NTFS {what} data is resident, not the expected runs")
@@ -118,6 +118,8 @@ class _Volume:
                     raise self.region.fail(f"NTFS {what} is compressed or encrypted; left untouched")
                 need(u64(a, 16) == 0, self.region, f"NTFS {what} data starts at a later VCN (extension record)")
                 return self.decode_runs(a[u16(a, 32):], what), u64(a, 48)
+        if any(typ == ATTR_LIST for typ, *_ in attrs):
+            raise self.region.fail(f"NTFS {what} is split over an attribute list; left untouched")
         raise self.region.fail(f"NTFS {what} has no data attribute")
 
     def decode_runs(self, raw: bytes, what: str) -> list[tuple[int, Optional[int], int]]:
