@@ -4,7 +4,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := qemu-utils qemu-block-extra qemu-system-x86 libvhdi-utils fuse3 libnbd-bin python3-libnbd nbdkit libiscsi-bin hdparm \
-                e2fsprogs fdisk gdisk mtools xz-utils bzip2 tar python3-venv zstd linux-image-cloud-amd64 busybox-static
+                e2fsprogs fdisk gdisk mtools xz-utils bzip2 tar python3-venv zstd linux-image-cloud-amd64 busybox-static \
+                dosfstools exfatprogs ntfs-3g zerofree
 
 .PHONY: demo test bench deps venv clean
 

@@ -108,7 +108,7 @@ def cmd_convert(args) -> int:
         try:
             result = convert(src, args.dst, args.output_format, args.subtype, block_size=args.block_size,
                              target=args.target, zero_detect=args.zero_detect, progress=bar,
-                             force=args.force, durable=args.sync)
+                             force=args.force, durable=args.sync, skip=_sparsify_hook(args))
         finally:
             bar.finish()
     if args.json:
@@ -116,6 +116,13 @@ def cmd_convert(args) -> int:
                    "virtual_size": result.size, "bytes_read": result.bytes_read,
                    "bytes_written": result.bytes_written})
     return 0
+
+
+def _sparsify_hook(args):
+    if not getattr(args, "sparsify", False):
+        return None
+    from vdisk.fsaware import sparsify
+    return sparsify(args.src)
 
 
 # -- map ----------------------------------------------------------------------------------------
@@ -221,6 +228,8 @@ def register(sub) -> None:
                    help="azure: fixed VHD, whole MiB; hyper-v: dynamic VHD; virtualbox: dynamic VDI")
     p.add_argument("--no-zero-detect", dest="zero_detect", action="store_false",
                    help="copy allocated zero blocks too")
+    p.add_argument("--sparsify", action="store_true",
+                   help="skip what the guest's filesystems do not use (it reads as zeros in DST)")
     add_progress_option(p)
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.add_argument("--no-sync", dest="sync", action="store_false",

@@ -50,10 +50,29 @@ def cmd_check(args) -> int:
 # -- compact --------------------------------------------------------------------------------------
 def cmd_compact(args) -> int:
     from vdisk.ops.compact import compact
+    if args.filesystem_aware:
+        return _compact_fs(args)
+    if args.force:
+        raise VDiskError(f"{args.image}: --force applies only with --filesystem-aware")
     bar = progress_for(args, "compact")
     try:
         report = compact(args.image, dry_run=args.dry_run, to=args.to, verify=args.verify,
                          parent_search=tuple(args.search), progress=bar)
+    finally:
+        bar.finish()
+    _out(args, report)
+    return 0
+
+
+def _compact_fs(args) -> int:
+    from vdisk.fsaware import compact_fs
+    if args.to or args.verify:
+        raise VDiskError(f"{args.image}: --filesystem-aware compacts in place; it does not take "
+                         f"{'--to' if args.to else '--verify'} (use 'vdisk convert --sparsify' for a copy)")
+    bar = progress_for(args, "compact")
+    try:
+        report = compact_fs(args.image, dry_run=args.dry_run, parent_search=tuple(args.search), progress=bar,
+                            force=args.force)
     finally:
         bar.finish()
     _out(args, report)
@@ -143,6 +162,10 @@ def register(subparsers) -> None:
     p.add_argument("image")
     p.add_argument("--dry-run", action="store_true", help="report what would be reclaimed; write nothing")
     p.add_argument("--to", metavar="NEW", help="write a compacted copy to NEW instead of compacting in place")
+    p.add_argument("--filesystem-aware", action="store_true",
+                   help="also give up blocks the guest's filesystems (ext2/3/4, FAT, exFAT, NTFS, swap) do not use")
+    p.add_argument("--force", action="store_true",
+                   help="with --filesystem-aware: trust the bitmap of an NTFS volume marked dirty or hibernated")
     p.add_argument("--verify", action="store_true", help="hash the content before and after; fail on any difference")
     _search_option(p)
     add_progress_option(p)

@@ -130,7 +130,8 @@ class _BlockReader:
         return True
 
 
-def _scan(sf: SparseFile, below: Optional[Engine], size: int, progress: Progress) -> _Scan:
+def _scan(sf: SparseFile, below: Optional[Engine], size: int, progress: Progress,
+          free: Optional[np.ndarray] = None) -> _Scan:
     layer = sf.layer
     bs, unit, skip = layer.block_size, sf.unit, sf.skip
     starts = sf.unit_starts()
@@ -156,17 +157,20 @@ def _scan(sf: SparseFile, below: Optional[Engine], size: int, progress: Progress
     for i, b in enumerate(blocks.tolist()):
         start = int(starts[b])
         hole = not _has_data(dstarts, dends, start + skip, start + unit)
+        fs_free = free is not None and bool(free[b])   # the guest's filesystem holds nothing here
         if granular:                                  # differencing VHD: per-sector presence
             raw = reader.read(start, -(-spb // 8))           # at least one byte (blocks under 4 KiB)
             bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8))[:spb].astype(bool)
             if not bits.any():
                 new_map[b] = ABSENT                   # nothing present: reads the parent already
                 dropped[start] = hole
-            elif hole or _present_zero(reader, start + skip, bits, spb):
+            elif hole or fs_free or _present_zero(reader, start + skip, bits, spb):
                 if below_zero(b):
                     new_map[b] = ABSENT
                     dropped[start] = hole or reader.data_is_zero(start + skip, bs)
-        elif hole or reader.data_is_zero(start + skip, bs):
+        elif hole or fs_free or reader.data_is_zero(start + skip, bs):
+            # A filesystem-free block is neither read nor kept by the journal: should the run be
+            # rolled back, its stale content may come back as zeros, as after a discard.
             if not diff or below_zero(b):
                 new_map[b] = ABSENT
                 dropped[start] = True
@@ -175,6 +179,11 @@ def _scan(sf: SparseFile, below: Optional[Engine], size: int, progress: Progress
                 dropped[start] = True
         if progress and (i & 63 == 63 or i == total - 1):
             progress((i + 1) * bs, total * bs)      # bytes examined, as ProgressBar shows
+    if free is not None and diff and layer.can_mark_zero():
+        # Free blocks the child does not store but the parent does: a ZERO entry costs no space.
+        for b in np.flatnonzero(free & (layer.block_map == ABSENT)).tolist():
+            if not below_zero(b):
+                new_map[b] = ZERO
     return _Scan(new_map, dropped)
 
 
@@ -214,8 +223,13 @@ def _dst_pieces(dst: int, unit: int, skip: int, dropped: dict, dropped_sorted: l
 
 
 def compact(path: str, *, dry_run: bool = False, to: Optional[str] = None, verify: bool = False,
-            parent_search: Sequence[str] = (), vbox_registry=None, progress: Progress = None) -> CompactReport:
-    """Compact the dynamic/differencing VHD or VDI at *path* in place (or into a new image *to*)."""
+            parent_search: Sequence[str] = (), vbox_registry=None, progress: Progress = None,
+            free_space: Optional[Callable] = None) -> CompactReport:
+    """Compact the dynamic/differencing VHD or VDI at *path* in place (or into a new image *to*).
+
+    *free_space(disk)*, when given, is asked (with the image open and locked) for a boolean array
+    over the top layer's blocks: True where the guest's filesystems hold no data. Such blocks are
+    given up like zero blocks, without being read (see :mod:`vdisk.fsaware`)."""
     import vdisk
     path = os.fspath(path)
     if to is not None:
@@ -231,7 +245,8 @@ def compact(path: str, *, dry_run: bool = False, to: Optional[str] = None, verif
         report = CompactReport(path, layer.format, layer.subtype, dry_run=dry_run, size_before=size_before,
                                allocated_before=int((layer.block_map >= 0).sum()))
         below = Engine(disk.layers[1:]) if len(disk.layers) > 1 else None
-        scan = _scan(sf, below, disk.size, progress)
+        free = free_space(disk) if free_space is not None else None
+        scan = _scan(sf, below, disk.size, progress, free)
         new_map = scan.new_map
         report.unallocated = int(((layer.block_map >= 0) & (new_map == ABSENT)).sum())
         report.zero_marked = int(((layer.block_map >= 0) & (new_map == ZERO)).sum())

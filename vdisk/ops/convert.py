@@ -364,7 +364,8 @@ def _publish(tmp: str, dst: str, force: bool, durable: bool = True) -> None:
 
 def convert(src: Disk, dst_path, format: Optional[str] = None, subtype: Optional[str] = None, *,
             block_size: Optional[int] = None, target: Optional[str] = None, zero_detect: bool = True,
-            progress: Optional[Progress] = None, force: bool = False, durable: bool = True) -> ConvertResult:
+            progress: Optional[Progress] = None, force: bool = False, durable: bool = True,
+            skip: Optional[Callable] = None) -> ConvertResult:
     """Write the whole content of *src* (its chain flattened) into a new image at *dst_path*.
 
     *format* ``vhd``/``vdi``/``raw`` (default from the file name), *subtype* ``fixed``/``dynamic``
@@ -376,6 +377,9 @@ def convert(src: Disk, dst_path, format: Optional[str] = None, subtype: Optional
     With *durable* (default) the output is fsynced before it gets its name, so even a power cut
     never leaves a partial image under *dst_path*; ``durable=False`` skips the syncs (qemu-img's
     default behaviour): a killed process still leaves nothing, a power cut soon after might.
+
+    *skip(src, granule, ranges)*, when given, returns the ranges still to copy (``--sparsify``:
+    :func:`vdisk.fsaware.sparsify` drops the granules the guest's filesystems do not use).
     """
     dst = os.fspath(dst_path)
     fmt, sub, size = plan_output(src.size, format, subtype, target, dst)
@@ -403,7 +407,7 @@ def convert(src: Disk, dst_path, format: Optional[str] = None, subtype: Optional
         if durable:
             sink.start_writeback()
         try:
-            read, written = _copy(src, sink, granule, zero_detect, progress)
+            read, written = _copy(src, sink, granule, zero_detect, progress, skip)
         finally:
             sink.stop_writeback()
         sink.finish(durable)
@@ -432,7 +436,8 @@ def _chunks(ranges: list[tuple[int, int]], chunk: int):
             yield pos, min(chunk, end - pos)
 
 
-def _copy(src: Disk, sink, granule: int, zero_detect: bool, progress: Optional[Progress]) -> tuple[int, int]:
+def _copy(src: Disk, sink, granule: int, zero_detect: bool, progress: Optional[Progress],
+          skip: Optional[Callable] = None) -> tuple[int, int]:
     """Copy the DATA ranges of *src* into *sink*, several chunks in flight at once.
 
     Reads, zero scans (numpy) and writes all release the GIL, so a few threads keep the disk
@@ -441,6 +446,8 @@ def _copy(src: Disk, sink, granule: int, zero_detect: bool, progress: Optional[P
     """
     runs = src.map_runs(0, src.size) if src.size else []
     ranges = work_ranges(src, granule, runs)
+    if skip is not None:
+        ranges = skip(src, granule, ranges)
     total = sum(e - s for s, e in ranges)
     prefetch = _Prefetcher(src, runs)
     chunk = max(CHUNK // granule, 1) * granule
