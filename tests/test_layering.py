@@ -24,10 +24,7 @@ CORE = ["vdisk.disk", "vdisk.engine", "vdisk.chain", "vdisk.io", "vdisk.journal"
         "vdisk.blockdev", "vdisk.probe"]
 #: What the core must not import (a module or anything inside a package of that name).
 ABOVE_THE_CORE = ["vdisk.shadow", "vdisk.snapshot", "vdisk.backup", "vdisk.serve", "vdisk.devices",
-                  "vdisk.openers", "vdisk.cli", "vdisk.cli_backup", "vdisk.cli_io", "vdisk.cli_maint",
-                  "vdisk.cli_shadow", "vdisk.ops", "vdisk.check", "vdisk.compact", "vdisk.convert",
-                  "vdisk.commit", "vdisk.resize", "vdisk.relink", "vdisk.compare", "vdisk.measure",
-                  "vdisk.info", "vdisk.layout", "vdisk.svgmap"]
+                  "vdisk.openers", "vdisk.cli", "vdisk.ops", "vdisk.fsaware", "vdisk.mount"]
 
 
 def module_files() -> dict[str, Path]:
