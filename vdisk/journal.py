@@ -39,9 +39,10 @@ from construct import Bytes, Int32ul, Int64ul, Struct
 
 from .errors import JournalPendingError, VDiskError
 from . import io as _io
+from .sidecars import JOURNAL
 from .io import ImageFile, start_writeback
 
-SUFFIX = ".vdisk-journal"
+SUFFIX = JOURNAL
 MAGIC = b"VDJRNL01"
 RECORD_MAGIC = 0x4452434A          # "JCRD"
 REC_UNDO, REC_UNDO_ZERO, REC_COMMIT = 1, 2, 3

@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional, Sequence, cast
 from .blockdev import BlockDevice
 from .disk import Disk, check_open_args
 from .disk import open as open_image_chain
+from . import sidecars
 from .errors import ReadOnlyError
 
 
@@ -49,17 +50,17 @@ class Step:
 def _open_backup(req: OpenRequest) -> Optional[BlockDevice]:
     if req.format is not None:
         return None
-    from .backup import is_backup, open_backup
+    from .backup.reader import is_backup            # the header peek alone, not the package
     if not is_backup(req.path):
         return None
+    from .backup import open_backup
     if req.writable:
         raise ReadOnlyError(f"{req.path}: a vdisk backup is read-only (restore it to get a writable image)")
     return open_backup(req.path)
 
 
 def _snapshot_search(req: OpenRequest) -> None:
-    from .snapshot import SUFFIX
-    folder = req.path + SUFFIX
+    folder = req.path + sidecars.SNAPSHOTS
     if os.path.isdir(folder):
         req.parent_search = (*req.parent_search, folder, os.path.dirname(os.path.abspath(req.path)))
     return None
@@ -68,9 +69,9 @@ def _snapshot_search(req: OpenRequest) -> None:
 def _wrap_shadows(device: BlockDevice, req: OpenRequest) -> BlockDevice:
     if not req.writable:
         return device
-    from .shadow import has_shadows, wrap_writable
-    if not has_shadows(req.path):
+    if not os.path.isdir(req.path + sidecars.SHADOWS):
         return device
+    from .shadow import wrap_writable
     return cast(BlockDevice, wrap_writable(cast(Disk, device)))
 
 

@@ -35,9 +35,10 @@ from vdisk.formats import registry
 from .errors import UnsupportedError, VDiskError
 from .io import ImageFile
 from .io import replace_file, sync_dir
+from .sidecars import SNAPSHOTS
 from .shadow.catalog import utc_now
 
-SUFFIX = ".snapshots"
+SUFFIX = SNAPSHOTS
 TREE = "tree.json"
 FORMAT = "vdisk-snapshot-tree"
 VERSION = 1

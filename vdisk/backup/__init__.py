@@ -14,11 +14,27 @@ The layout is documented in docs/backup.md.
 """
 from __future__ import annotations
 
-from .container import DEFAULT_CHUNK, Header
-from .reader import BackupFile, is_backup
-from .restore import FileReport, RestoreResult, VerifyReport, open_backup, restore, verify, verify_file
-from .take import BackupResult, backup
-from .view import BackupDisk
+import importlib
+
+#: public name -> the module that defines it. They load on first use, so that a peek at a file's
+#: header (reader.is_backup, which every vdisk.open makes) does not load the whole package.
+_EXPORTS = {"DEFAULT_CHUNK": "container", "Header": "container", "BackupFile": "reader", "is_backup": "reader",
+            "FileReport": "restore", "RestoreResult": "restore", "VerifyReport": "restore",
+            "open_backup": "restore", "restore": "restore", "verify": "restore", "verify_file": "restore",
+            "BackupResult": "take", "backup": "take", "BackupDisk": "view"}
 
 __all__ = ["backup", "restore", "verify", "verify_file", "open_backup", "is_backup", "BackupDisk", "BackupFile",
            "BackupResult", "RestoreResult", "VerifyReport", "FileReport", "Header", "DEFAULT_CHUNK"]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

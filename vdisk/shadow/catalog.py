@@ -16,8 +16,9 @@ from typing import Optional
 
 from vdisk.errors import VDiskError
 from vdisk.io import replace_file
+from vdisk.sidecars import SHADOWS
 
-SUFFIX = ".vdisk-shadows"
+SUFFIX = SHADOWS
 CATALOG = "catalog.json"
 FORMAT = "vdisk-shadows"
 VERSION = 1
