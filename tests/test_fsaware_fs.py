@@ -123,7 +123,7 @@ def test_released_ext_blocks_are_all_free_in_dumpe2fs(tmp_path, fs, opts):
     assert rep["partitions"][0]["filesystem"] == fs
 
 
-@pytest.mark.judges(*tools_for("fat12", "fat16", "exfat"))
+@pytest.mark.judges(*tools_for("fat12", "fat16", "exfat"), modules=("dissect.fat",))
 @pytest.mark.parametrize("fs,size", [("fat12", 8 * MiB), ("fat16", 40 * MiB), ("exfat", 48 * MiB)])
 def test_fat12_fat16_and_exfat(tmp_path, fs, size):
     compact_and_judge(tmp_path, [Part(fs, size)], table="gpt", fmt="vhd", block_size=256 * 1024)

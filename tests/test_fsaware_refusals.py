@@ -167,7 +167,7 @@ def _fat_total(n):
     return poke
 
 
-@pytest.mark.judges(*tools_for("exfat"))
+@pytest.mark.judges(*tools_for("exfat"), modules=("dissect.fat",))
 @pytest.mark.parametrize("poke,words", [
     (_poke(106, struct.pack("<H", 2)), ("dirty",)),
     (_poke(92, struct.pack("<I", 0xFFFFFFF0)), ("FAT is too small",)),
@@ -292,7 +292,7 @@ def test_a_damaged_partition_table_is_refused(tmp_path):
 
 
 # -- bounded memory ----------------------------------------------------------------------------
-@pytest.mark.judges(*tools_for("exfat", "ext4"))
+@pytest.mark.judges(*tools_for("exfat", "ext4"), modules=("dissect.fat",))
 @pytest.mark.parametrize("fs,poke", [
     ("ext4", _poke(1024 + 4, struct.pack("<I", 0xFFFFFFFF))),
     ("exfat", _poke(92, struct.pack("<I", 0xFFFFFFFF))),
