@@ -102,15 +102,15 @@ def bits_free(raw: bytes, n: int) -> np.ndarray:
     return bits == 0
 
 
-def u16(b: bytes, o: int) -> int:
+def u16(b: bytes | bytearray, o: int) -> int:
     return int.from_bytes(b[o:o + 2], "little")
 
 
-def u32(b: bytes, o: int) -> int:
+def u32(b: bytes | bytearray, o: int) -> int:
     return int.from_bytes(b[o:o + 4], "little")
 
 
-def u64(b: bytes, o: int) -> int:
+def u64(b: bytes | bytearray, o: int) -> int:
     return int.from_bytes(b[o:o + 8], "little")
 
 

@@ -95,7 +95,7 @@ def read_free(region: Region, sink=None) -> FreeMap:
                  unit, (blocks - first_data) // ratio, sink=sink)
     ipg, isize = u32(sb, 40), (u16(sb, 88) if u32(sb, 76) >= 1 else 128)
     itb = -(-(ipg * isize) // bsize)
-    ms, me = _metadata_intervals(descs, itb) if csum else (None, None)
+    ms, me = _metadata_intervals(descs, itb)
     total_free = 0
     seed = None
     if ro & 0x400:                                   # metadata_csum: bitmaps carry CRC-32C
@@ -162,7 +162,7 @@ def _has_super(g: int, sb: bytes, ro: int, compat: int) -> bool:
 
 
 def _descriptors(region: Region, sb: bytes, bsize: int, groups: int, desc_size: int, first_data: int,
-                 bpg: int, incompat: int, ro: int) -> list[tuple[int, int, int, int, int]]:
+                 bpg: int, incompat: int, ro: int) -> list[tuple[int, int, int, int, int, int]]:
     """(block bitmap, inode bitmap, inode table, free blocks, flags, bitmap checksum) per group."""
     per_block = bsize // desc_size
     nblocks = -(-groups // per_block)
@@ -194,11 +194,12 @@ def _descriptors(region: Region, sb: bytes, bsize: int, groups: int, desc_size: 
 
 def _metadata_intervals(descs, itb: int) -> tuple[np.ndarray, np.ndarray]:
     """Sorted [start, end) block intervals of every group's bitmaps and inode table."""
-    s, e = [], []
+    lo: list[int] = []
+    hi: list[int] = []
     for bb, ib, it, *_ in descs:
-        s += [bb, ib, it]
-        e += [bb + 1, ib + 1, it + itb]
-    s, e = np.array(s, dtype=np.int64), np.array(e, dtype=np.int64)
+        lo += [bb, ib, it]
+        hi += [bb + 1, ib + 1, it + itb]
+    s, e = np.array(lo, dtype=np.int64), np.array(hi, dtype=np.int64)
     order = np.argsort(s, kind="stable")
     return s[order], e[order]
 
