@@ -141,8 +141,13 @@ def copy_back(src: str, dst: str, start: int) -> None:
 def populate(p: Part, img: str, work: str, seed: int, nfiles: int, file_size: int) -> None:
     """Write *nfiles* seeded files and delete every other one, with the filesystem's own tools."""
     fam = family(p.fs)
-    if fam in ("swap", "exfat"):
-        return                      # swap holds no files; exFAT: no tool writes files without a mount
+    if fam == "swap":
+        return                      # swap holds no files
+    if fam == "exfat":
+        exfat_populate(p, img, seed, nfiles, file_size)
+        run(FSCK["exfat"] + [img])           # the writer's output must be clean before anything relies on it
+        assert exfat_read_files(img) == p.files
+        return
     rng = np.random.default_rng(seed)
     names = [f"f{i:02d}.bin" for i in range(nfiles)]
     srcs = {}
@@ -208,6 +213,10 @@ def judge_partition(raw: str, p: Part, work: str) -> None:
             run(["debugfs", "-R", f"dump {name} {out}", img])
         elif fam == "fat":
             run(["mcopy", "-n", "-i", img, f"::{name}", out])
+        elif fam == "exfat":
+            got = exfat_read_files(img)
+            assert got.get(name) == digest, f"{name} on exFAT changed or missing"
+            continue
         elif fam == "ntfs":
             with open(out, "wb") as f:
                 r = subprocess.run(["ntfscat", img, name], stdout=f, stderr=subprocess.PIPE)
@@ -259,3 +268,107 @@ def changed_blocks(a: str, b: str, bs: int) -> np.ndarray:
                 out.append(i)
             i += 1
     return np.array(out, dtype=np.int64)
+
+
+# -- exFAT files, written here ----------------------------------------------------------------
+# No tool in reach writes files into exFAT without a kernel mount (exfat-fuse insists on a block
+# device when run as root, and on allow_other otherwise). This small writer makes what the
+# specification calls contiguous files (NoFatChain): an entry set in the root directory (file,
+# stream extension, name entries, set checksum, name hash), the clusters marked in the
+# allocation bitmap. fsck.exfat judges it first; dissect.fat's exFAT reader reads the files back.
+
+def _exfat_geometry(img: bytes) -> dict:
+    b = img[:512]
+    bps = 1 << b[108]
+    unit = bps << b[109]
+    return dict(bps=bps, unit=unit, heap=int.from_bytes(b[88:92], "little") * bps,
+                clusters=int.from_bytes(b[92:96], "little"), root=int.from_bytes(b[96:100], "little"))
+
+
+def _exfat_sum16(data: bytes, skip=()) -> int:
+    c = 0
+    for i, x in enumerate(data):
+        if i in skip:
+            continue
+        c = (((c & 1) << 15) | (c >> 1)) + x
+        c &= 0xFFFF
+    return c
+
+
+def exfat_populate(p: Part, img: str, seed: int, nfiles: int, file_size: int) -> None:
+    """Write *nfiles* seeded files into the exFAT volume *img*, then delete every other one
+    (entries marked unused, clusters freed in the bitmap; the data stays as stale bytes)."""
+    with open(img, "r+b") as f:
+        vol = bytearray(f.read())
+        g = _exfat_geometry(vol)
+        unit, heap = g["unit"], g["heap"]
+        root = heap + (g["root"] - 2) * unit
+        bitmap_at = bitmap_len = None
+        for i in range(0, unit, 32):
+            if vol[root + i] == 0x81:
+                first = int.from_bytes(vol[root + i + 20:root + i + 24], "little")
+                bitmap_at = heap + (first - 2) * unit
+                bitmap_len = int.from_bytes(vol[root + i + 24:root + i + 32], "little")
+        assert bitmap_at is not None
+        used = np.unpackbits(np.frombuffer(bytes(vol[bitmap_at:bitmap_at + bitmap_len]), dtype=np.uint8),
+                             bitorder="little")[:g["clusters"]].astype(bool)
+        slot = next(i for i in range(0, unit, 32) if vol[root + i] == 0)      # end of directory
+        rng = np.random.default_rng(seed)
+        sets = {}
+        for k in range(nfiles):
+            name = f"f{k:02d}.bin"
+            n = int(rng.integers(file_size // 4, file_size)) + (7 if k % 3 == 0 else 0)
+            data = noise(n, seed * 1000 + k)
+            need = -(-n // unit)
+            free_runs = np.flatnonzero(np.convolve(~used, np.ones(need, dtype=int), "valid") == need)
+            c0 = int(free_runs[0])
+            used[c0:c0 + need] = True
+            at = heap + c0 * unit
+            vol[at:at + n] = data
+            first_cluster = c0 + 2
+            uname = name.encode("utf-16-le")
+            names = [uname[i:i + 30].ljust(30, b"\0") for i in range(0, len(uname), 30)]
+            file_e = bytearray(32)
+            file_e[0], file_e[1] = 0x85, 1 + len(names)
+            file_e[4:6] = (0x20).to_bytes(2, "little")
+            stream = bytearray(32)
+            stream[0], stream[1], stream[3] = 0xC0, 0x03, len(name)       # AllocationPossible | NoFatChain
+            stream[4:6] = _exfat_sum16(name.upper().encode("utf-16-le")).to_bytes(2, "little")
+            stream[8:16] = n.to_bytes(8, "little")
+            stream[20:24] = first_cluster.to_bytes(4, "little")
+            stream[24:32] = n.to_bytes(8, "little")
+            entries = file_e + stream + b"".join(bytes([0xC1, 0]) + part for part in names)
+            entries[2:4] = _exfat_sum16(bytes(entries), skip=(2, 3)).to_bytes(2, "little")
+            assert slot + len(entries) < unit
+            vol[root + slot:root + slot + len(entries)] = entries
+            sets[name] = (root + slot, len(entries), c0, need)
+            slot += len(entries)
+            p.files[name] = hashlib.sha256(data).hexdigest()
+        for name in list(sets)[::2]:
+            at, length, c0, need = sets[name]
+            for e in range(at, at + length, 32):
+                vol[e] &= 0x7F                                              # InUse cleared
+            used[c0:c0 + need] = False
+            del p.files[name]
+            p.deleted.append(name)
+        packed = np.packbits(used, bitorder="little").tobytes()
+        vol[bitmap_at:bitmap_at + len(packed)] = packed
+        f.seek(0)
+        f.write(vol)
+
+
+def exfat_read_files(img: str) -> dict[str, str]:
+    """sha256 of every file in the exFAT root directory, as dissect.fat's exFAT reader reads it."""
+    from dissect.fat import exfat
+    out = {}
+    with open(img, "rb") as f:
+        fs = exfat.ExFAT(f)
+        for name, (entry, children) in fs.files["/"][1].items():
+            if children is not None:                 # a directory
+                continue
+            runs = fs.runlist(entry.stream.location, not_fragmented=entry.stream.flags.not_fragmented,
+                              size=entry.stream.data_length)
+            from dissect.util.stream import RunlistStream
+            data = RunlistStream(f, runs, entry.stream.data_length, fs.sector_size).read()
+            out[name] = hashlib.sha256(data).hexdigest()
+    return out

@@ -123,7 +123,7 @@ def test_released_ext_blocks_are_all_free_in_dumpe2fs(tmp_path, fs, opts):
     assert rep["partitions"][0]["filesystem"] == fs
 
 
-@pytest.mark.judges(*tools_for("fat12", "fat16", "exfat"))
+@pytest.mark.judges(*tools_for("fat12", "fat16", "exfat"), modules=("dissect.fat",))
 @pytest.mark.parametrize("fs,size", [("fat12", 8 * MiB), ("fat16", 40 * MiB), ("exfat", 48 * MiB)])
 def test_fat12_fat16_and_exfat(tmp_path, fs, size):
     compact_and_judge(tmp_path, [Part(fs, size)], table="gpt", fmt="vhd", block_size=256 * 1024)
@@ -161,6 +161,25 @@ def test_convert_sparsify_skips_free_space_and_keeps_the_filesystem(tmp_path):
     out = str(tmp_path / "out.raw")
     to_raw(sparse, out)
     judge_partition(out, parts[0], str(tmp_path))
+    flat = str(tmp_path / "sparse.raw")                 # raw output: holes at 4 KiB granules
+    _vdisk("convert", "--sparsify", sparse, flat)
+    assert os.stat(flat).st_blocks * 512 < os.stat(raw).st_blocks * 512 - 16 * MiB
+    judge_partition(flat, parts[0], str(tmp_path))
+
+
+@pytest.mark.judges(*tools_for("ext4"))
+def test_convert_sparsify_refuses_a_dirty_filesystem_and_leaves_no_output(tmp_path):
+    parts = [Part("ext4", 24 * MiB)]
+    raw = str(tmp_path / "disk.raw")
+    make_disk(raw, parts)
+    with open(raw, "r+b") as f:                          # needs_recovery
+        f.seek(parts[0].start + 1024 + 96)
+        v = int.from_bytes(f.read(4), "little") | 0x4
+        f.seek(parts[0].start + 1024 + 96)
+        f.write(v.to_bytes(4, "little"))
+    p = _vdisk("convert", "--sparsify", raw, str(tmp_path / "out.vhd"), check_rc=False)
+    assert p.returncode == 1 and "partition 1" in p.stderr and "recovery" in p.stderr
+    assert sorted(os.listdir(tmp_path)) == ["disk.raw"]
 
 
 @pytest.mark.judges(*tools_for("ext4"))

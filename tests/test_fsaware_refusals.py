@@ -101,6 +101,23 @@ def test_ext_group_whose_bitmap_claims_more_than_its_descriptor(tmp_path):
 
 
 @EXT
+def test_ext_bitmap_whose_checksum_fails_although_the_counts_agree(tmp_path):
+    def poke(f, start):
+        # 1 KiB blocks: group 0's descriptor at block 2; swap a used and a free bit of its bitmap
+        f.seek(start + 2048)
+        bb = struct.unpack("<I", f.read(4))[0]
+        f.seek(start + bb * 1024)
+        bits = bytearray(f.read(1024))
+        used = next(i for i in range(8192) if bits[i // 8] >> (i % 8) & 1)
+        free = next(i for i in range(8191, 0, -1) if not bits[i // 8] >> (i % 8) & 1)
+        bits[used // 8] &= ~(1 << (used % 8)) & 0xFF
+        bits[free // 8] |= 1 << (free % 8)
+        f.seek(start + bb * 1024)
+        f.write(bits)
+    assert_refused(_image(tmp_path, "ext4", 24 * MiB, poke), "partition 1", "group 0", "checksum")
+
+
+@EXT
 def test_ext_bitmap_past_the_partition_end(tmp_path):
     def poke(f, start):
         f.seek(start + 2048)
@@ -150,7 +167,7 @@ def _fat_total(n):
     return poke
 
 
-@pytest.mark.judges(*tools_for("exfat"))
+@pytest.mark.judges(*tools_for("exfat"), modules=("dissect.fat",))
 @pytest.mark.parametrize("poke,words", [
     (_poke(106, struct.pack("<H", 2)), ("dirty",)),
     (_poke(92, struct.pack("<I", 0xFFFFFFF0)), ("FAT is too small",)),
@@ -275,7 +292,7 @@ def test_a_damaged_partition_table_is_refused(tmp_path):
 
 
 # -- bounded memory ----------------------------------------------------------------------------
-@pytest.mark.judges(*tools_for("exfat", "ext4"))
+@pytest.mark.judges(*tools_for("exfat", "ext4"), modules=("dissect.fat",))
 @pytest.mark.parametrize("fs,poke", [
     ("ext4", _poke(1024 + 4, struct.pack("<I", 0xFFFFFFFF))),
     ("exfat", _poke(92, struct.pack("<I", 0xFFFFFFFF))),

@@ -37,7 +37,7 @@ class FsReport:
     block_size: int
     dry_run: bool
     volumes: list[Volume] = field(default_factory=list)
-    free_blocks: int = 0            # image blocks wholly in free space
+    free_blocks: int = 0            # image blocks in free space (or whose used bytes read zeros)
     size_before: int = 0
     size_after: int = 0
     method: str = "compact"         # "compact" (dynamic/differencing) or "punch" (raw/fixed)
@@ -61,7 +61,8 @@ class FsReport:
             lines.append(f"{self.path}: {v.name}: {fs}, {v.length} bytes, {v.free_bytes} free, "
                          f"{v.reclaimable} {'reclaimable' if self.dry_run else 'released'}")
         verb = "would reclaim" if self.dry_run else "reclaimed"
-        lines.append(f"{self.path}: {self.free_blocks} blocks of {self.block_size} bytes wholly free; {verb} "
+        lines.append(f"{self.path}: {self.free_blocks} blocks of {self.block_size} bytes hold nothing the "
+                     f"filesystems use; {verb} "
                      f"{self.reclaimed} bytes ({self.size_before} -> {self.size_after})")
         return "\n".join(lines)
 

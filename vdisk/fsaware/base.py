@@ -102,15 +102,15 @@ def bits_free(raw: bytes, n: int) -> np.ndarray:
     return bits == 0
 
 
-def u16(b: bytes, o: int) -> int:
+def u16(b: bytes | bytearray, o: int) -> int:
     return int.from_bytes(b[o:o + 2], "little")
 
 
-def u32(b: bytes, o: int) -> int:
+def u32(b: bytes | bytearray, o: int) -> int:
     return int.from_bytes(b[o:o + 4], "little")
 
 
-def u64(b: bytes, o: int) -> int:
+def u64(b: bytes | bytearray, o: int) -> int:
     return int.from_bytes(b[o:o + 8], "little")
 
 
@@ -121,3 +121,25 @@ def power_of_two(v: int) -> bool:
 def need(cond: bool, region: Region, reason: str) -> None:
     if not cond:
         raise region.fail(reason)
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def crc32c_update(crc: int, data: bytes) -> int:
+    """CRC-32C (Castagnoli) register update from *crc*, no pre- or post-inversion (the form ext4
+    chains its metadata checksums with)."""
+    t = _CRC32C
+    for b in data:
+        crc = t[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc

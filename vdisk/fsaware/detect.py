@@ -117,7 +117,9 @@ def read_free(dev, path: str, vol: Volume, sink: Optional[Callable[[FreeChunk], 
     region = Region(dev, vol.start, vol.length, label)
     reader = READERS[vol.kind]
     try:
-        return reader(region, sink=sink, force=True) if force and vol.kind == "ntfs" else reader(region, sink=sink)
+        if vol.kind == "ntfs":
+            return ntfs.read_free(region, sink=sink, force=force)
+        return reader(region, sink=sink)
     except Refusal:
         raise
     except (ValueError, IndexError, OverflowError) as exc:      # a structure too short to parse

@@ -20,7 +20,7 @@ def probe(boot: bytes) -> bool:
 
 def _chain(region: Region, fat: int, first: int, clusters: int, limit: int) -> list[int]:
     """Clusters of a FAT chain from *first*, at most *limit* long; a loop or a bad link refuses."""
-    out = []
+    out: list[int] = []
     c = first
     while c != END_OF_CHAIN:
         need(2 <= c < clusters + 2, region, f"exFAT chain points at cluster {c:#x}, outside the heap")
@@ -67,7 +67,8 @@ def read_free(region: Region, sink=None) -> FreeMap:
         else:
             continue
         break
-    need(bitmap is not None, region, "exFAT root directory holds no allocation bitmap")
+    if bitmap is None:
+        raise region.fail("exFAT root directory holds no allocation bitmap")
     first, length = bitmap
     need(length * 8 >= clusters, region, f"exFAT allocation bitmap of {length} bytes cannot cover {clusters} clusters")
     bm_clusters = _chain(region, fat, first, clusters, -(-length // unit))

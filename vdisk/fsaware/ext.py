@@ -4,14 +4,15 @@ Handles 32- and 64-bit group descriptors, flex_bg (bitmaps and inode tables of m
 into one), BLOCK_UNINIT groups (no bitmap on disk: everything is free except the group's own
 superblock/descriptor backups and any group's bitmaps or inode table placed inside it), meta_bg
 descriptor placement and bigalloc clusters. Refuses a journal that needs recovery, pending
-orphans, an unclean or erroneous state, feature flags not listed here, and any group whose bitmap
-claims more free blocks than its descriptor (or a total above the superblock's count).
+orphans, an unclean or erroneous state, feature flags not listed here, a bitmap whose checksum
+fails (metadata_csum), and any group whose bitmap claims more free blocks than its descriptor
+(or a total above the superblock's count).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .base import FreeMap, Region, bits_free, need, u16, u32
+from .base import FreeMap, Region, bits_free, crc32c_update, need, u16, u32
 
 MAGIC = 0xEF53
 SB_OFFSET = 1024
@@ -94,10 +95,13 @@ def read_free(region: Region, sink=None) -> FreeMap:
                  unit, (blocks - first_data) // ratio, sink=sink)
     ipg, isize = u32(sb, 40), (u16(sb, 88) if u32(sb, 76) >= 1 else 128)
     itb = -(-(ipg * isize) // bsize)
-    ms, me = _metadata_intervals(descs, itb) if csum else (None, None)
+    ms, me = _metadata_intervals(descs, itb)
     total_free = 0
+    seed = None
+    if ro & 0x400:                                   # metadata_csum: bitmaps carry CRC-32C
+        seed = u32(sb, 0x270) if incompat & 0x2000 else crc32c_update(0xFFFFFFFF, sb[104:120])
     for g in range(groups):
-        bb, ib, it, gfree, flags = descs[g]
+        bb, ib, it, gfree, flags, bcsum = descs[g]
         g_first = first_data + g * bpg
         g_blocks = min(bpg, blocks - g_first)
         n = -(-g_blocks // ratio)
@@ -115,6 +119,10 @@ def read_free(region: Region, sink=None) -> FreeMap:
         else:
             need(first_data <= bb < blocks, region, f"ext group {g} block bitmap at block {bb} is outside the filesystem")
             raw = region.read(bb * bsize, bsize, f"ext group {g} block bitmap")
+            if seed is not None:
+                mask = 0xFFFFFFFF if desc_size >= 0x3A else 0xFFFF
+                if crc32c_update(seed, raw[: cpg // 8]) & mask != bcsum:
+                    raise region.fail(f"ext group {g} block bitmap checksum does not match: run e2fsck")
             free = bits_free(raw, n)
         count = int(np.count_nonzero(free))
         if count > gfree:
@@ -154,8 +162,8 @@ def _has_super(g: int, sb: bytes, ro: int, compat: int) -> bool:
 
 
 def _descriptors(region: Region, sb: bytes, bsize: int, groups: int, desc_size: int, first_data: int,
-                 bpg: int, incompat: int, ro: int) -> list[tuple[int, int, int, int, int]]:
-    """(block bitmap, inode bitmap, inode table, free blocks, flags) of every group."""
+                 bpg: int, incompat: int, ro: int) -> list[tuple[int, int, int, int, int, int]]:
+    """(block bitmap, inode bitmap, inode table, free blocks, flags, bitmap checksum) per group."""
     per_block = bsize // desc_size
     nblocks = -(-groups // per_block)
     need(nblocks * bsize <= region.length, region, f"ext claims {groups} groups, more descriptors than fit the partition")
@@ -179,17 +187,19 @@ def _descriptors(region: Region, sb: bytes, bsize: int, groups: int, desc_size: 
             ib = u32(d, 4) | ((u32(d, 36) << 32) if hi else 0)
             it = u32(d, 8) | ((u32(d, 40) << 32) if hi else 0)
             free = u16(d, 12) | ((u16(d, 44) << 16) if hi else 0)
-            out.append((bb, ib, it, free, u16(d, 18)))
+            bcsum = u16(d, 24) | ((u16(d, 56) << 16) if desc_size >= 0x3A else 0)
+            out.append((bb, ib, it, free, u16(d, 18), bcsum))
     return out
 
 
 def _metadata_intervals(descs, itb: int) -> tuple[np.ndarray, np.ndarray]:
     """Sorted [start, end) block intervals of every group's bitmaps and inode table."""
-    s, e = [], []
-    for bb, ib, it, _, _ in descs:
-        s += [bb, ib, it]
-        e += [bb + 1, ib + 1, it + itb]
-    s, e = np.array(s, dtype=np.int64), np.array(e, dtype=np.int64)
+    lo: list[int] = []
+    hi: list[int] = []
+    for bb, ib, it, *_ in descs:
+        lo += [bb, ib, it]
+        hi += [bb + 1, ib + 1, it + itb]
+    s, e = np.array(lo, dtype=np.int64), np.array(hi, dtype=np.int64)
     order = np.argsort(s, kind="stable")
     return s[order], e[order]
 

@@ -123,7 +123,8 @@ class _Volume:
         raise self.region.fail(f"NTFS {what} has no data attribute")
 
     def decode_runs(self, raw: bytes, what: str) -> list[tuple[int, Optional[int], int]]:
-        runs, vcn, lcn, pos = [], 0, 0, 0
+        runs: list[tuple[int, Optional[int], int]] = []
+        vcn, lcn, pos = 0, 0, 0
         while pos < len(raw) and raw[pos]:
             h = raw[pos]
             ln, lo = h & 0x0F, h >> 4
@@ -146,7 +147,8 @@ class _Volume:
 def _check_clean(vol: _Volume) -> None:
     attrs = vol.attributes(vol.record_bytes(MFT_VOLUME), "$Volume")
     info = vol.resident_value(attrs, ATTR_VOLUME_INFO, "$Volume")
-    need(info is not None and len(info) >= 12, vol.region, "NTFS $Volume has no volume information")
+    if info is None or len(info) < 12:
+        raise vol.region.fail("NTFS $Volume has no volume information")
     if u16(info, 10) & VOLUME_DIRTY:
         raise vol.region.fail("NTFS volume is marked dirty: run chkdsk (or ntfsfix) first, or --force to trust its bitmap")
     hib = _root_file(vol, "hiberfil.sys")
