@@ -396,6 +396,13 @@ class NBDServer:
                 batch_due = True
                 loop.call_soon(flush_batch)
 
+        def queued() -> int:
+            """Reply bytes the transports hold (under TLS: plaintext and ciphertext)."""
+            size = writer.transport.get_write_buffer_size()
+            if writer.transport is not raw_transport:
+                size += raw_transport.get_write_buffer_size()
+            return size
+
         def send(data) -> None:
             flush_batch()                       # whatever is batched goes first, in order
             if data and not writer.transport.is_closing():
@@ -490,8 +497,7 @@ class NBDServer:
                     # the pool, where their copying overlaps the sending of other replies; so
                     # does anything that would wait for the disk.
                     if ev.command == CMD_READ and self.inline_reads and \
-                            ev.length <= INLINE_READ_MAX and \
-                            raw_transport.get_write_buffer_size() + batch_bytes < TRANSPORT_QUEUE:
+                            ev.length <= INLINE_READ_MAX and queued() + batch_bytes < TRANSPORT_QUEUE:
                         ready = read_cached(ev, disk)
                         if ready is not None:
                             for b in ready:
