@@ -95,7 +95,7 @@ def open_exports(images: Sequence, names=None, rw: bool = False) -> List[Export]
     Disk opened read-only is exported read-only even with ``rw``)."""
     import vdisk
 
-    if isinstance(images, (str, os.PathLike)) or hasattr(images, "pread"):
+    if isinstance(images, (str, os.PathLike)) or hasattr(images, "readinto"):
         images = [images]
     images = list(images)
     if not images:
