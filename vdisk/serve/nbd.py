@@ -56,7 +56,7 @@ TRANSPORT_QUEUE = 4 * 1024 * 1024
 SEND_TIMEOUT = 60.0                     # seconds replies may wait for a client that reads nothing
 INLINE_READ_MAX = 64 * 1024             # largest cached READ answered on the event loop itself
 COALESCE_MAX = 64 * 1024                # replies smaller than this may share one send()
-COALESCE_COUNT = 8                      # ...and at most this many: the client starts on them early
+COALESCE_COUNT = 16                     # ...and at most this many: the client starts on them early
 
 
 @dataclass
@@ -404,9 +404,10 @@ class NBDServer:
             return size
 
         def send(data) -> None:
-            flush_batch()                       # whatever is batched goes first, in order
-            if data and not writer.transport.is_closing():
-                writer.write(data)
+            if data:
+                flush_batch()                   # whatever is batched goes first, in order
+                if not writer.transport.is_closing():
+                    writer.write(data)
 
         async def run(req: Request, cost: int) -> None:
             nonlocal broken
@@ -438,6 +439,7 @@ class NBDServer:
                 ev = conn.next_event()
                 if ev is NEED_DATA or ev is MUST_SEND:
                     send(conn.data_to_send())
+                    flush_batch()               # all that was parsed is answered: send it now
                     if broken:
                         conn.receive_data(b"")
                         continue
@@ -530,6 +532,7 @@ class NBDServer:
             if inflight:
                 await asyncio.gather(*list(inflight), return_exceptions=True)
             send(conn.data_to_send())
+            flush_batch()
             try:
                 if self.send_timeout:
                     async with asyncio.timeout(self.send_timeout):
