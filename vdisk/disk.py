@@ -11,6 +11,7 @@ from .chain import LayerInfo, layer_info, open_chain
 from .blockdev import Extent, ExtentKind
 from .engine import Engine
 from .errors import RangeError, ReadOnlyError, UnsupportedError, VDiskError
+from . import io as _vio
 from .io import ImageFile
 from .probe import open_layer, probe
 from vdisk.formats import registry
@@ -152,9 +153,8 @@ class Disk:
         or truncated image): a caller that reads fewer bytes than a piece asks for must fall
         back to :meth:`readinto`, which reports it. Valid until the next write to the range;
         the descriptors belong to the disk (do not close them)."""
-        from . import io as _io
         self._check_range(offset, length)
-        if _io.read_fault_hook is not None:
+        if _vio.read_fault_hook is not None:
             return None
         layers = self._layers
         return [(kind, layers[level].file.fd if kind == ExtentKind.DATA else -1, foff, n)

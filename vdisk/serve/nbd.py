@@ -56,7 +56,7 @@ TRANSPORT_QUEUE = 4 * 1024 * 1024
 SEND_TIMEOUT = 60.0                     # seconds replies may wait for a client that reads nothing
 INLINE_READ_MAX = 64 * 1024             # largest cached READ answered on the event loop itself
 COALESCE_MAX = 64 * 1024                # replies smaller than this may share one send()
-COALESCE_COUNT = 8                      # ...and at most this many: the client starts on them early
+COALESCE_COUNT = 16                     # ...and at most this many: the client starts on them early
 
 
 @dataclass
@@ -95,7 +95,7 @@ def open_exports(images: Sequence, names=None, rw: bool = False) -> List[Export]
     Disk opened read-only is exported read-only even with ``rw``)."""
     import vdisk
 
-    if isinstance(images, (str, os.PathLike)) or hasattr(images, "pread"):
+    if isinstance(images, (str, os.PathLike)) or hasattr(images, "readinto"):
         images = [images]
     images = list(images)
     if not images:
@@ -396,10 +396,18 @@ class NBDServer:
                 batch_due = True
                 loop.call_soon(flush_batch)
 
+        def queued() -> int:
+            """Reply bytes the transports hold (under TLS: plaintext and ciphertext)."""
+            size = writer.transport.get_write_buffer_size()
+            if writer.transport is not raw_transport:
+                size += raw_transport.get_write_buffer_size()
+            return size
+
         def send(data) -> None:
-            flush_batch()                       # whatever is batched goes first, in order
-            if data and not writer.transport.is_closing():
-                writer.write(data)
+            if data:
+                flush_batch()                   # whatever is batched goes first, in order
+                if not writer.transport.is_closing():
+                    writer.write(data)
 
         async def run(req: Request, cost: int) -> None:
             nonlocal broken
@@ -431,6 +439,7 @@ class NBDServer:
                 ev = conn.next_event()
                 if ev is NEED_DATA or ev is MUST_SEND:
                     send(conn.data_to_send())
+                    flush_batch()               # all that was parsed is answered: send it now
                     if broken:
                         conn.receive_data(b"")
                         continue
@@ -490,8 +499,7 @@ class NBDServer:
                     # the pool, where their copying overlaps the sending of other replies; so
                     # does anything that would wait for the disk.
                     if ev.command == CMD_READ and self.inline_reads and \
-                            ev.length <= INLINE_READ_MAX and \
-                            raw_transport.get_write_buffer_size() + batch_bytes < TRANSPORT_QUEUE:
+                            ev.length <= INLINE_READ_MAX and queued() + batch_bytes < TRANSPORT_QUEUE:
                         ready = read_cached(ev, disk)
                         if ready is not None:
                             for b in ready:
@@ -524,6 +532,7 @@ class NBDServer:
             if inflight:
                 await asyncio.gather(*list(inflight), return_exceptions=True)
             send(conn.data_to_send())
+            flush_batch()
             try:
                 if self.send_timeout:
                     async with asyncio.timeout(self.send_timeout):

@@ -209,7 +209,7 @@ def _fill_cached(view: memoryview, runs: list, i: int, skip: int) -> Tuple[int, 
         take = min(n - skip, want - pos)
         if fd >= 0:
             try:
-                got = os.preadv(fd, [view[pos:pos + take]], foff + skip, os.RWF_NOWAIT)
+                got = os.preadv(fd, [view[pos:pos + take]], foff + skip, _NOWAIT)
             except OSError:             # EAGAIN (not cached), or no RWF_NOWAIT here
                 raise _WouldBlock() from None
             if got != take:             # not all cached, or the file ends early
@@ -221,22 +221,37 @@ def _fill_cached(view: memoryview, runs: list, i: int, skip: int) -> Tuple[int, 
     return i, skip
 
 
+_Disk = None                    # vdisk.Disk, imported on first use (the core imports no server)
+_NOWAIT = getattr(os, "RWF_NOWAIT", None)
+
+
 def read_cached(req: Request, disk) -> Optional[List[bytes]]:
     """The reply to a READ whose bytes are all in the page cache (``preadv(RWF_NOWAIT)``), so
     it costs no disk wait and may run on the event loop instead of a worker thread. Exactly the
     reply :func:`handle_request` gives, from one look-up of the map. None when anything would
     wait for the disk, the disk is not a plain :class:`vdisk.Disk` reading its own files, or
     the system has no RWF_NOWAIT: then the caller runs :func:`handle_request`."""
-    from ..disk import Disk
-    if req.command != CMD_READ or type(disk).readinto is not Disk.readinto or \
-            not hasattr(os, "RWF_NOWAIT") or disk.closed:
+    global _Disk
+    if _Disk is None:
+        from ..disk import Disk
+        _Disk = Disk
+    if _NOWAIT is None or req.command != CMD_READ or type(disk).readinto is not _Disk.readinto:
         return None
     off, n, cookie = req.offset, req.length, req.cookie
     try:
         runs = disk.file_runs(off, n) if n else []
         if runs is None:
             return None
-        if not req.structured:
+        structured = req.structured
+        if structured and n and (len(runs) == 1 and (runs[0][1] >= 0 or n < HOLE_MIN)
+                                 or req.flags & CMD_FLAG_DF):
+            # one data chunk (a short hole is folded into data): the common case, kept short
+            buf = bytearray(HDR_CHUNK.size + 8 + n)
+            _fill_cached(memoryview(buf)[HDR_CHUNK.size + 8:], runs, 0, 0)
+            _HDR_DATA.pack_into(buf, 0, STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE,
+                                REPLY_TYPE_OFFSET_DATA, cookie, 8 + n, off)
+            return [buf]
+        if not structured:
             buf = bytearray(HDR_SIMPLE.size + n)
             if n:
                 _fill_cached(memoryview(buf)[HDR_SIMPLE.size:], runs, 0, 0)
@@ -244,10 +259,7 @@ def read_cached(req: Request, disk) -> Optional[List[bytes]]:
             return [buf]
         if n == 0:
             return [encode_none_chunk(cookie)]
-        if req.flags & CMD_FLAG_DF:
-            plan = [(off, n, False)]
-        else:
-            plan = _plan_from_kinds(off, [(r[0], r[3]) for r in runs])
+        plan = _plan_from_kinds(off, [(r[0], r[3]) for r in runs])
         pieces: List[bytes] = []
         hdr = HDR_CHUNK.size + 8
         i = skip = 0
@@ -259,15 +271,17 @@ def read_cached(req: Request, disk) -> Optional[List[bytes]]:
                 continue
             buf = bytearray(hdr + ln)
             i, skip = _fill_cached(memoryview(buf)[hdr:], runs, i, skip)
-            HDR_CHUNK.pack_into(buf, 0, STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE if done else 0,
-                                REPLY_TYPE_OFFSET_DATA, cookie, 8 + ln)
-            struct.pack_into(">Q", buf, HDR_CHUNK.size, o)
+            _HDR_DATA.pack_into(buf, 0, STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE if done else 0,
+                                REPLY_TYPE_OFFSET_DATA, cookie, 8 + ln, o)
             pieces.append(buf)
         return pieces
     except _WouldBlock:
         return None
     except Exception:  # noqa: BLE001 - the worker path reports errors properly
         return None
+
+
+_HDR_DATA = struct.Struct(HDR_CHUNK.format + "Q")     # chunk header + OFFSET_DATA's offset
 
 
 def _advance(runs: list, i: int, skip: int, length: int) -> Tuple[int, int]:

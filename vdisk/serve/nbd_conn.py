@@ -220,7 +220,8 @@ class ServerConnection:
         return len(self._buf) - self._pos
 
     def _take(self, n: int) -> bytes:
-        data = bytes(self._buf[self._pos:self._pos + n])
+        with memoryview(self._buf) as view:     # one copy (a slice of the bytearray is another)
+            data = bytes(view[self._pos:self._pos + n])
         self._pos += n
         if self._pos == len(self._buf):
             self._buf.clear()
