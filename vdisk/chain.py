@@ -1,4 +1,5 @@
-"""Finding and verifying the parents of differencing images (VHD by locator, VDI by UUID)."""
+"""Finding and verifying the parents of differencing images (VHD by locator, VDI by UUID, VHDX by
+locator and DataWriteGuid)."""
 from __future__ import annotations
 
 import glob
@@ -13,6 +14,7 @@ from .probe import open_layer
 from vdisk.formats.base import Layer
 from vdisk.formats.vdi import peek_identity
 from vdisk.formats.vhd import parent_id_bytes
+from vdisk.formats.vhdx import peek_identity as vhdx_peek_identity
 
 MAX_DEPTH = 256
 
@@ -33,7 +35,7 @@ class LayerInfo:
 def _describe_id(layer: Layer) -> Optional[uuidlib.UUID]:
     if layer.parent_id is None:
         return None
-    if layer.format == "vdi":
+    if layer.format in ("vdi", "vhdx"):
         return uuidlib.UUID(bytes_le=layer.parent_id)
     return uuidlib.UUID(bytes=layer.parent_id)
 
@@ -46,7 +48,32 @@ def layer_info(layer: Layer, found_by: str) -> LayerInfo:
 def _identity(layer: Layer) -> bytes:
     if layer.format == "vdi":
         return layer.header["uuid_create"]
+    if layer.format == "vhdx":
+        return layer.headers.current["data_write_guid"]
     return parent_id_bytes(layer)
+
+
+def _vhdx_accepts(child: Layer, parent: Layer) -> bool:
+    """A VHDX parent is the one whose DataWriteGuid the child's parent_linkage (or a non-zero
+    parent_linkage2) names (VHDX.md A7)."""
+    ident = _identity(parent)
+    if ident == child.parent_id:
+        return True
+    from vdisk.formats.vhdx.metadata import linkage_bytes
+    alt = linkage_bytes(child.md.locator.get("parent_linkage2"))
+    return alt is not None and alt != bytes(16) and alt == ident
+
+
+def _vhdx_candidates(child: Layer, search: Sequence[str]) -> Iterable[tuple[str, str]]:
+    """Locator paths first; then, as Hyper-V files are often renamed, every .vhdx/.avhdx beside
+    the child (and in the search folders) whose DataWriteGuid is the linkage."""
+    yield from _vhd_candidates(child, search)
+    here = os.path.dirname(os.path.abspath(child.path))
+    for d in [here, *search]:
+        for pattern in ("*.vhdx", "*.avhdx"):
+            for p in sorted(glob.glob(os.path.join(glob.escape(d), pattern))):
+                if os.path.abspath(p) != os.path.abspath(child.path) and vhdx_peek_identity(p) == child.parent_id:
+                    yield p, f"DataWriteGuid scan of {d}"
 
 
 def _vhd_candidates(child: Layer, search: Sequence[str]) -> Iterable[tuple[str, str]]:
@@ -128,6 +155,8 @@ def find_parent(child: Layer, *, parent_search: Sequence[str] = (), vbox_registr
         candidates: Iterable[tuple[str, str]] = [(explicit, "given explicitly")]
     elif child.format == "vhd":
         candidates = _vhd_candidates(child, parent_search)
+    elif child.format == "vhdx":
+        candidates = _vhdx_candidates(child, parent_search)
     else:
         candidates = _vdi_candidates(child, parent_search, registries)
     seen = set()
@@ -152,7 +181,15 @@ def find_parent(child: Layer, *, parent_search: Sequence[str] = (), vbox_registr
             tried.append(f"{path} ({how}): is {parent.format}, not {child.format}")
             parent.close()
             continue
-        if _identity(parent) != child.parent_id:
+        if child.format == "vhdx" and parent.format == "vhdx" and \
+                parent.logical_sector_size != child.logical_sector_size:
+            tried.append(f"{path} ({how}): logical sector size {parent.logical_sector_size}, the child has "
+                         f"{child.logical_sector_size}")
+            parent.close()
+            continue
+        if child.format == "vhdx" and _vhdx_accepts(child, parent):
+            pass
+        elif _identity(parent) != child.parent_id:
             tried.append(f"{path} ({how}): identity {parent.uuid} does not match {_describe_id(child)}")
             parent.close()
             continue

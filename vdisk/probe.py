@@ -10,16 +10,19 @@ from vdisk.formats.base import Layer
 from vdisk.formats.raw import open_raw
 from vdisk.formats.vdi import is_vdi, open_vdi, vdi_remnant, vdi_signature_problem
 from vdisk.formats.vhd import is_vhd, open_vhd, vhd_remnant
+from vdisk.formats.vhdx import is_vhdx, open_vhdx
 
-FORMATS = ("raw", "vhd", "vdi")
+FORMATS = ("raw", "vhd", "vdi", "vhdx")
 
 
 def probe_file(file: ImageFile) -> str:
-    """'vdi', 'vhd' or 'raw'. Raw only for a file with no sign of another format: a name ending in
+    """'vhdx', 'vdi', 'vhd' or 'raw'. Raw only for a file with no sign of another format: a name ending in
     .vhd/.vdi, a VHD dynamic header or VDI header text without the signature that makes the
     format are a damaged image, refused with a FormatError rather than read as a raw disk."""
     size = file.size()
     head = file.pread(1024, 0)
+    if is_vhdx(head):
+        return "vhdx"
     if is_vdi(head):
         return "vdi"
     tail = file.pread(512, max(0, size - 512)) if size >= 512 else b""
@@ -42,6 +45,10 @@ def _refuse_remnants(path: str, head: bytes, size: int) -> None:
         vhd_signs.insert(0, "the name ends in .vhd")
     if name.endswith(".vdi"):
         vdi_signs.insert(0, "the name ends in .vdi")
+    if name.endswith((".vhdx", ".avhdx")):
+        raise FormatError(path, "file type identifier", "signature", 0,
+                          f"the name ends in .{name.rsplit('.', 1)[1]}, but the file does not start with "
+                          f"'vhdxfile' ({head[:8]!r}): a damaged VHDX, {RAW_HINT}")
     if vdi_text or (vdi_signs and not vhd_header):
         # What the bytes say outweighs what the name says when they disagree.
         raise FormatError(path, "pre-header", "signature", 0x40,
@@ -79,6 +86,8 @@ def open_layer(path: str, *, writable: bool = False, fmt: Optional[str] = None,
         kind = fmt or probe_file(file)
         if kind == "vdi":
             return open_vdi(file, strict=writable)
+        if kind == "vhdx":
+            return open_vhdx(file, strict=writable)
         if kind == "vhd":
             return open_vhd(file, size_policy=size_policy, strict_checksums=writable)
         return open_raw(file)
