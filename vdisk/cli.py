@@ -89,7 +89,7 @@ def emit_json_array(items) -> None:
 
 def add_open_options(parser: argparse.ArgumentParser, *, format_flag: str = "-f") -> None:
     """The options every command that opens an image takes: forced format, parent search, size policy."""
-    parser.add_argument(format_flag, "--format", dest="format", choices=("vhd", "vdi", "raw"),
+    parser.add_argument(format_flag, "--format", dest="format", choices=("vhd", "vdi", "raw", "vhdx"),
                         help="input format (default: probed from the file's signature)")
     parser.add_argument("--parent-search", metavar="DIR", action="append", default=[],
                         help="also look for parent images in DIR (repeatable)")
@@ -192,7 +192,7 @@ def _add_qemu_spellings(parser: argparse.ArgumentParser) -> None:
     """Give every command (recursively) the qemu-img spellings of the options it has."""
     options = parser._option_string_actions
     for action in list(parser._actions):
-        if action.choices is not None and set(action.choices) == _FORMATS and action.option_strings:
+        if action.choices is not None and set(action.choices) >= _FORMATS and action.option_strings:
             action.type = format_name             # `vpc` becomes `vhd` before choices are checked
             action.metavar = "{" + ",".join(action.choices) + ",vpc}"
             if action.help and "vpc" not in action.help:
@@ -277,15 +277,22 @@ def cmd_create(args) -> int:
             raise VDiskError(f"{args.parent}: no such file")
         fmt = probe(args.parent)
     if fmt is None:
-        fmt = format_from_name(args.image) if args.image.lower().endswith((".vdi", ".raw", ".img")) else "vhd"
+        fmt = format_from_name(args.image) if args.image.lower().endswith((".vdi", ".raw", ".img", ".vhdx", ".avhdx")) \
+            else "vhd"
     size = args.size
     if size is None and args.parent is None:
         size = DEFAULT_SIZE
     if os.path.lexists(args.image):
         raise VDiskError(f"{args.image}: already exists")
     subtype = args.subtype or ("raw" if fmt == "raw" else "dynamic")
+    sectors = {}
+    if args.logical_sector_size is not None or args.physical_sector_size is not None:
+        if fmt != "vhdx":
+            raise VDiskError(f"{args.image}: --logical-sector-size and --physical-sector-size apply to VHDX only")
+        sectors = dict(logical_sector_size=args.logical_sector_size or 512,
+                       physical_sector_size=args.physical_sector_size)
     with vdisk.create(args.image, size, format=fmt, subtype=subtype, parent=args.parent,
-                      block_size=args.block_size, size_policy=args.size_policy) as d:
+                      block_size=args.block_size, size_policy=args.size_policy, **sectors) as d:
         result = {"path": d.path, "format": d.format, "subtype": d.subtype, "virtual_size": d.size,
                   "block_size": d.block_size, "uuid": None if d.uuid is None else str(d.uuid),
                   "parent": args.parent}
@@ -412,13 +419,17 @@ def build_parser(load_optional: bool = True) -> argparse.ArgumentParser:
     p.add_argument("size", nargs="?", type=_size_arg,
                    help="virtual size, e.g. 10G, 512M, 4096 (default 127G; a differencing image "
                         "takes its parent's)")
-    p.add_argument("-f", "--format", choices=("vhd", "vdi", "raw"),
-                   help="format (default: from the name: .vdi, .raw/.img, else vhd; a parent's format)")
+    p.add_argument("-f", "--format", choices=("vhd", "vdi", "raw", "vhdx"),
+                   help="format (default: from the name: .vdi, .vhdx/.avhdx, .raw/.img, else vhd; a parent's format)")
     p.add_argument("--subtype", choices=("fixed", "dynamic"))
     p.add_argument("--parent", metavar="P", help="make a differencing image on top of P")
     p.add_argument("--block-size", type=_size_arg, metavar="N", help="allocation unit (dynamic images)")
     p.add_argument("--size-policy", choices=("exact", "chs"), default="exact",
                    help="VHD: keep the size exact (default) or round it up to whole CHS geometry")
+    p.add_argument("--logical-sector-size", type=int, choices=(512, 4096),
+                   help="VHDX: the sector the disk presents (default 512)")
+    p.add_argument("--physical-sector-size", type=int, choices=(512, 4096),
+                   help="VHDX: the physical sector it reports (default 4096, as Hyper-V)")
     add_create_options_option(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_create)
@@ -427,7 +438,7 @@ def build_parser(load_optional: bool = True) -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("dst")
     add_open_options(p)
-    p.add_argument("-O", "--output-format", choices=("vhd", "vdi", "raw"),
+    p.add_argument("-O", "--output-format", choices=("vhd", "vdi", "raw", "vhdx"),
                    help="output format (default: from DST's name: .vhd, .vdi, else raw)")
     p.add_argument("--subtype", choices=("fixed", "dynamic"), help="output subtype (default dynamic)")
     p.add_argument("--block-size", type=_size_arg, metavar="N", help="output allocation unit")
@@ -467,7 +478,7 @@ def build_parser(load_optional: bool = True) -> argparse.ArgumentParser:
     p.add_argument("a")
     p.add_argument("b")
     add_open_options(p)
-    p.add_argument("-F", dest="format_b", choices=("vhd", "vdi", "raw"), help="format of B (default: probed)")
+    p.add_argument("-F", dest="format_b", choices=("vhd", "vdi", "raw", "vhdx"), help="format of B (default: probed)")
     p.add_argument("-s", "--strict", action="store_true", help="images of different sizes differ")
     add_progress_option(p)
     p.add_argument("--json", action="store_true")

@@ -42,7 +42,7 @@ WORKERS = 4
 #: Start writing dirty pages back after this many bytes, so the final flush has little left to do.
 WRITEBACK_EVERY = 64 << 20
 
-FORMATS = ("raw", "vhd", "vdi")
+FORMATS = ("raw", "vhd", "vdi", "vhdx")
 SUBTYPES = ("fixed", "dynamic")
 TARGETS = {
     # What each platform imports natively (see docs/cli.md).
@@ -66,9 +66,9 @@ class ConvertResult:
 
 
 def format_from_name(path: str) -> str:
-    """Output format implied by a file name: .vhd -> vhd, .vdi -> vdi, anything else raw."""
+    """Output format implied by a file name: .vhd -> vhd, .vdi -> vdi, .vhdx/.avhdx -> vhdx, anything else raw."""
     ext = os.path.splitext(os.fspath(path))[1].lower()
-    return {".vhd": "vhd", ".vpc": "vhd", ".vdi": "vdi"}.get(ext, "raw")
+    return {".vhd": "vhd", ".vpc": "vhd", ".vdi": "vdi", ".vhdx": "vhdx", ".avhdx": "vhdx"}.get(ext, "raw")
 
 
 def plan_output(src_size: int, format: Optional[str], subtype: Optional[str], target: Optional[str],

@@ -16,6 +16,7 @@ from .probe import open_layer, probe
 from vdisk.formats.raw import create_raw
 from vdisk.formats.vdi import create_vdi
 from vdisk.formats.vhd import create_vhd
+from vdisk.formats.vhdx import create_vhdx
 
 SUBTYPES = ("fixed", "dynamic")
 
@@ -256,17 +257,20 @@ def open(path, mode: str = "r", *, parent_search: Sequence[str] = (), vbox_regis
 
 
 def create(path, size: Optional[int] = None, *, format: Optional[str] = None, subtype: str = "dynamic",
-           parent=None, block_size: Optional[int] = None, size_policy: str = "exact") -> Disk:
+           parent=None, block_size: Optional[int] = None, size_policy: str = "exact",
+           logical_sector_size: int = 512, physical_sector_size: Optional[int] = None) -> Disk:
     """Create a new image and return it opened read-write.
 
     ``parent=`` makes a differencing image (its size and, by default, its format are the
     parent's). *format* defaults to "vhd" for a base image. The file must not exist.
+    *logical_sector_size* and *physical_sector_size* (512 or 4096) apply to VHDX, whose defaults
+    are Hyper-V's: 32 MiB blocks, 512-byte logical and 4096-byte physical sectors.
     """
     path = os.fspath(path)
     if format is None:
         format = "vhd" if parent is None else probe(os.fspath(parent))
-    if format not in ("vhd", "vdi", "raw"):
-        raise ValueError(f"format must be 'vhd', 'vdi' or 'raw', not {format!r}")
+    if format not in ("vhd", "vdi", "raw", "vhdx"):
+        raise ValueError(f"format must be 'vhd', 'vdi', 'vhdx' or 'raw', not {format!r}")
     parent_layer = None
     if parent is not None:
         parent = os.fspath(parent)
@@ -294,6 +298,9 @@ def create(path, size: Optional[int] = None, *, format: Optional[str] = None, su
             if parent_layer is not None:
                 raise UnsupportedError("raw images have no parents")
             layer = create_raw(file, size)
+        elif format == "vhdx":
+            layer = create_vhdx(file, size, subtype, block_size=block_size, logical_sector_size=logical_sector_size,
+                                physical_sector_size=physical_sector_size, parent=parent_layer, parent_path=parent)
         elif format == "vhd":
             layer = create_vhd(file, size, subtype, block_size=block_size, size_policy=size_policy,
                                parent=parent_layer, parent_path=parent)

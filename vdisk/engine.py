@@ -248,17 +248,19 @@ class Engine:
             top.allocate(b, [(in_off, piece)])
 
     def _sector_align(self, b: int, in_off: int, piece: memoryview, e: Optional[int]):
-        """Widen a write to whole sectors, filling partial edges from what they read as now."""
-        a0 = in_off // SECTOR * SECTOR
-        a1 = -(-(in_off + len(piece)) // SECTOR) * SECTOR
+        """Widen a write to whole sectors, filling partial edges from what they read as now.
+        The sector is the image's logical one: a VHDX bitmap bit covers 4096 bytes when so made."""
+        unit = max(SECTOR, self.top.logical_sector_size)
+        a0 = in_off // unit * unit
+        a1 = -(-(in_off + len(piece)) // unit) * unit
         if a0 == in_off and a1 == in_off + len(piece):
             return a0, a1, piece
         buf = bytearray(a1 - a0)
         bstart = b * self.top.block_size
         if a0 != in_off:
-            buf[:SECTOR] = self.read(bstart + a0, SECTOR)
-        if a1 != in_off + len(piece) and (a1 - a0 > SECTOR or a0 == in_off):
-            buf[-SECTOR:] = self.read(bstart + a1 - SECTOR, SECTOR)
+            buf[:unit] = self.read(bstart + a0, unit)
+        if a1 != in_off + len(piece) and (a1 - a0 > unit or a0 == in_off):
+            buf[-unit:] = self.read(bstart + a1 - unit, unit)
         buf[in_off - a0: in_off - a0 + len(piece)] = piece
         return a0, a1, buf
 
@@ -280,8 +282,9 @@ class Engine:
         bstart = b * self.top.block_size
         if self.below_is_zero(bstart + in_off, n):
             return
-        a0 = -(-in_off // SECTOR) * SECTOR
-        a1 = (in_off + n) // SECTOR * SECTOR
+        unit = max(SECTOR, self.top.logical_sector_size)
+        a0 = -(-in_off // unit) * unit
+        a1 = (in_off + n) // unit * unit
         if a1 <= a0:
             self._write_block(b, in_off, memoryview(bytes(n)))
             return
