@@ -575,6 +575,17 @@ def _check_fixed_vdi_map(unmapped: int, first: tuple[int, int], n: int, used: in
                 f"{what}, {value:#010x}); {n - used} slot(s) in the file are referenced by nothing"))
 
 
+def _check_vhdx(file: ImageFile, report: CheckReport) -> None:
+    """VHDX: the driver's findings (formats/vhdx/check.py); nothing is repaired yet."""
+    from vdisk.formats.vhdx.check import check_vhdx
+    result = check_vhdx(file)
+    report.subtype = result.subtype
+    report.allocated_blocks = result.allocated_blocks
+    report.leaked_bytes = result.leaked_bytes
+    for f in result.findings:
+        report.findings.append(Finding(f.kind, f.severity, f.message))
+
+
 # ---------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------
@@ -596,6 +607,8 @@ def _analyse(path: str, report: CheckReport, plan: _Plan) -> None:
             _check_vhd(file, report, plan)
         elif kind == "vdi":
             _check_vdi(file, report, plan)
+        elif kind == "vhdx":
+            _check_vhdx(file, report)
         else:
             report.subtype = "raw"
     finally:
