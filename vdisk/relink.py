@@ -295,6 +295,8 @@ def rebase(path: str, new_parent: str, *, search: Sequence[str] = (), dry_run: b
 
 
 def _require_differencing(layer) -> None:
+    if layer.format == "vhdx":
+        raise UnsupportedError(f"{layer.path}: vdisk cannot rewrite the parent link of a VHDX image yet")
     if not layer.is_differencing:
         raise UnsupportedError(f"{layer.path}: not a differencing image; it has no parent link")
 

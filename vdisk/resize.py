@@ -63,6 +63,8 @@ def resize(path: str, new_size: int, *, shrink: bool = False, verify: bool = Fal
         if layer.is_differencing:
             raise UnsupportedError(f"{path}: a differencing image has its parent's size; resize the base image "
                                    f"and recreate or commit the children")
+        if layer.format == "vhdx":
+            raise UnsupportedError(f"{path}: vdisk cannot resize VHDX images yet")
         if new_size == disk.size:
             report.file_size_after = report.file_size_before
             return report
