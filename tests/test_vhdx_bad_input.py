@@ -113,6 +113,14 @@ def test_log_length_not_a_multiple_of_1_mib(image):
     refused(image, "log length 0x1000 is not a multiple of 1 MiB")
 
 
+def test_an_image_without_a_log_opens_read_only_only(image):
+    set_header(image, log_length=0, log_offset=0)
+    with vdisk.open(image) as d:
+        assert d.pread(4, 0) == b"\x11" * 4
+    with pytest.raises(vdisk.UnsupportedError, match="has no log"):
+        vdisk.open(image, "r+")
+
+
 def test_equal_sequence_numbers_with_different_headers(image):
     set_header(image, sequence_number=9)
     h2 = dict(Header.parse(read(image, H2, 4096)))

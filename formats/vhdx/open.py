@@ -45,6 +45,9 @@ def open_vhdx(file: ImageFile, strict: bool = False) -> VhdxLayer:
     warnings = [f"{path}: header {i + 1} is damaged ({p}); header {headers.index + 1} is current"
                 for i, p in enumerate(headers.problems) if p]
     h = headers.current
+    if file.writable and not h["log_length"]:
+        raise UnsupportedError(f"{path}: the image has no log, so vdisk cannot update its metadata safely; "
+                               f"open it read-only")
     log_span = (h["log_offset"], h["log_offset"] + h["log_length"]) if h["log_length"] else None
 
     overlay: Optional[Overlay] = None
