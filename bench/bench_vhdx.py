@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark: VHDX reads and conversions, vdisk against qemu on the same images in the same run.
 
-Image: the 2 GiB half-allocated layout of bench/common.py as a dynamic VHDX (Hyper-V's default
-32 MiB blocks), and its raw twin. Every file is read once before timing (page cache); read
+Image: the 2 GiB half-allocated layout of bench/common.py as a dynamic VHDX with 2 MiB blocks
+(the layout's unit, as the VHD there; ``--block-mib 32`` for Hyper-V's default), and its raw twin. Every file is read once before timing (page cache); read
 figures are the best of 3 runs of each side.
 
   * sequential reads, 1 MiB and 4 KiB requests over the whole disk, one at a time: vdisk
@@ -31,13 +31,35 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import OUT, SEED, make_half_allocated, standard_images  # noqa: E402
+from common import OUT, SEED, UNIT, _fresh, layout, standard_images, unit_data  # noqa: E402
 from bench_convert import run_child, vdisk_cmd  # noqa: E402
 
 import vdisk  # noqa: E402
 
 MiB = 1 << 20
 QEMU_FMT = {"raw": "raw", "vhd": "vpc", "vhdx": "vhdx"}
+
+
+def make_vhdx(path: Path, size: int, block_size: int) -> Path:
+    """(Once) the standard half-allocated layout as a dynamic VHDX with *block_size* blocks: holes
+    are unallocated blocks, the all-zero units are really stored (as common.make_half_allocated)."""
+    if path.exists():
+        return path
+    allocated, zeros = layout(size, SEED)
+    tmp = _fresh(path)
+    with vdisk.create(tmp, size, format="vhdx", block_size=block_size) as d:
+        top, bs = d.layers[0], d.block_size
+        for u in allocated:
+            off = u * UNIT
+            n = min(UNIT, size - off)
+            if u in zeros:
+                for b in range(off // bs, -(-(off + n) // bs)):
+                    if top.block_map[b] < 0:
+                        top.allocate(b, [(0, bytes(min(bs, size - b * bs)))])
+            else:
+                d.pwrite(unit_data(u, SEED, n), off)
+    tmp.rename(path)
+    return path
 
 
 def warm(path) -> None:
@@ -113,6 +135,9 @@ def main() -> None:
     ap.add_argument("--size-mib", type=int, default=2048)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--reads", type=int, default=20000)
+    ap.add_argument("--block-mib", type=int, default=2,
+                    help="VHDX block size (default 2: the layout's unit, so its holes are unallocated blocks "
+                         "as in the VHD of bench/common.py; 32 is Hyper-V's default)")
     args = ap.parse_args()
     if shutil.which("qemu-img") is None:
         raise SystemExit("qemu-img is not installed (apt-get install qemu-utils)")
@@ -120,10 +145,10 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     std = standard_images(size)
     stem = "half" if size == 2 << 30 else f"half-{args.size_mib}m-{SEED}"
-    vhdx = make_half_allocated(OUT / f"{stem}.vhdx", "vhdx", size)
+    vhdx = make_vhdx(OUT / f"{stem}-{args.block_mib}m.vhdx", size, args.block_mib * MiB)
     for p in (vhdx, std["raw"], std["vhd"]):
         warm(p)
-    print(f"image: {args.size_mib} MiB dynamic VHDX (32 MiB blocks), half allocated, seed {SEED}")
+    print(f"image: {args.size_mib} MiB dynamic VHDX ({args.block_mib} MiB blocks), half allocated, seed {SEED}")
     worst_seq = 9.9
     for req in (MiB, 4096):
         v = max(seq_vdisk(vhdx, size, req) for _ in range(3))

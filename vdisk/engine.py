@@ -20,6 +20,7 @@ from . import chainmap
 
 
 DATA, ZEROK, UNALLOC = ExtentKind.DATA, ExtentKind.ZERO, ExtentKind.UNALLOCATED
+_ZEROS = memoryview(bytes(4 << 20))
 
 # A run is (virtual offset, length, kind, layer index or -1, file offset or -1).
 
@@ -123,7 +124,8 @@ class Engine:
                 layer.file.readinto_exact(view, e + offset - b * bs)
                 return
             if e == ZERO or (e == ABSENT and len(self.layers) == 1):
-                view[:] = bytes(n)
+                # a shared zero buffer: bytes(n) would fault in fresh pages on every read
+                view[:] = _ZEROS[:n] if n <= len(_ZEROS) else bytes(n)
                 return
             if self.map is not None:                        # the parents: resolved once per block
                 self.map.read(view, offset, b, e)

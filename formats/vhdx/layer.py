@@ -221,6 +221,8 @@ class VhdxLayer(Layer):
         """Before the first change of this session: new FileWriteGuid and DataWriteGuid (A5.1-2)."""
         self.headers.update(self.raw, file_write_guid=new_uuid().bytes_le, data_write_guid=new_uuid().bytes_le)
         self.uuid = uuidlib.UUID(bytes_le=self.headers.current["data_write_guid"])
+        if isinstance(self.file, VhdxFile) and self.file.overlay is None:
+            self.file = self.file.raw        # the session has begun: nothing more to intercept
 
     def _log_capacity(self) -> int:
         """Data sectors one entry may carry in this file's log."""

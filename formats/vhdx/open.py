@@ -206,6 +206,8 @@ def open_vhdx(file: ImageFile, strict: bool = False) -> VhdxLayer:
                       parent_hints=hints, warnings=[])
     for w in warnings:
         layer.warn(w)
+    if vf.overlay is None and not file.writable:
+        layer.file = file            # nothing to add to reads, no writes: the engine reads the file itself
     return layer
 
 
