@@ -583,7 +583,7 @@ def _check_vhdx(file: ImageFile, report: CheckReport) -> None:
     report.allocated_blocks = result.allocated_blocks
     report.leaked_bytes = result.leaked_bytes
     for f in result.findings:
-        report.findings.append(Finding(f.kind, f.severity, f.message))
+        report.findings.append(Finding(f.kind, f.severity, f.message, fixable=f.fixable))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -662,6 +662,9 @@ def _new_report(path, parent_search, vbox_registry) -> CheckReport:
 
 
 def _repair(path: str, report: CheckReport, plan: _Plan) -> list[str]:
+    if report.format == "vhdx":
+        from vdisk.formats.vhdx.check import repair_vhdx
+        return repair_vhdx(path, {f.kind for f in report.findings if f.fixable})
     done = []
     file = ImageFile(path, writable=True)
     try:

@@ -16,6 +16,15 @@ class VhdxFinding:
     kind: str
     severity: str            # "corruption" or "leak"
     message: str
+    fixable: bool = False
+
+
+#: What :func:`repair_vhdx` does for each fixable kind.
+REPAIRS = {
+    "log-pending": "replayed the log into the file and cleared it",
+    "header-copy": "rewrote the damaged header from the current one",
+    "region-table-copy": "rewrote region table copy 1 from copy 2",
+}
 
 
 @dataclass
@@ -44,15 +53,15 @@ def check_vhdx(file: ImageFile) -> VhdxCheck:
         # A cut during a header update leaves this; the next update rewrites that slot first.
         out.findings.append(VhdxFinding("header-copy", "leak",
                                         f"{path}: header {other + 1} is damaged ({h.problems[other]}); header "
-                                        f"{h.index + 1} is current and the next write rewrites the other"))
+                                        f"{h.index + 1} is current and the next write rewrites the other", fixable=True))
     for w in layer.warnings:
         if "region table copy 1" in w:
-            out.findings.append(VhdxFinding("region-table-copy", "corruption", w))
+            out.findings.append(VhdxFinding("region-table-copy", "corruption", w, fixable=True))
     log = layer.replay_info
     if log.get("state") == "replayed":
         out.findings.append(VhdxFinding("log-pending", "leak",
                                         f"{path}: the log holds {log['entries']} entries ({log['updates']} updates) "
-                                        f"not yet applied; a read-write open replays them"))
+                                        f"not yet applied; a read-write open replays them", fixable=True))
     # Space no structure uses: between and after blocks, in 1 MiB units.
     spans = [(0, HEADER_SECTION)]
     cur = h.current
@@ -83,3 +92,23 @@ def check_vhdx(file: ImageFile) -> VhdxCheck:
         out.findings.append(VhdxFinding("leak", "leak", f"{path}: {out.leaked_bytes} bytes of the file are used by "
                                                         f"no structure (blocks of an interrupted allocation?)"))
     return out
+
+
+def repair_vhdx(path: str, kinds: set) -> list[str]:
+    """Fix what :func:`check_vhdx` marks fixable: a read-write open replays a pending log (A3);
+    a header update rewrites the damaged slot first; copy 2 of the region table replaces a
+    damaged copy 1 (copy 2 stays valid throughout, so a cut leaves a readable file)."""
+    from .open import open_vhdx
+    from .structs import REGION_OFFSETS, REGION_TABLE_SIZE
+    file = ImageFile(path, writable=True)
+    try:
+        layer = open_vhdx(file)                        # replays the log in place
+        h = layer.headers
+        if "header-copy" in kinds and h.slots[1 - h.index] is None:
+            h.update(file)
+        if "region-table-copy" in kinds and getattr(layer, "region_copy", 0) == 1:
+            file.pwrite(file.pread(REGION_TABLE_SIZE, REGION_OFFSETS[1]), REGION_OFFSETS[0])
+            file.sync()
+    finally:
+        file.close()
+    return [REPAIRS[k] for k in sorted(kinds) if k in REPAIRS]

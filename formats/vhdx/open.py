@@ -73,7 +73,7 @@ def open_vhdx(file: ImageFile, strict: bool = False) -> VhdxLayer:
     def read(n: int, off: int) -> bytes:
         return vf.pread(n, off)
 
-    regions, _copy, w = read_region_table(path, read, file_size, log_span)
+    regions, region_copy, w = read_region_table(path, read, file_size, log_span)
     warnings += w
     bat_region = next(r for r in regions if r.guid == BAT_GUID)
     md_region = next(r for r in regions if r.guid == METADATA_GUID)
@@ -204,6 +204,7 @@ def open_vhdx(file: ImageFile, strict: bool = False) -> VhdxLayer:
                       file=vf, format="vhdx", subtype=subtype, size=size, block_size=bs, block_map=block_map,
                       uuid=uuidlib.UUID(bytes_le=h["data_write_guid"]), parent_id=parent_id,
                       parent_hints=hints, warnings=[])
+    layer.region_copy = region_copy
     for w in warnings:
         layer.warn(w)
     if vf.overlay is None and not file.writable:
