@@ -314,7 +314,7 @@ def test_a_crash_at_any_event_leaves_old_or_new_bytes_and_a_usable_image(tmpfs_p
         prev[k] += v
 
 
-@pytest.mark.parametrize("combo", ["vdi-dynamic", "vhd-dynamic"])
+@pytest.mark.parametrize("combo", ["vdi-dynamic", "vhd-dynamic", "vhdx-dynamic"])
 def test_a_block_discarded_and_its_space_reused_before_a_flush_survives_a_crash(tmpfs_path, combo):
     """A discard frees the last VDI slot at once, but the file's block map still points a block
     at it until the next flush: an allocation reusing the slot before then made the durable map

@@ -132,3 +132,33 @@ def test_differencing_chain_written_by_vdisk_reads_identically_in_libvhdi(tmp_pa
     with vdisk.open(base) as d:
         assert f"Parent identifier\t: {d.uuid}" in info          # parent_linkage = parent DataWriteGuid
     assert f"Bytes per sector\t: {lss} bytes" in info and "Differential" in info
+
+
+def test_a_discarded_block_is_unmapped_punched_and_reused_by_a_later_write(tmp_path):
+    size = 8 * MiB
+    path = tmp_path / "t.vhdx"
+    with vdisk.create(path, size, format="vhdx", block_size=MiB) as d:
+        d.pwrite(b"\x66" * (3 * MiB), MiB)
+    used = path.stat().st_blocks
+    with vdisk.open(path, "r+") as d:
+        d.discard(2 * MiB, MiB)
+    with vdisk.open(path) as d:
+        layer = d.layers[0]
+        assert layer.state(2) == 3 and d.pread(MiB, 2 * MiB) == bytes(MiB)     # UNMAPPED, zeros
+    assert path.stat().st_blocks <= used - (MiB >> 9)                           # storage released
+    expect = bytearray(size)
+    expect[MiB:4 * MiB] = b"\x66" * (3 * MiB)
+    expect[2 * MiB:3 * MiB] = bytes(MiB)
+    raw = tmp_path / "e.raw"
+    raw.write_bytes(bytes(expect))
+    assert "No errors" in run("qemu-img", "check", "-f", "vhdx", str(path))
+    run("qemu-img", "compare", "-f", "vhdx", "-F", "raw", str(path), str(raw))
+    assert pyvhdi_read(path, size) == bytes(expect)
+    file_size = path.stat().st_size
+    with vdisk.open(path, "r+") as d:
+        d.discard(3 * MiB, MiB)
+        d.pwrite(b"\x77" * 100, 3 * MiB + 10)                  # same session: its own storage again
+    assert path.stat().st_size == file_size
+    with vdisk.open(path) as d:
+        assert d.pread(200, 3 * MiB) == bytes(10) + b"\x77" * 100 + bytes(90)
+    assert "No errors" in run("qemu-img", "check", "-f", "vhdx", str(path))

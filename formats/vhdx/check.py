@@ -69,7 +69,8 @@ def check_vhdx(file: ImageFile) -> VhdxCheck:
         spans.append((cur["log_offset"], cur["log_offset"] + cur["log_length"]))
     spans += [(r.offset, r.offset + r.length) for r in layer.regions]
     bat = layer.bat
-    present = (bat & 7) >= 6
+    # UNMAPPED entries may keep their block's storage (VHDX.md §6): used, not leaked
+    present = ((bat & 7) >= 6) | (((bat & 7) == 3) & ((bat & OFFSET_MASK) != 0))
     idx = np.flatnonzero(present)
     offs = (bat[idx] & OFFSET_MASK).astype(np.int64)
     is_sb = (idx % (layer.cr + 1)) == layer.cr

@@ -17,11 +17,12 @@ import numpy as np
 
 from vdisk.errors import UnsupportedError
 from ..base import ABSENT, SECTOR, ZERO, Layer, new_uuid
+from ..raw import punch_hole
 from .headers import HeaderPair
 from .log import build_entry
 from .metadata import Metadata, Region
 from .structs import (LOG_SECTOR, OFFSET_MASK, PAYLOAD_FULLY_PRESENT, PAYLOAD_NOT_PRESENT,
-                      PAYLOAD_PARTIALLY_PRESENT, PAYLOAD_ZERO, SB_BLOCK_SIZE, SB_PRESENT, STATE_NAMES, MiB,
+                      PAYLOAD_PARTIALLY_PRESENT, PAYLOAD_UNMAPPED, PAYLOAD_ZERO, SB_BLOCK_SIZE, SB_PRESENT, STATE_NAMES, MiB,
                       guid_text)
 from .vfile import VhdxFile
 
@@ -61,6 +62,7 @@ class VhdxLayer(Layer):
         self._log_guid: Optional[bytes] = None        # set while this session's log is in use
         self._log_head = 0
         self._log_seq = 0
+        self._punched: set[int] = set()               # UNMAPPED blocks' storage punched this session
         if self.file.writable:
             self.file.before_first_write = self._begin_session
 
@@ -158,10 +160,35 @@ class VhdxLayer(Layer):
         self._eof = at + _round_up(length, MiB)
         return at
 
+    def deallocate(self, block: int) -> bool:
+        """Discard a whole block of a dynamic image: its storage is punched (reads zeros at once)
+        and the entry becomes UNMAPPED, keeping the offset (VHDX.md §6), so a later write to the
+        same block reuses it. False where the file system cannot punch holes."""
+        with self._lock:
+            if self.subtype != "dynamic" or self.state(block) != PAYLOAD_FULLY_PRESENT:
+                return False
+            self._begin_if_needed()
+            at = int(self.block_map[block])
+            if not punch_hole(self.raw, at, self.block_size):
+                return False
+            self._punched.add(at)
+            self._set_entry(self.payload_index(block), at | PAYLOAD_UNMAPPED)
+            self.block_map[block] = ZERO
+            return True
+
     def allocate(self, block: int, pieces: Sequence[tuple[int, bytes]],
                  present: Optional[tuple[int, int]] = None) -> int:
         with self._lock:
             was = self.state(block)
+            kept = int(self.bat[self.payload_index(block)]) & OFFSET_MASK
+            if was == PAYLOAD_UNMAPPED and kept in self._punched:
+                # this block's own storage, punched by a discard of this session: reads zeros
+                self._punched.discard(kept)
+                for off, data in pieces:
+                    self.file.pwrite(data, kept + off)
+                self._set_entry(self.payload_index(block), kept | PAYLOAD_FULLY_PRESENT)
+                self.block_map[block] = kept
+                return kept
             data_at = self._append(self.block_size)
             end = data_at + self.block_size
             # The file may hold leftovers of an interrupted allocation past the used end: cut them
