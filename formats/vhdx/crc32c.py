@@ -26,7 +26,7 @@ def _make_table() -> list[int]:
 TABLE = _make_table()
 _NP_TABLE = np.array(TABLE, dtype=np.uint32)
 _SMALL = 8192           # below this, the plain loop is quicker than setting up lanes
-_LANE = 1024            # bytes per lane
+_LANE = 4096            # bytes per lane, at most
 
 
 def _raw(crc: int, data) -> int:
@@ -45,15 +45,9 @@ def _shift_tables(nbytes: int) -> np.ndarray:
     regs = basis.copy()
     for _ in range(nbytes):
         regs = _NP_TABLE[regs & 0xFF] ^ (regs >> 8)
-    tables = np.zeros((4, 256), dtype=np.uint32)
-    for k in range(4):
-        for v in range(256):
-            acc = 0
-            for bit in range(8):
-                if v >> bit & 1:
-                    acc ^= int(regs[8 * k + bit])
-            tables[k, v] = acc
-    return tables
+    bits = ((np.arange(256)[:, None] >> np.arange(8)) & 1).astype(bool)        # (value, bit)
+    return np.stack([np.bitwise_xor.reduce(np.where(bits, regs[8 * k:8 * k + 8], 0).astype(np.uint32), axis=1)
+                     for k in range(4)])
 
 
 def _shift(tables: np.ndarray, reg: int) -> int:
@@ -68,18 +62,21 @@ def crc32c(data, crc: int = 0) -> int:
     n = len(view)
     if n < _SMALL:
         return _raw(reg, view) ^ 0xFFFFFFFF
-    lanes = n // _LANE
-    body = np.frombuffer(view[: lanes * _LANE], dtype=np.uint8).reshape(lanes, _LANE)
+    lane = _LANE
+    while lane > 64 and n // lane < 256:        # about 256 lanes: the numpy steps are the cost
+        lane //= 2
+    lanes = n // lane
+    body = np.frombuffer(view[: lanes * lane], dtype=np.uint8).reshape(lanes, lane)
     regs = np.zeros(lanes, dtype=np.uint32)
     regs[0] = reg
-    for j in range(_LANE):
+    for j in range(lane):
         regs = _NP_TABLE[(regs ^ body[:, j]) & 0xFF] ^ (regs >> 8)
-    tables = _shift_tables(_LANE)
+    tables = _shift_tables(lane)
     # register(A || B) = shift(register(A), len(B)) ^ register_from_zero(B)
     acc = int(regs[0])
     for r in regs[1:].tolist():
         acc = _shift(tables, acc) ^ r
-    acc = _raw(acc, view[lanes * _LANE:])
+    acc = _raw(acc, view[lanes * lane:])
     return acc ^ 0xFFFFFFFF
 
 
