@@ -41,6 +41,10 @@ class Driver:
     has_parents: bool = True
     #: a child names its parent by path too (VHD locators): moving it means rewriting the link
     links_by_path: bool = False
+    #: vdisk can rewrite a child's parent link in place (relink, rebase, commit into an ancestor)
+    rewrites_links: bool = False
+    #: vdisk can rearrange this format's blocks in place (compact, commit's emptied child)
+    rearranges_blocks: bool = False
     #: virtual sizes are whole multiples of this many bytes
     size_granule: int = 512
     #: who is asked first when probing (ties, and which damaged format a remnant means): a
@@ -166,8 +170,8 @@ class Driver:
     # -- maintenance ---------------------------------------------------------------------------
     def sparse_layout(self, layer: "Layer") -> "SparseLayout":
         """The file layout compact/commit/resize rearrange; UnsupportedError where there is none."""
-        raise UnsupportedError(f"{layer.path}: {layer.format} {layer.subtype} images have no block "
-                               f"table to rearrange")
+        raise UnsupportedError(f"{layer.path}: vdisk cannot rearrange the blocks of {layer.format} "
+                               f"{layer.subtype} images in place yet")
 
     def resize_plan(self, layer: "Layer", new_size: int) -> "ResizePlan":
         """The writes that give *layer* the virtual size *new_size* (checked against the format's
@@ -193,6 +197,11 @@ class Driver:
 
     def check(self, file: "ImageFile", report: "CheckReport", plan: "RepairPlan") -> None:
         """Add every finding about *file* to *report*; what a repair would write to *plan*."""
+
+    def repair(self, path: str, kinds: set) -> Optional[list]:
+        """A format that repairs by its own means (not through a RepairPlan) does it here and
+        says what it did; None: apply the plan the check made, in one journal transaction."""
+        return None
 
     # -- info ---------------------------------------------------------------------------------
     def chs_size(self, layer: "Layer") -> Optional[int]:

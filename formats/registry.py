@@ -14,7 +14,8 @@ if TYPE_CHECKING:
     from .driver import Driver
 
 #: format name -> module whose ``DRIVER`` serves it (the order users see in choices).
-_MODULES = {"raw": "vdisk.formats.raw", "vhd": "vdisk.formats.vhd", "vdi": "vdisk.formats.vdi"}
+_MODULES = {"raw": "vdisk.formats.raw", "vhd": "vdisk.formats.vhd", "vdi": "vdisk.formats.vdi",
+            "vhdx": "vdisk.formats.vhdx"}
 NAMES: tuple[str, ...] = tuple(_MODULES)
 #: ``--target`` names: the format and subtype each platform wants
 TARGETS = {

@@ -11,7 +11,8 @@ Each crash state is judged by
 * an allowed-values model: every virtual byte reads its value at the last completed flush or
   one of the values written over it since;
 * ``vdisk check`` (0 or 3: leaks are fine, corruption is not) and, for base VDI images,
-  ``qemu-img check`` (QEMU cannot open differencing VDI); for a dynamic or differencing VHD cut
+  ``qemu-img check`` (QEMU cannot open differencing VDI), likewise for base VHDX images (a
+  dirty log replayed by ``qemu-img check -r all`` on a copy first); for a dynamic or differencing VHD cut
   by a power loss the file may end without its footer (the footer must move as the file grows,
   and a barrier per allocation is too dear): check may then report exactly ``footer-missing``,
   and the read-write open must restore the footer itself, with a warning;
@@ -53,6 +54,11 @@ COMBOS = {
     # A fixed VDI whose map entry 1 is free (0xFFFFFFFF, as a damaged image has it): vdisk writes
     # such a block into its own slot, a write path of its own.
     "vdi-fixed-unmapped": ("vdi", "fixed", False, 4 * MiB, MiB),
+    # VHDX: metadata through the log (entry, barrier, apply, barrier); qemu-img judges the base
+    # images (replaying a dirty log on a copy first), it cannot open differencing VHDX.
+    "vhdx-fixed": ("vhdx", "fixed", False, 4 * MiB, MiB),
+    "vhdx-dynamic": ("vhdx", "dynamic", False, 4 * MiB, MiB),
+    "vhdx-differencing": ("vhdx", "dynamic", True, 4 * MiB, MiB),
 }
 UNMAPPED = {"vdi-fixed-unmapped": 1}        # combo -> the block whose map entry is free at the start
 
@@ -199,6 +205,8 @@ def _judge(combo: str, top: str, files: dict, durable, since, power_cut: bool, c
     if fmt == "vdi" and not diff and not still_unmapped:
         q = subprocess.run([_qemu_img(), "check", "-f", "vdi", top], capture_output=True, text=True)
         assert q.returncode == 0, f"{where}: qemu-img check: {q.stdout}{q.stderr}"
+    if fmt == "vhdx" and not diff:
+        _qemu_judges_vhdx(top, where)
     with vdisk.open(top, "r+") as d:
         if footer_lost:
             assert any("restored it from the copy at offset 0" in w for w in d.warnings), d.warnings
@@ -212,12 +220,32 @@ def _judge(combo: str, top: str, files: dict, durable, since, power_cut: bool, c
         assert d.pread(4096, size - 4096) == b"\x5a" * 4096
 
 
+def _qemu_judges_vhdx(top: str, where: str) -> None:
+    """qemu-img check on the crash state; a dirty log (which qemu refuses to open read-only) is
+    replayed by `qemu-img check -r all` on a copy first, which must then be clean too."""
+    with vdisk.open(top) as d:
+        clean_log = d.layers[0].headers.current["log_guid"] == bytes(16)
+    if clean_log:
+        q = subprocess.run([_qemu_img(), "check", "-f", "vhdx", top], capture_output=True, text=True)
+        assert q.returncode == 0, f"{where}: qemu-img check: {q.stdout}{q.stderr}"
+        return
+    copy = top + ".qemu-copy"
+    shutil.copyfile(top, copy)
+    try:
+        q = subprocess.run([_qemu_img(), "check", "-r", "all", "-f", "vhdx", copy], capture_output=True, text=True)
+        assert q.returncode == 0, f"{where}: qemu-img check -r all: {q.stdout}{q.stderr}"
+        q = subprocess.run([_qemu_img(), "check", "-f", "vhdx", copy], capture_output=True, text=True)
+        assert q.returncode == 0, f"{where}: qemu-img check after its replay: {q.stdout}{q.stderr}"
+    finally:
+        os.unlink(copy)
+
+
 def crash_states(folder: str, combo: str, seed: int = 0, ops: Optional[list] = None) -> dict:
     """Run the seeded workload (or *ops*) on a new *combo* image in *folder*, judge the image
     after a crash at every event in both models (asserting on the first bad state), and return
     the counts."""
     fmt, _subtype, diff, size, bs = COMBOS[combo]
-    if fmt == "vdi" and not diff:
+    if fmt in ("vdi", "vhdx") and not diff:
         _qemu_img()                                          # the judge first
     top, content = _build(folder, combo)
     if ops is None:
@@ -286,7 +314,7 @@ def test_a_crash_at_any_event_leaves_old_or_new_bytes_and_a_usable_image(tmpfs_p
         prev[k] += v
 
 
-@pytest.mark.parametrize("combo", ["vdi-dynamic", "vhd-dynamic"])
+@pytest.mark.parametrize("combo", ["vdi-dynamic", "vhd-dynamic", "vhdx-dynamic"])
 def test_a_block_discarded_and_its_space_reused_before_a_flush_survives_a_crash(tmpfs_path, combo):
     """A discard frees the last VDI slot at once, but the file's block map still points a block
     at it until the next flush: an allocation reusing the slot before then made the durable map

@@ -70,6 +70,11 @@ def find_parent(child: Layer, *, parent_search: Sequence[str] = (), vbox_registr
             tried.append(f"{path} ({how}): is {parent.format}, not {child.format}")
             parent.close()
             continue
+        if parent.logical_sector_size != child.logical_sector_size:
+            tried.append(f"{path} ({how}): logical sector size {parent.logical_sector_size}, the child has "
+                         f"{child.logical_sector_size}")
+            parent.close()
+            continue
         if not driver.matches_parent(child, parent):
             tried.append(f"{path} ({how}): identity {parent.uuid} does not match {_describe_id(child)}")
             parent.close()

@@ -20,6 +20,7 @@ from . import chainmap
 
 
 DATA, ZEROK, UNALLOC = ExtentKind.DATA, ExtentKind.ZERO, ExtentKind.UNALLOCATED
+_ZEROS = memoryview(bytes(4 << 20))
 
 # A run is (virtual offset, length, kind, layer index or -1, file offset or -1).
 
@@ -125,7 +126,8 @@ class Engine:
                 layer.file.readinto_exact(view, e + offset - b * bs)
                 return
             if e == ZERO or (e == ABSENT and len(self.layers) == 1):
-                view[:] = bytes(n)
+                # a shared zero buffer: bytes(n) would fault in fresh pages on every read
+                view[:] = _ZEROS[:n] if n <= len(_ZEROS) else bytes(n)
                 return
             if self.map is not None:                        # the parents: resolved once per block
                 self.map.read(view, offset, b, e)
@@ -250,17 +252,19 @@ class Engine:
             top.allocate(b, [(in_off, piece)])
 
     def _sector_align(self, b: int, in_off: int, piece: memoryview, e: Optional[int]):
-        """Widen a write to whole sectors, filling partial edges from what they read as now."""
-        a0 = in_off // SECTOR * SECTOR
-        a1 = -(-(in_off + len(piece)) // SECTOR) * SECTOR
+        """Widen a write to whole sectors, filling partial edges from what they read as now.
+        The sector is the image's logical one: a VHDX bitmap bit covers 4096 bytes when so made."""
+        unit = max(SECTOR, self.top.logical_sector_size)
+        a0 = in_off // unit * unit
+        a1 = -(-(in_off + len(piece)) // unit) * unit
         if a0 == in_off and a1 == in_off + len(piece):
             return a0, a1, piece
         buf = bytearray(a1 - a0)
         bstart = b * self.top.block_size
         if a0 != in_off:
-            buf[:SECTOR] = self.read(bstart + a0, SECTOR)
-        if a1 != in_off + len(piece) and (a1 - a0 > SECTOR or a0 == in_off):
-            buf[-SECTOR:] = self.read(bstart + a1 - SECTOR, SECTOR)
+            buf[:unit] = self.read(bstart + a0, unit)
+        if a1 != in_off + len(piece) and (a1 - a0 > unit or a0 == in_off):
+            buf[-unit:] = self.read(bstart + a1 - unit, unit)
         buf[in_off - a0: in_off - a0 + len(piece)] = piece
         return a0, a1, buf
 
@@ -282,8 +286,9 @@ class Engine:
         bstart = b * self.top.block_size
         if self.below_is_zero(bstart + in_off, n):
             return
-        a0 = -(-in_off // SECTOR) * SECTOR
-        a1 = (in_off + n) // SECTOR * SECTOR
+        unit = max(SECTOR, self.top.logical_sector_size)
+        a0 = -(-in_off // unit) * unit
+        a1 = (in_off + n) // unit * unit
         if a1 <= a0:
             self._write_block(b, in_off, memoryview(bytes(n)))
             return

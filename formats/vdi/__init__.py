@@ -43,9 +43,11 @@ def registry_locations(registry: str) -> Iterable[tuple[str, str]]:
 
 class VdiDriver(Driver):
     name = "vdi"
-    probe_rank = 0
+    probe_rank = 1
     extensions = (".vdi",)
     default_block_size = DEFAULT_BLOCK_SIZE
+    rewrites_links = True
+    rearranges_blocks = True
 
     def probe(self, head: bytes, tail: bytes, size: int) -> int:
         return 100 if is_vdi(head) else 0

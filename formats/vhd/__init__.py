@@ -33,9 +33,11 @@ _ID = slice(FOOTER_FIELD_OFFSETS["unique_id"], FOOTER_FIELD_OFFSETS["unique_id"]
 
 class VhdDriver(Driver):
     name = "vhd"
-    probe_rank = 1
+    probe_rank = 2
     extensions = (".vhd", ".vpc", ".avhd")
     default_block_size = DEFAULT_BLOCK_SIZE
+    rewrites_links = True
+    rearranges_blocks = True
     links_by_path = True
 
     def probe(self, head: bytes, tail: bytes, size: int) -> int:

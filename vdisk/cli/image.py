@@ -71,7 +71,7 @@ def _density_row(args) -> Optional[str]:
 def cmd_create(args) -> int:
     import vdisk
     from vdisk.disk import DEFAULT_FORMAT
-    from vdisk.formats.registry import format_from_name
+    from vdisk.formats.registry import driver, format_from_name
     fmt = args.format
     if fmt is None and args.parent is not None:
         from vdisk.probe import probe
@@ -86,8 +86,14 @@ def cmd_create(args) -> int:
     if os.path.lexists(args.image):
         raise VDiskError(f"{args.image}: already exists")
     subtype = args.subtype or ("raw" if fmt == "raw" else "dynamic")
+    options = {name: getattr(args, name) for name in ("logical_sector_size", "physical_sector_size")
+               if getattr(args, name, None) is not None}
+    if options and not set(options) <= set(driver(fmt).create_options):
+        flags = " and ".join("--" + n.replace("_", "-") for n in options)
+        takers = [n.upper() for n in FORMATS if set(options) <= set(driver(n).create_options)]
+        raise VDiskError(f"{args.image}: {flags} apply to {' and '.join(takers)} only (not {fmt.upper()})")
     with vdisk.create(args.image, size, format=fmt, subtype=subtype, parent=args.parent,
-                      block_size=args.block_size, size_policy=args.size_policy) as d:
+                      block_size=args.block_size, size_policy=args.size_policy, **options) as d:
         result = {"path": d.path, "format": d.format, "subtype": d.subtype, "virtual_size": d.size,
                   "block_size": d.block_size, "uuid": None if d.uuid is None else str(d.uuid),
                   "parent": args.parent}
@@ -205,12 +211,16 @@ def register(sub) -> None:
                    help="virtual size, e.g. 10G, 512M, 4096 (default 127G; a differencing image "
                         "takes its parent's)")
     p.add_argument("-f", "--format", choices=FORMATS,
-                   help="format (default: from the name: .vdi, .raw/.img, else vhd; a parent's format)")
+                   help="format (default: from the name: .vdi, .vhdx/.avhdx, .raw/.img, else vhd; a parent's format)")
     p.add_argument("--subtype", choices=("fixed", "dynamic"))
     p.add_argument("--parent", metavar="P", help="make a differencing image on top of P")
     p.add_argument("--block-size", type=size_arg, metavar="N", help="allocation unit (dynamic images)")
     p.add_argument("--size-policy", choices=("exact", "chs"), default="exact",
                    help="VHD: keep the size exact (default) or round it up to whole CHS geometry")
+    p.add_argument("--logical-sector-size", type=int, choices=(512, 4096),
+                   help="VHDX: the sector the disk presents (default 512)")
+    p.add_argument("--physical-sector-size", type=int, choices=(512, 4096),
+                   help="VHDX: the physical sector it reports (default 4096, as Hyper-V)")
     add_create_options_option(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_create)

@@ -115,6 +115,9 @@ def _new_report(path, parent_search, vbox_registry) -> CheckReport:
 
 
 def _repair(path: str, report: CheckReport, plan: RepairPlan) -> list[str]:
+    own = registry.driver(report.format).repair(path, {f.kind for f in report.findings if f.fixable})
+    if own is not None:
+        return own
     file = ImageFile(path, writable=True)
     try:
         if plan.final_size is not None and plan.final_size > file.size() + len(plan.trailer or b""):

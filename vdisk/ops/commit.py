@@ -66,6 +66,10 @@ def commit(path: str, *, into: Optional[str] = None, verify: bool = False, paren
         chain = [info.path for info in d.chain]
         if len(chain) < 2:
             raise UnsupportedError(f"{path}: not a differencing image; there is nothing to commit")
+        driver = driver_for(d.layers[0])
+        if not (driver.rearranges_blocks and driver.rewrites_links):
+            raise UnsupportedError(f"{path}: vdisk cannot commit {d.format} images yet (it empties the child "
+                                   f"in place); 'vdisk convert' flattens the chain into a new image")
         before = content_digest(d) if verify else None
         size, fmt = d.size, d.format
     if into is None:

@@ -150,6 +150,8 @@ def rebase(path: str, new_parent: str, *, search: Sequence[str] = (), dry_run: b
 
 
 def _require_differencing(layer) -> None:
+    if not driver_for(layer).rewrites_links:
+        raise UnsupportedError(f"{layer.path}: vdisk cannot rewrite the parent link of a {layer.format} image yet")
     if not layer.is_differencing:
         raise UnsupportedError(f"{layer.path}: not a differencing image; it has no parent link")
 

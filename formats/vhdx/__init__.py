@@ -1,0 +1,106 @@
+"""Microsoft VHDX: fixed, dynamic and differencing images (spec digest VHDX.md).
+
+The package holds all of vdisk's VHDX knowledge: ``structs`` (the on-disk declarations),
+``crc32c``, ``headers``, ``log`` (replay: in place when writable, in memory when not),
+``metadata``, ``open``, ``layer`` (reads, and writes through the log), ``create``, ``check`` and
+the driver below, which is what the generic code talks to.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from typing import Iterable, Optional, Sequence
+import uuid as uuidlib
+
+from vdisk.errors import FormatError
+from vdisk.io import ImageFile
+from ..base import Layer
+from ..driver import Driver
+from .create import DEFAULT_BLOCK_SIZE, create_vhdx, new_file_size
+from .open import is_vhdx, open_vhdx, peek_identity
+
+__all__ = ["DRIVER", "is_vhdx", "open_vhdx", "peek_identity", "create_vhdx"]
+
+
+class VhdxDriver(Driver):
+    name = "vhdx"
+    extensions = (".vhdx", ".avhdx")
+    default_block_size = DEFAULT_BLOCK_SIZE
+    links_by_path = True
+    probe_rank = 0                      # 'vhdxfile' at offset 0
+    create_options = ("logical_sector_size", "physical_sector_size")
+
+    def probe(self, head: bytes, tail: bytes, size: int) -> int:
+        return 100 if is_vhdx(head) else 0
+
+    def refusal(self, path: str, head: bytes, size: int, signs: Sequence[str], hint: str) -> Exception:
+        return FormatError(path, "file type identifier", "signature", 0,
+                           f"{' and '.join(signs)}, but the file does not start with 'vhdxfile' "
+                           f"({bytes(head[:8])!r}): a damaged VHDX, {hint}")
+
+    def open(self, file: ImageFile, *, writable: bool, size_policy: str = "current") -> Layer:
+        return open_vhdx(file, strict=writable)
+
+    def create(self, file: ImageFile, size: int, subtype: str, *, block_size: Optional[int],
+               size_policy: str, parent: Optional[Layer], parent_path: Optional[str], **options) -> Layer:
+        return create_vhdx(file, size, subtype, block_size=block_size,
+                           logical_sector_size=options.get("logical_sector_size") or 512,
+                           physical_sector_size=options.get("physical_sector_size"),
+                           parent=parent, parent_path=parent_path)
+
+    def new_file_size(self, size: int, subtype: str, block_size: Optional[int], blocks_stored: int) -> int:
+        return new_file_size(size, subtype, block_size, blocks_stored)
+
+    # -- parents ------------------------------------------------------------------------------
+    def identity(self, layer: Layer) -> bytes:
+        return layer.headers.current["data_write_guid"]
+
+    def peek_identity(self, path: str) -> Optional[bytes]:
+        return peek_identity(path)
+
+    def parent_uuid(self, child: Layer) -> Optional[uuidlib.UUID]:
+        return None if child.parent_id is None else uuidlib.UUID(bytes_le=child.parent_id)
+
+    def matches_parent(self, child: Layer, parent: Layer) -> bool:
+        """The parent is the file whose DataWriteGuid the child's parent_linkage (or a non-zero
+        parent_linkage2) names (VHDX.md A7)."""
+        from .metadata import linkage_bytes
+        ident = self.identity(parent)
+        if ident == child.parent_id:
+            return True
+        alt = linkage_bytes(child.md.locator.get("parent_linkage2"))
+        return alt is not None and alt != bytes(16) and alt == ident
+
+    def parent_candidates(self, child: Layer, search: Sequence[str],
+                          registries: Sequence[str]) -> Iterable[tuple[str, str]]:
+        """The locator's paths first; then, as Hyper-V files are often renamed, every .vhdx and
+        .avhdx beside the child (and in the search folders) whose DataWriteGuid is the linkage."""
+        yield from self.hint_candidates(child, search)
+        here = os.path.dirname(os.path.abspath(child.path))
+        for d in [here, *search]:
+            for pattern in ("*.vhdx", "*.avhdx"):
+                for p in sorted(glob.glob(os.path.join(glob.escape(d), pattern))):
+                    if os.path.abspath(p) != os.path.abspath(child.path) and \
+                            self.cached_peek_identity(p) == child.parent_id:
+                        yield p, f"DataWriteGuid scan of {d}"
+
+    # -- check --------------------------------------------------------------------------------
+    def check(self, file: ImageFile, report, plan) -> None:
+        from ..findings import Finding
+        from .check import check_vhdx
+        result = check_vhdx(file)
+        report.subtype = result.subtype
+        report.allocated_blocks = result.allocated_blocks
+        report.leaked_bytes = result.leaked_bytes
+        for f in result.findings:
+            report.findings.append(Finding(f.kind, f.severity, f.message, fixable=f.fixable))
+        plan.check_parent = result.subtype == "differencing" and not result.findings
+
+    def repair(self, path: str, kinds: set) -> Optional[list]:
+        """VHDX repairs its own way: a read-write open replays the log, a header update rewrites
+        the damaged slot, region table copy 2 replaces a damaged copy 1 (formats/vhdx/check.py)."""
+        from .check import repair_vhdx
+        return repair_vhdx(path, kinds)
+
+
+DRIVER = VhdxDriver()
