@@ -16,7 +16,7 @@ import uuid as uuidlib
 import numpy as np
 
 from vdisk.errors import UnsupportedError
-from ..base import ABSENT, SECTOR, ZERO, Layer, new_uuid
+from ..base import SECTOR, ZERO, Layer, new_uuid
 from ..raw import punch_hole
 from .headers import HeaderPair
 from .log import build_entry
