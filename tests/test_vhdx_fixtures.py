@@ -45,6 +45,10 @@ def check_fixture(name: str) -> None:
         assert disk_sha256(d) == row["raw_sha256"]
 
 
+def test_every_manifest_row_is_read_by_a_test():
+    assert set(SMALL) | set(BIG_PLAIN) | {DIRTY} == set(ROWS) and len(ROWS) == 14
+
+
 @pytest.mark.parametrize("name", SMALL)
 def test_small_fixture_reads_byte_exact(name):
     check_fixture(name)
