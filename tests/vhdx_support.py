@@ -7,7 +7,6 @@ import csv
 import gzip
 import lzma
 import os
-import shutil
 from pathlib import Path
 
 from conftest import ROOT, _write_sparse
