@@ -17,10 +17,11 @@ if TYPE_CHECKING:
 _MODULES = {"raw": "vdisk.formats.raw", "vhd": "vdisk.formats.vhd", "vdi": "vdisk.formats.vdi",
             "vhdx": "vdisk.formats.vhdx"}
 NAMES: tuple[str, ...] = tuple(_MODULES)
-#: ``--target`` names: the format and subtype each platform wants
+#: ``--target`` names: the format and subtype each platform imports natively (docs/cli.md)
 TARGETS = {
     "azure": ("vhd", "fixed"),          # fixed VHD, whole MiB, exact size
-    "hyper-v": ("vhd", "dynamic"),      # dynamic VHD, exact size (creator 'win ')
+    "hyper-v": ("vhd", "dynamic"),      # dynamic VHD, exact size (creator 'win '): every Hyper-V
+    "hyper-v-vhdx": ("vhdx", "dynamic"),  # Hyper-V's own default since Windows Server 2012
     "virtualbox": ("vdi", "dynamic"),
 }
 _loaded: dict[str, "Driver"] = {}

@@ -6,6 +6,7 @@ import sys
 from typing import Optional
 
 from vdisk.errors import VDiskError
+from vdisk.formats.registry import TARGETS
 from vdisk.progress import human_bytes
 from .common import (FORMATS, DEFAULT_SIZE, add_create_options_option, add_open_options, add_progress_option,
                      emit_json, emit_json_array, open_image, progress_for, size_arg, sized, table)
@@ -234,8 +235,9 @@ def register(sub) -> None:
     p.add_argument("--subtype", choices=("fixed", "dynamic"), help="output subtype (default dynamic)")
     p.add_argument("--block-size", type=size_arg, metavar="N", help="output allocation unit")
     add_create_options_option(p)
-    p.add_argument("--target", choices=("azure", "hyper-v", "virtualbox"),
-                   help="azure: fixed VHD, whole MiB; hyper-v: dynamic VHD; virtualbox: dynamic VDI")
+    p.add_argument("--target", choices=tuple(TARGETS),
+                   help="azure: fixed VHD, whole MiB; hyper-v: dynamic VHD; hyper-v-vhdx: dynamic VHDX; "
+                        "virtualbox: dynamic VDI")
     p.add_argument("--no-zero-detect", dest="zero_detect", action="store_false",
                    help="copy allocated zero blocks too")
     p.add_argument("--sparsify", action="store_true",
@@ -263,7 +265,7 @@ def register(sub) -> None:
     p.add_argument("--subtype", choices=("fixed", "dynamic"), help="output subtype (default dynamic)")
     p.add_argument("--block-size", type=size_arg, metavar="N", help="output allocation unit")
     add_create_options_option(p)
-    p.add_argument("--target", choices=("azure", "hyper-v", "virtualbox"), help="as for convert")
+    p.add_argument("--target", choices=tuple(TARGETS), help="as for convert")
     p.add_argument("--json", action="store_true", help='{"required", "fully-allocated", format, subtype, ...}')
     p.set_defaults(func=cmd_measure)
 

@@ -43,12 +43,7 @@ WRITEBACK_EVERY = 64 << 20
 
 FORMATS = registry.NAMES
 SUBTYPES = ("fixed", "dynamic")
-TARGETS = {
-    # What each platform imports natively (see docs/cli.md).
-    "azure": ("vhd", "fixed"),          # fixed VHD, whole MiB, exact size
-    "hyper-v": ("vhd", "dynamic"),      # dynamic VHD, exact size (creator 'win ')
-    "virtualbox": ("vdi", "dynamic"),
-}
+TARGETS = registry.TARGETS
 
 Progress = Callable[[int, int], None]
 
