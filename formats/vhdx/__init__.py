@@ -16,6 +16,7 @@ from vdisk.errors import FormatError
 from vdisk.io import ImageFile
 from ..base import Layer
 from ..driver import Driver
+from ..maintenance import LinkPlan
 from .create import DEFAULT_BLOCK_SIZE, create_vhdx, new_file_size
 from .open import is_vhdx, open_vhdx, peek_identity
 
@@ -27,6 +28,7 @@ class VhdxDriver(Driver):
     extensions = (".vhdx", ".avhdx")
     default_block_size = DEFAULT_BLOCK_SIZE
     links_by_path = True
+    rewrites_links = True
     probe_rank = 0                      # 'vhdxfile' at offset 0
     create_options = ("logical_sector_size", "physical_sector_size")
 
@@ -83,6 +85,23 @@ class VhdxDriver(Driver):
                     if os.path.abspath(p) != os.path.abspath(child.path) and \
                             self.cached_peek_identity(p) == child.parent_id:
                         yield p, f"DataWriteGuid scan of {d}"
+
+    def link_writes(self, layer: Layer, parent_path: str, parent: Layer, *, apply: bool,
+                    end: Optional[int] = None) -> LinkPlan:
+        """Through the file's own log (formats/vhdx/link.py): the plan carries no writes for the
+        caller's journal, only what changed."""
+        from .link import link_writes
+        return link_writes(layer, parent_path, parent, apply)
+
+    def link_state(self, layer: Layer) -> object:
+        return bytes(layer.headers.current["data_write_guid"])
+
+    def restore_link_state(self, layer: Layer, state: object) -> None:
+        """Writes give the file a new DataWriteGuid (VHDX.md A5.2), which its children name as
+        their parent: an operation that keeps what the image shows (rebase, commit) puts it back."""
+        if layer.headers.current["data_write_guid"] != state:
+            layer.headers.update(layer.raw, data_write_guid=state)
+            layer.uuid = uuidlib.UUID(bytes_le=state)
 
     # -- check --------------------------------------------------------------------------------
     def check(self, file: ImageFile, report, plan) -> None:

@@ -221,6 +221,9 @@ def _rebase_content(child, new_parent: str, search, dry_run: bool, verify: bool,
         if verify and old_view is not None:
             report.view_digest = content_digest(old_view)
         real = child.file
+        driver = driver_for(child)
+        # What the child shows stays the same: what its own children link to must stay too.
+        link_state = driver.link_state(child)
         with journal.Transaction(real, "rebase") as tx:
             with real.journaled(tx):
                 writer = Engine([child] + new_layers)
@@ -232,6 +235,7 @@ def _rebase_content(child, new_parent: str, search, dry_run: bool, verify: bool,
                         writer.write(data, start)
                     else:
                         writer.write_zeroes(start, len(data))
+                driver.restore_link_state(child, link_state)
                 writer.flush()
             report.changes = ([f"copied {len(blocks)} blocks where the parents differ"] if blocks else [])
             report.changes += link_transaction_writes(tx, child, new_parent, new_layers[0])
