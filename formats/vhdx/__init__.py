@@ -16,7 +16,7 @@ from vdisk.errors import FormatError
 from vdisk.io import ImageFile
 from ..base import Layer
 from ..driver import Driver
-from ..maintenance import LinkPlan
+from ..maintenance import LinkPlan, ResizePlan
 from .create import DEFAULT_BLOCK_SIZE, create_vhdx, new_file_size
 from .open import is_vhdx, open_vhdx, peek_identity
 
@@ -85,6 +85,11 @@ class VhdxDriver(Driver):
                     if os.path.abspath(p) != os.path.abspath(child.path) and \
                             self.cached_peek_identity(p) == child.parent_id:
                         yield p, f"DataWriteGuid scan of {d}"
+
+    def resize_plan(self, layer: Layer, new_size: int) -> ResizePlan:
+        """Through the file's own log (formats/vhdx/resize.py): nothing is left to journal."""
+        from .resize import resize
+        return resize(layer, new_size)
 
     def link_writes(self, layer: Layer, parent_path: str, parent: Layer, *, apply: bool,
                     end: Optional[int] = None) -> LinkPlan:
