@@ -173,6 +173,11 @@ class Driver:
         raise UnsupportedError(f"{layer.path}: vdisk cannot rearrange the blocks of {layer.format} "
                                f"{layer.subtype} images in place yet")
 
+    def compact_own(self, layer: "Layer", *, dry_run: bool, free, progress=None) -> Optional[tuple[int, int, int]]:
+        """A format that compacts by its own means (not through a SparseLayout and the journal)
+        does it here: (blocks given up, blocks moved, file size after). None: the generic way."""
+        return None
+
     def resize_plan(self, layer: "Layer", new_size: int) -> "ResizePlan":
         """The writes that give *layer* the virtual size *new_size* (checked against the format's
         limits; shrinking only once the caller made sure nothing stored lies past the end)."""

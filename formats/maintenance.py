@@ -82,3 +82,33 @@ def read_block(file, offset: int, n: int) -> bytes:
     buf = bytearray(n)
     file.readinto_exact(memoryview(buf), offset)
     return bytes(buf)
+
+
+def plan_moves(unit_starts: list[tuple[int, int]], unit: int, meta_end: int,
+               grid: Optional[int]) -> tuple[list[tuple[int, int, int]], int]:
+    """Fill holes with the physically last units.
+
+    *unit_starts*: (block, start) of every unit that stays. Returns ([(block, src, dst)], new end
+    of data). Holes are gaps of at least one unit between *meta_end* and the last unit (on a
+    VDI slot grid starting at *grid*). Moving highest into lowest until the hole is above the
+    unit leaves the units dense.
+    """
+    live = sorted(unit_starts, key=lambda t: t[1])
+    holes: list[int] = []
+    pos = meta_end if grid is None else grid
+    for _, start in live:
+        while start - pos >= unit:
+            holes.append(pos)
+            pos += unit
+        pos = max(pos, start + unit)
+    moves = []
+    hi = len(live) - 1
+    for h in holes:
+        if hi < 0 or h >= live[hi][1]:
+            break
+        blk, src = live[hi]
+        moves.append((blk, src, h))
+        hi -= 1
+    final = [s for _, s in live[: hi + 1]] + [dst for _, _, dst in moves]
+    end = max([meta_end if grid is None else grid] + [s + unit for s in final])
+    return moves, end

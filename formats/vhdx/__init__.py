@@ -86,6 +86,11 @@ class VhdxDriver(Driver):
                             self.cached_peek_identity(p) == child.parent_id:
                         yield p, f"DataWriteGuid scan of {d}"
 
+    def compact_own(self, layer: Layer, *, dry_run: bool, free, progress=None) -> Optional[tuple[int, int, int]]:
+        """Through the file's own log (formats/vhdx/compact.py)."""
+        from .compact import compact
+        return compact(layer, dry_run=dry_run, free=free, progress=progress)
+
     def resize_plan(self, layer: Layer, new_size: int) -> ResizePlan:
         """Through the file's own log (formats/vhdx/resize.py): nothing is left to journal."""
         from .resize import resize

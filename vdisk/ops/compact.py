@@ -21,7 +21,10 @@ from vdisk import journal
 from vdisk.engine import Engine, ExtentKind
 from vdisk.errors import UnsupportedError, VDiskError
 from vdisk.io import ImageFile
-from vdisk.ops.layout import SparseFile, plan_moves
+from vdisk.formats.driver import Driver
+from vdisk.formats.maintenance import plan_moves
+from vdisk.formats.registry import driver_for
+from vdisk.ops.layout import SparseFile
 from vdisk.ops.digest import content_digest
 from vdisk.formats.base import ABSENT, SECTOR, ZERO
 
@@ -240,33 +243,37 @@ def compact(path: str, *, dry_run: bool = False, to: Optional[str] = None, verif
     try:
         before = content_digest(disk) if verify else None
         layer = disk.layers[0]
-        sf = SparseFile(layer)
-        size_before = layer.file.size()
-        report = CompactReport(path, layer.format, layer.subtype, dry_run=dry_run, size_before=size_before,
-                               allocated_before=int((layer.block_map >= 0).sum()))
-        below = Engine(disk.layers[1:]) if len(disk.layers) > 1 else None
-        free = free_space(disk) if free_space is not None else None
-        scan = _scan(sf, below, disk.size, progress, free)
-        new_map = scan.new_map
-        report.unallocated = int(((layer.block_map >= 0) & (new_map == ABSENT)).sum())
-        report.zero_marked = int(((layer.block_map >= 0) & (new_map == ZERO)).sum())
-        starts = sf.unit_starts(new_map)
-        live = [(int(b), int(starts[b])) for b in np.flatnonzero(starts >= 0)]
-        moves, new_end = plan_moves(live, sf.unit, sf.meta_end, sf.grid)
-        report.moved = len(moves)
-        final_size = sf.final_size(new_end)
-        changed = bool(moves) or not np.array_equal(new_map, layer.block_map) or final_size < size_before
-        report.size_after = min(final_size, size_before) if changed else size_before
-        if final_size > size_before:
-            # Compaction only moves data down and cuts the end; a larger end means a layout claim
-            # the file does not back. Refuse before anything is written.
-            raise VDiskError(f"{path}: compaction would grow the file from {size_before} to {final_size} bytes "
-                             f"(its metadata claims room the file does not have); run 'vdisk check {path}'")
-        if changed and not dry_run:
-            for blk, src, dst in moves:
-                new_map[blk] = dst + sf.skip
-            _apply(sf, layer, new_map, moves, scan.dropped, live, final_size, new_end)
-            report.size_after = layer.file.size()
+        own = _compact_own(disk, layer, path, dry_run, free_space, progress)
+        if own is not None:
+            report = own
+        else:
+            sf = SparseFile(layer)
+            size_before = layer.file.size()
+            report = CompactReport(path, layer.format, layer.subtype, dry_run=dry_run, size_before=size_before,
+                                   allocated_before=int((layer.block_map >= 0).sum()))
+            below = Engine(disk.layers[1:]) if len(disk.layers) > 1 else None
+            free = free_space(disk) if free_space is not None else None
+            scan = _scan(sf, below, disk.size, progress, free)
+            new_map = scan.new_map
+            report.unallocated = int(((layer.block_map >= 0) & (new_map == ABSENT)).sum())
+            report.zero_marked = int(((layer.block_map >= 0) & (new_map == ZERO)).sum())
+            starts = sf.unit_starts(new_map)
+            live = [(int(b), int(starts[b])) for b in np.flatnonzero(starts >= 0)]
+            moves, new_end = plan_moves(live, sf.unit, sf.meta_end, sf.grid)
+            report.moved = len(moves)
+            final_size = sf.final_size(new_end)
+            changed = bool(moves) or not np.array_equal(new_map, layer.block_map) or final_size < size_before
+            report.size_after = min(final_size, size_before) if changed else size_before
+            if final_size > size_before:
+                # Compaction only moves data down and cuts the end; a larger end means a layout claim
+                # the file does not back. Refuse before anything is written.
+                raise VDiskError(f"{path}: compaction would grow the file from {size_before} to {final_size} bytes "
+                                 f"(its metadata claims room the file does not have); run 'vdisk check {path}'")
+            if changed and not dry_run:
+                for blk, src, dst in moves:
+                    new_map[blk] = dst + sf.skip
+                _apply(sf, layer, new_map, moves, scan.dropped, live, final_size, new_end)
+                report.size_after = layer.file.size()
     finally:
         disk.close()
     if verify and not dry_run:
@@ -294,6 +301,19 @@ def _apply(sf: SparseFile, layer, new_map: np.ndarray, moves, dropped: dict, liv
         redo = [(new_end, sf.trailer)] if sf.trailer else []
         tx.commit(final_size=final_size, redo=redo)
     layer.block_map[:] = new_map
+
+
+def _compact_own(disk, layer, path: str, dry_run: bool, free_space, progress) -> Optional[CompactReport]:
+    """The report of a driver that compacts its format by its own means, or None."""
+    driver = driver_for(layer)
+    if type(driver).compact_own is Driver.compact_own:
+        return None
+    report = CompactReport(path, layer.format, layer.subtype, dry_run=dry_run, size_before=layer.file.size(),
+                           allocated_before=int((layer.block_map >= 0).sum()))
+    free = free_space(disk) if free_space is not None else None
+    report.unallocated, report.moved, report.size_after = driver.compact_own(
+        layer, dry_run=dry_run, free=free, progress=progress)
+    return report
 
 
 def _verify(path: str, before: str, parent_search, vbox_registry) -> bool:
