@@ -178,6 +178,11 @@ class Driver:
         does it here: (blocks given up, blocks moved, file size after). None: the generic way."""
         return None
 
+    def empty_child(self, layer: "Layer", parent_path: Optional[str], parent: Optional["Layer"]) -> None:
+        """A format that empties a committed child by its own means (every block given up, the
+        file cut, and, with *parent_path*, the link rewritten to *parent*) does it here."""
+        raise UnsupportedError(f"{layer.path}: vdisk cannot empty a {layer.format} child in place")
+
     def resize_plan(self, layer: "Layer", new_size: int) -> "ResizePlan":
         """The writes that give *layer* the virtual size *new_size* (checked against the format's
         limits; shrinking only once the caller made sure nothing stored lies past the end)."""

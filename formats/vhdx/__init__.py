@@ -91,6 +91,11 @@ class VhdxDriver(Driver):
         from .compact import compact
         return compact(layer, dry_run=dry_run, free=free, progress=progress)
 
+    def empty_child(self, layer: Layer, parent_path: Optional[str], parent: Optional[Layer]) -> None:
+        """Through the file's own log (formats/vhdx/compact.py)."""
+        from .compact import empty_child
+        empty_child(layer, parent_path, parent)
+
     def resize_plan(self, layer: Layer, new_size: int) -> ResizePlan:
         """Through the file's own log (formats/vhdx/resize.py): nothing is left to journal."""
         from .resize import resize

@@ -9,6 +9,7 @@ offsets. The truncation comes last.
 """
 from __future__ import annotations
 
+import uuid as uuidlib
 from typing import Optional
 
 import numpy as np
@@ -92,3 +93,35 @@ def compact(layer, *, dry_run: bool, free: Optional[np.ndarray], progress=None) 
         raw.sync()
     layer._eof = -(-max(new_end, meta_end) // MiB) * MiB
     return len(dropped), len(moves), raw.size()
+
+
+def empty_child(layer, parent_path: Optional[str], parent) -> None:
+    """After a commit: every payload and sector bitmap entry of the child NOT_PRESENT (one log
+    write), the link rewritten to *parent* if given (another), the log cleared, the file cut after
+    its structures. A cut before the first write leaves the full child (its data also in the
+    parent: the chain reads the same); after it, an empty child."""
+    raw = layer.raw
+    # What the chain shows is unchanged, and the children of this child link to its
+    # DataWriteGuid: only FileWriteGuid changes (VHDX.md A5.1).
+    layer.headers.update(raw, file_write_guid=uuidlib.uuid4().bytes_le)
+    for i in np.flatnonzero(layer.bat != 0).tolist():
+        layer._set_entry(i, PAYLOAD_NOT_PRESENT)
+    layer.block_map[:] = ABSENT
+    layer._sb.clear()
+    layer._bits.clear()
+    layer.flush()
+    if parent_path is not None:
+        from .link import link_writes
+        link_writes(layer, parent_path, parent, True)
+    end = max(r.offset + r.length for r in layer.regions)
+    end = max(end, layer.headers.current["log_offset"] + layer.headers.current["log_length"])
+    end = -(-end // MiB) * MiB
+    if end < raw.size():
+        if layer._log_guid is not None:
+            layer.headers.update(raw, log_guid=bytes(16))
+            layer._log_guid = None
+            layer._log_head = 0
+        raw.truncate(end)
+        raw.sync()
+    layer._eof = end
+

@@ -28,6 +28,7 @@ from vdisk.ops.layout import SparseFile
 from vdisk.ops.digest import content_digest
 from vdisk.probe import open_layer
 from vdisk.formats.base import ABSENT
+from vdisk.formats.driver import Driver
 from vdisk.formats.registry import driver_for
 
 CHUNK = 8 << 20
@@ -67,7 +68,8 @@ def commit(path: str, *, into: Optional[str] = None, verify: bool = False, paren
         if len(chain) < 2:
             raise UnsupportedError(f"{path}: not a differencing image; there is nothing to commit")
         driver = driver_for(d.layers[0])
-        if not (driver.rearranges_blocks and driver.rewrites_links):
+        empties = driver.rearranges_blocks or type(driver).empty_child is not Driver.empty_child
+        if not (empties and driver.rewrites_links):
             raise UnsupportedError(f"{path}: vdisk cannot commit {d.format} images yet (it empties the child "
                                    f"in place); 'vdisk convert' flattens the chain into a new image")
         before = content_digest(d) if verify else None
@@ -161,6 +163,15 @@ def _empty_child(path: str, target: str, relink: bool, search) -> None:
     """Step 2: drop every block of the child (and point it at *target*), journaled."""
     child = open_layer(path, writable=True)
     try:
+        driver = driver_for(child)
+        if driver.rearranges_blocks is False and type(driver).empty_child is not Driver.empty_child:
+            parent = open_layer(target) if relink else None
+            try:
+                driver.empty_child(child, target if relink else None, parent)
+            finally:
+                if parent is not None:
+                    parent.close()
+            return
         sf = SparseFile(child)
         new_map = np.full(len(child.block_map), ABSENT, dtype=np.int64)
         with journal.Transaction(child.file, "commit") as tx:
