@@ -55,9 +55,7 @@ def compact(layer, *, dry_run: bool, free: Optional[np.ndarray], progress=None) 
     keep = sorted(set(live.tolist()) - set(dropped))
     # Everything below the first block is structure (headers, log, BAT, metadata): the data area
     # starts after the last region.
-    meta_end = max(r.offset + r.length for r in layer.regions)
-    meta_end = max(meta_end, layer.headers.current["log_offset"] + layer.headers.current["log_length"])
-    meta_end = -(-meta_end // MiB) * MiB
+    meta_end = _data_start(layer)
     moves, new_end = plan_moves([(b, int(layer.block_map[b])) for b in keep], bs, meta_end, None)
     size_before = raw.size()
     size_after = min(size_before, new_end) if (moves or dropped) else size_before
@@ -82,15 +80,7 @@ def compact(layer, *, dry_run: bool, free: Optional[np.ndarray], progress=None) 
             layer._set_entry(layer.payload_index(b), int(dst) | PAYLOAD_FULLY_PRESENT)
             layer.block_map[b] = dst
         layer.flush()
-    if new_end < raw.size():
-        # The log's entries name the file size they were written at; with them applied, the log
-        # is cleared before the cut (a replay must never meet a file shorter than an entry says).
-        if layer._log_guid is not None:
-            layer.headers.update(raw, log_guid=bytes(16))
-            layer._log_guid = None
-            layer._log_head = 0
-        raw.truncate(new_end)
-        raw.sync()
+    _cut(layer, new_end)
     layer._eof = -(-max(new_end, meta_end) // MiB) * MiB
     return len(dropped), len(moves), raw.size()
 
@@ -113,15 +103,28 @@ def empty_child(layer, parent_path: Optional[str], parent) -> None:
     if parent_path is not None:
         from .link import link_writes
         link_writes(layer, parent_path, parent, True)
-    end = max(r.offset + r.length for r in layer.regions)
-    end = max(end, layer.headers.current["log_offset"] + layer.headers.current["log_length"])
-    end = -(-end // MiB) * MiB
-    if end < raw.size():
-        if layer._log_guid is not None:
-            layer.headers.update(raw, log_guid=bytes(16))
-            layer._log_guid = None
-            layer._log_head = 0
-        raw.truncate(end)
-        raw.sync()
+    end = _data_start(layer)
+    _cut(layer, end)
     layer._eof = end
+
+
+def _data_start(layer) -> int:
+    """Where blocks may start: after the headers, the log and every region, on a MiB boundary."""
+    h = layer.headers.current
+    end = max([r.offset + r.length for r in layer.regions] + [h["log_offset"] + h["log_length"]])
+    return -(-end // MiB) * MiB
+
+
+def _cut(layer, end: int) -> None:
+    """Cut the file at *end*. The log's entries name the file size they were written at; with them
+    applied, the log is cleared first (a replay must never meet a file shorter than an entry says)."""
+    raw = layer.raw
+    if end >= raw.size():
+        return
+    if layer._log_guid is not None:
+        layer.headers.update(raw, log_guid=bytes(16))
+        layer._log_guid = None
+        layer._log_head = 0
+    raw.truncate(end)
+    raw.sync()
 

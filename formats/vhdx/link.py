@@ -15,6 +15,7 @@ from vdisk.errors import UnsupportedError
 from ..base import Layer
 from ..maintenance import LinkPlan
 from .create import _locator, _parent_pairs
+from .log import SectorEdits
 from .metadata import linkage_bytes
 from .open import locator_hints
 from .structs import ITEM_PARENT_LOCATOR, LOG_SECTOR, METADATA_GUID, METADATA_TABLE_SIZE, MetadataEntry
@@ -72,22 +73,12 @@ def _rewrite_locator(layer: Layer, pairs: list[tuple[str, str]]) -> None:
                                    f"the metadata region ({region.length} bytes)")
     entry = dict(item_id=here.item_id, offset=at, length=len(item), flags=here.flags, reserved=0)
     table[32 + 32 * index:64 + 32 * index] = MetadataEntry.build(entry)
-    sectors: dict[int, bytearray] = {}
-
-    def put(file_offset: int, data: bytes) -> None:
-        pos = 0
-        while pos < len(data):
-            sector = (file_offset + pos) // LOG_SECTOR * LOG_SECTOR
-            if sector not in sectors:
-                sectors[sector] = bytearray(raw.pread(LOG_SECTOR, sector).ljust(LOG_SECTOR, b"\0"))
-            inner = file_offset + pos - sector
-            n = min(LOG_SECTOR - inner, len(data) - pos)
-            sectors[sector][inner:inner + n] = data[pos:pos + n]
-            pos += n
+    edits = SectorEdits(raw)
+    put = edits.put
 
     put(region.offset + at, item)
     put(region.offset, bytes(table[:_round_up(32 + 32 * count, LOG_SECTOR)]))
     # A changed file, unchanged data: a new FileWriteGuid only (VHDX.md A5.1).
     layer.headers.update(raw, file_write_guid=uuidlib.uuid4().bytes_le)
-    layer._log_write(sorted((off, bytes(data)) for off, data in sectors.items()))
+    layer._log_write(edits.writes())
     raw.sync()

@@ -231,3 +231,27 @@ def build_entry(log_guid: bytes, sequence: int, tail: int, sectors: Sequence[tup
     raw = desc + data
     raw[4:8] = crc32c(raw).to_bytes(4, "little")
     return bytes(raw)
+
+
+class SectorEdits:
+    """Byte changes gathered into the whole 4 KiB sectors a log entry carries: each sector is read
+    from the file once, then patched."""
+
+    def __init__(self, file):
+        self.file = file
+        self.sectors: dict[int, bytearray] = {}
+
+    def put(self, file_offset: int, data: bytes) -> None:
+        pos = 0
+        while pos < len(data):
+            sector = (file_offset + pos) // LOG_SECTOR * LOG_SECTOR
+            if sector not in self.sectors:
+                self.sectors[sector] = bytearray(self.file.pread(LOG_SECTOR, sector).ljust(LOG_SECTOR, b"\0"))
+            inner = file_offset + pos - sector
+            n = min(LOG_SECTOR - inner, len(data) - pos)
+            self.sectors[sector][inner:inner + n] = data[pos:pos + n]
+            pos += n
+
+    def writes(self) -> list[tuple[int, bytes]]:
+        return sorted((off, bytes(data)) for off, data in self.sectors.items())
+

@@ -15,7 +15,8 @@ import numpy as np
 from vdisk.errors import UnsupportedError
 from ..base import ABSENT
 from ..maintenance import ResizePlan
-from .structs import LOG_SECTOR, MAX_VIRTUAL_SIZE, METADATA_GUID, OFFSET_MASK, PAYLOAD_FULLY_PRESENT
+from .log import SectorEdits
+from .structs import MAX_VIRTUAL_SIZE, METADATA_GUID, OFFSET_MASK, PAYLOAD_FULLY_PRESENT
 
 
 def resize(layer, new_size: int) -> ResizePlan:
@@ -50,18 +51,8 @@ def resize(layer, new_size: int) -> ResizePlan:
         if not fixed and int(layer.bat[i]):
             layer.bat[i] = 0
             changed.append(i)
-    sectors: dict[int, bytearray] = {}
-
-    def put(file_offset: int, data: bytes) -> None:
-        pos = 0
-        while pos < len(data):
-            sector = (file_offset + pos) // LOG_SECTOR * LOG_SECTOR
-            if sector not in sectors:
-                sectors[sector] = bytearray(raw.pread(LOG_SECTOR, sector).ljust(LOG_SECTOR, b"\0"))
-            inner = file_offset + pos - sector
-            n = min(LOG_SECTOR - inner, len(data) - pos)
-            sectors[sector][inner:inner + n] = data[pos:pos + n]
-            pos += n
+    edits = SectorEdits(raw)
+    put = edits.put
 
     table = layer.bat.view(np.uint8)
     for i in changed:
@@ -69,7 +60,7 @@ def resize(layer, new_size: int) -> ResizePlan:
     region = next(r for r in layer.regions if r.guid == METADATA_GUID)
     item = next(e for e in layer.md.entries if e[0] == "virtual_disk_size")
     put(region.offset + item[1], int(new_size).to_bytes(8, "little"))
-    layer._log_write(sorted((off, bytes(data)) for off, data in sectors.items()))
+    layer._log_write(edits.writes())
     raw.sync()
     # The open layer follows (the caller closes it at once).
     layer.md.virtual_disk_size = new_size
