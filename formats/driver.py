@@ -8,6 +8,7 @@ writes and its own check findings. Generic code asks ``driver_for(layer)`` — n
 """
 from __future__ import annotations
 
+import importlib
 import os
 import uuid as uuidlib
 from typing import TYPE_CHECKING, Iterable, Optional, Sequence
@@ -202,11 +203,18 @@ class Driver:
     def restore_link_state(self, layer: "Layer", state: object) -> None:
         """Put back what :meth:`link_state` saved, before the layer's metadata is written."""
 
-    #: what `check --repair` says it did, per kind of finding this driver's check can fix
-    repair_messages: dict[str, str] = {}
+    #: the module with ``check(file, report, plan)`` and ``REPAIRS`` (what `check --repair` says
+    #: it did, per kind of finding), loaded when asked for: opening an image needs neither
+    check_module: Optional[str] = None
+
+    @property
+    def repair_messages(self) -> dict[str, str]:
+        return importlib.import_module(self.check_module).REPAIRS if self.check_module else {}
 
     def check(self, file: "ImageFile", report: "CheckReport", plan: "RepairPlan") -> None:
         """Add every finding about *file* to *report*; what a repair would write to *plan*."""
+        if self.check_module:
+            importlib.import_module(self.check_module).check(file, report, plan)
 
     def repair(self, path: str, kinds: set) -> Optional[list]:
         """A format that repairs by its own means (not through a RepairPlan) does it here and

@@ -113,15 +113,8 @@ class VdiDriver(Driver):
                               f"expected {uuidlib.UUID(bytes_le=want)})")
 
     # -- maintenance ---------------------------------------------------------------------------
-    # The check and resize modules load when asked for: opening an image needs neither.
-    @property
-    def repair_messages(self) -> dict[str, str]:
-        from .check import REPAIRS
-        return REPAIRS
-
-    def check(self, file: ImageFile, report, plan) -> None:
-        from . import check
-        check.check(file, report, plan)
+    #: its check module (formats/<name>/check.py: check() and REPAIRS), loaded when asked for
+    check_module = __name__ + ".check"
 
     def sparse_layout(self, layer: Layer) -> SparseLayout:
         if layer.subtype not in ("dynamic", "differencing"):

@@ -83,15 +83,8 @@ class VhdDriver(Driver):
         return None if child.parent_id is None else uuidlib.UUID(bytes=child.parent_id)
 
     # -- maintenance ---------------------------------------------------------------------------
-    # The check and resize modules load when asked for: opening an image needs neither.
-    @property
-    def repair_messages(self) -> dict[str, str]:
-        from .check import REPAIRS
-        return REPAIRS
-
-    def check(self, file: ImageFile, report, plan) -> None:
-        from . import check
-        check.check(file, report, plan)
+    #: its check module (formats/<name>/check.py: check() and REPAIRS), loaded when asked for
+    check_module = __name__ + ".check"
 
     def sparse_layout(self, layer: Layer) -> SparseLayout:
         if not isinstance(layer, SparseVhdLayer):
