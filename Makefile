@@ -31,7 +31,7 @@ demo: deps venv
 	@bash scripts/demo.sh
 
 # Every benchmark, each against its anchor tool in the same run (several minutes; not a test).
-BENCHES := core convert compact mount nbd scsi shadow backup scale vhdx
+BENCHES := core convert compact mount nbd scsi shadow backup scale vhdx fsaware iscsi
 bench: deps venv
 	@for b in $(BENCHES); do echo "== bench/bench_$$b.py"; $(BIN)/python bench/bench_$$b.py || exit 1; done
 
