@@ -136,7 +136,7 @@ def list_flood(port: int, seconds: float) -> socket.socket:
     return s
 
 
-HANDSHAKE = 3.0
+HANDSHAKE = 5.0           # generous: a loaded CI machine must not time out the correct client
 
 
 def test_eight_list_floods_do_not_hold_the_slots_past_the_deadline(image, traced):
