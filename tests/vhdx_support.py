@@ -68,3 +68,35 @@ def copy_fixture(name: str, folder: Path) -> Path:
             out = dst
     assert out is not None
     return out
+
+
+def cut_everywhere(work: Path, operation, after, search=()) -> int:
+    """Run *operation()* once to count its mutations, then again from the same files (*work*'s
+    snapshot) cut at each one, as a kill and as a power cut (unsynced writes lost at random).
+    After every cut, vdisk's journals are settled and each VHDX in *work* is opened read-write once
+    (its log replayed, as the next session would; parents also looked for in *search*); then
+    ``after(cut, power_cut)`` judges.
+    Returns how many mutations the operation makes."""
+    from maint_crash import Crash, CrashSim, crashing, recover_all, restore, snapshot
+    import vdisk
+    pristine = snapshot(work)
+    sim = CrashSim()
+    with crashing(sim):
+        operation()
+    total = sim.count
+    assert total > 0
+    for cut in range(1, total + 1):
+        for power_cut in (False, True):
+            restore(work, pristine)
+            with crashing(CrashSim(cut_at=cut, drop_unsynced=power_cut, seed=cut)):
+                try:
+                    operation()
+                except Crash:
+                    pass
+            recover_all(work)
+            for p in sorted(work.iterdir()):
+                if p.suffix in (".vhdx", ".avhdx"):
+                    vdisk.open(p, "r+", parent_search=[work, *search]).close()
+            after(cut, power_cut)
+    restore(work, pristine)
+    return total
