@@ -44,8 +44,10 @@ class Driver:
     links_by_path: bool = False
     #: vdisk can rewrite a child's parent link in place (relink, rebase, commit into an ancestor)
     rewrites_links: bool = False
-    #: vdisk can rearrange this format's blocks in place (compact, commit's emptied child)
+    #: vdisk can rearrange this format's blocks in place through a SparseLayout (compact, commit)
     rearranges_blocks: bool = False
+    #: the driver empties a committed child by its own means (:meth:`empty_child`)
+    empties_children: bool = False
     #: virtual sizes are whole multiples of this many bytes
     size_granule: int = 512
     #: who is asked first when probing (ties, and which damaged format a remnant means): a
@@ -174,9 +176,11 @@ class Driver:
         raise UnsupportedError(f"{layer.path}: vdisk cannot rearrange the blocks of {layer.format} "
                                f"{layer.subtype} images in place yet")
 
-    def compact_own(self, layer: "Layer", *, dry_run: bool, free, progress=None) -> Optional[tuple[int, int, int]]:
+    def compact_own(self, layer: "Layer", *, dry_run: bool, free, progress=None
+                    ) -> Optional[tuple[int, int, int, int]]:
         """A format that compacts by its own means (not through a SparseLayout and the journal)
-        does it here: (blocks given up, blocks moved, file size after). None: the generic way."""
+        does it here: (blocks given up, blocks moved, file size before, after). None: the
+        generic way. *free*: blocks the guest's filesystems do not use, or None."""
         return None
 
     def empty_child(self, layer: "Layer", parent_path: Optional[str], parent: Optional["Layer"]) -> None:

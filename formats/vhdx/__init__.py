@@ -29,6 +29,7 @@ class VhdxDriver(Driver):
     default_block_size = DEFAULT_BLOCK_SIZE
     links_by_path = True
     rewrites_links = True
+    empties_children = True
     probe_rank = 0                      # 'vhdxfile' at offset 0
     create_options = ("logical_sector_size", "physical_sector_size")
 
@@ -86,7 +87,8 @@ class VhdxDriver(Driver):
                             self.cached_peek_identity(p) == child.parent_id:
                         yield p, f"DataWriteGuid scan of {d}"
 
-    def compact_own(self, layer: Layer, *, dry_run: bool, free, progress=None) -> Optional[tuple[int, int, int]]:
+    def compact_own(self, layer: Layer, *, dry_run: bool, free, progress=None
+                    ) -> Optional[tuple[int, int, int, int]]:
         """Through the file's own log (formats/vhdx/compact.py)."""
         from .compact import compact
         return compact(layer, dry_run=dry_run, free=free, progress=progress)

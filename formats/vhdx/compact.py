@@ -22,8 +22,8 @@ from .structs import MiB, OFFSET_MASK, PAYLOAD_FULLY_PRESENT, PAYLOAD_NOT_PRESEN
 COPY = 8 * MiB
 
 
-def compact(layer, *, dry_run: bool, free: Optional[np.ndarray], progress=None) -> tuple[int, int, int]:
-    """(blocks given up, blocks moved, file size after) of compacting the dynamic VHDX *layer*."""
+def compact(layer, *, dry_run: bool, free: Optional[np.ndarray], progress=None) -> tuple[int, int, int, int]:
+    """(blocks given up, blocks moved, file size before, after) of compacting the dynamic VHDX *layer*."""
     if layer.subtype != "dynamic":
         raise UnsupportedError(f"{layer.path}: vdisk compacts dynamic VHDX images only (this one is "
                                f"{layer.subtype})")
@@ -60,7 +60,7 @@ def compact(layer, *, dry_run: bool, free: Optional[np.ndarray], progress=None) 
     size_before = raw.size()
     size_after = min(size_before, new_end) if (moves or dropped) else size_before
     if dry_run or not (moves or dropped or len(stale) or new_end < size_before):
-        return len(dropped), len(moves), size_after
+        return len(dropped), len(moves), size_before, size_after
     layer._begin_if_needed()                              # new FileWriteGuid and DataWriteGuid
     if dropped or len(stale):                             # 1: their storage becomes unreferenced
         for i in stale.tolist():
@@ -82,7 +82,7 @@ def compact(layer, *, dry_run: bool, free: Optional[np.ndarray], progress=None) 
         layer.flush()
     _cut(layer, new_end)
     layer._eof = -(-max(new_end, meta_end) // MiB) * MiB
-    return len(dropped), len(moves), raw.size()
+    return len(dropped), len(moves), size_before, raw.size()
 
 
 def empty_child(layer, parent_path: Optional[str], parent) -> None:

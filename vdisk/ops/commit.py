@@ -28,7 +28,6 @@ from vdisk.ops.layout import SparseFile
 from vdisk.ops.digest import content_digest
 from vdisk.probe import open_layer
 from vdisk.formats.base import ABSENT
-from vdisk.formats.driver import Driver
 from vdisk.formats.registry import driver_for
 
 CHUNK = 8 << 20
@@ -68,8 +67,7 @@ def commit(path: str, *, into: Optional[str] = None, verify: bool = False, paren
         if len(chain) < 2:
             raise UnsupportedError(f"{path}: not a differencing image; there is nothing to commit")
         driver = driver_for(d.layers[0])
-        empties = driver.rearranges_blocks or type(driver).empty_child is not Driver.empty_child
-        if not (empties and driver.rewrites_links):
+        if not ((driver.rearranges_blocks or driver.empties_children) and driver.rewrites_links):
             raise UnsupportedError(f"{path}: vdisk cannot commit {d.format} images yet (it empties the child "
                                    f"in place); 'vdisk convert' flattens the chain into a new image")
         before = content_digest(d) if verify else None
@@ -164,7 +162,7 @@ def _empty_child(path: str, target: str, relink: bool, search) -> None:
     child = open_layer(path, writable=True)
     try:
         driver = driver_for(child)
-        if driver.rearranges_blocks is False and type(driver).empty_child is not Driver.empty_child:
+        if driver.empties_children:
             parent = open_layer(target) if relink else None
             try:
                 driver.empty_child(child, target if relink else None, parent)

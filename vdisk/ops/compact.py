@@ -21,7 +21,6 @@ from vdisk import journal
 from vdisk.engine import Engine, ExtentKind
 from vdisk.errors import UnsupportedError, VDiskError
 from vdisk.io import ImageFile
-from vdisk.formats.driver import Driver
 from vdisk.formats.maintenance import plan_moves
 from vdisk.formats.registry import driver_for
 from vdisk.ops.layout import SparseFile
@@ -243,16 +242,18 @@ def compact(path: str, *, dry_run: bool = False, to: Optional[str] = None, verif
     try:
         before = content_digest(disk) if verify else None
         layer = disk.layers[0]
-        own = _compact_own(disk, layer, path, dry_run, free_space, progress)
+        free = free_space(disk) if free_space is not None else None
+        own = driver_for(layer).compact_own(layer, dry_run=dry_run, free=free, progress=progress)
         if own is not None:
-            report = own
+            report = CompactReport(path, layer.format, layer.subtype, dry_run=dry_run,
+                                   allocated_before=int((layer.block_map >= 0).sum()))
+            report.unallocated, report.moved, report.size_before, report.size_after = own
         else:
             sf = SparseFile(layer)
             size_before = layer.file.size()
             report = CompactReport(path, layer.format, layer.subtype, dry_run=dry_run, size_before=size_before,
                                    allocated_before=int((layer.block_map >= 0).sum()))
             below = Engine(disk.layers[1:]) if len(disk.layers) > 1 else None
-            free = free_space(disk) if free_space is not None else None
             scan = _scan(sf, below, disk.size, progress, free)
             new_map = scan.new_map
             report.unallocated = int(((layer.block_map >= 0) & (new_map == ABSENT)).sum())
@@ -301,19 +302,6 @@ def _apply(sf: SparseFile, layer, new_map: np.ndarray, moves, dropped: dict, liv
         redo = [(new_end, sf.trailer)] if sf.trailer else []
         tx.commit(final_size=final_size, redo=redo)
     layer.block_map[:] = new_map
-
-
-def _compact_own(disk, layer, path: str, dry_run: bool, free_space, progress) -> Optional[CompactReport]:
-    """The report of a driver that compacts its format by its own means, or None."""
-    driver = driver_for(layer)
-    if type(driver).compact_own is Driver.compact_own:
-        return None
-    report = CompactReport(path, layer.format, layer.subtype, dry_run=dry_run, size_before=layer.file.size(),
-                           allocated_before=int((layer.block_map >= 0).sum()))
-    free = free_space(disk) if free_space is not None else None
-    report.unallocated, report.moved, report.size_after = driver.compact_own(
-        layer, dry_run=dry_run, free=free, progress=progress)
-    return report
 
 
 def _verify(path: str, before: str, parent_search, vbox_registry) -> bool:
