@@ -7,7 +7,6 @@ it to allocate blocks and persist metadata. Layers never import the engine.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional, Sequence
 import uuid as uuidlib
@@ -145,22 +144,8 @@ def data_runs_from_holes(file: ImageFile, data_start: int, length: int, block_si
     nblocks = -(-length // block_size)
     block_map = data_start + np.arange(nblocks, dtype=np.int64) * block_size
     has_data = np.zeros(nblocks, dtype=bool)
-    fd, pos, end = file.fd, data_start, data_start + length
-    try:
-        while pos < end:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-            if start >= end:
-                break
-            stop = min(os.lseek(fd, start, os.SEEK_HOLE), end)
-            has_data[(start - data_start) // block_size:(stop - 1 - data_start) // block_size + 1] = True
-            pos = stop
-    except OSError:      # ENXIO past the last data, or a filesystem without SEEK_DATA
-        if pos == data_start and not has_data.any():
-            try:
-                os.lseek(fd, data_start, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno != 6:   # not ENXIO: no hole support, treat everything as data
-                    has_data[:] = True
+    for start, stop in file.data_runs(data_start, data_start + length):
+        has_data[(start - data_start) // block_size:(stop - 1 - data_start) // block_size + 1] = True
     block_map[~has_data] = ABSENT
     return block_map
 

@@ -121,6 +121,26 @@ class ImageFile:
     def size(self) -> int:
         return os.fstat(self.fd).st_size
 
+    def data_runs(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The ``(start, end)`` runs of [start, end) the file stores, holes left out (found with
+        SEEK_DATA/SEEK_HOLE, nothing read); the whole range where the filesystem cannot tell."""
+        runs: list[tuple[int, int]] = []
+        pos = start
+        while pos < end:
+            try:
+                s = os.lseek(self.fd, pos, os.SEEK_DATA)
+                if s >= end:
+                    break
+                e = min(os.lseek(self.fd, s, os.SEEK_HOLE), end)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:           # no data at or after pos
+                    break
+                runs.append((pos, end))                # no hole support: all of it is stored
+                break
+            runs.append((s, e))
+            pos = e
+        return runs
+
     def pread(self, length: int, offset: int) -> bytes:
         """Read exactly what exists; short only at end of file."""
         if read_fault_hook is not None:

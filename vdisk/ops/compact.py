@@ -64,27 +64,10 @@ class CompactReport:
                 f"({self.size_before} -> {self.size_after})")
 
 
-def _data_intervals(fd: int, start: int, end: int) -> tuple[list[int], list[int]]:
+def _data_intervals(file: ImageFile, start: int, end: int) -> tuple[list[int], list[int]]:
     """Starts and ends of the file's data (not hole) runs in [start, end)."""
-    starts, ends = [], []
-    pos = start
-    try:
-        while pos < end:
-            s = os.lseek(fd, pos, os.SEEK_DATA)
-            if s >= end:
-                break
-            e = min(os.lseek(fd, s, os.SEEK_HOLE), end)
-            starts.append(s)
-            ends.append(e)
-            pos = e
-    except OSError:
-        if not starts and pos == start:
-            try:
-                os.lseek(fd, start, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno != 6:                     # no SEEK_DATA support: all data
-                    return [start], [end]
-    return starts, ends
+    runs = file.data_runs(start, end)
+    return [s for s, _ in runs], [e for _, e in runs]
 
 
 def _has_data(starts: list[int], ends: list[int], lo: int, hi: int) -> bool:
@@ -141,8 +124,7 @@ def _scan(sf: SparseFile, below: Optional[Engine], size: int, progress: Progress
     blocks = blocks[np.argsort(starts[blocks], kind="stable")]
     new_map = layer.block_map.copy()
     dropped: dict[int, bool] = {}
-    fd = layer.file.fd
-    dstarts, dends = _data_intervals(fd, sf.meta_end, layer.file.size())
+    dstarts, dends = _data_intervals(layer.file, sf.meta_end, layer.file.size())
     granular = layer.sector_granular
     spb = bs // SECTOR
     diff = layer.is_differencing
