@@ -124,6 +124,19 @@ class Disk:
         self._check_write(offset, length)
         self._engine.discard(offset, length)
 
+    def release(self, offset: int, length: int, page: int = 4096) -> int:
+        """The guest no longer needs the range's bytes: give the host back the storage the top
+        image file holds for them, in whole aligned *page*-sized pieces, without changing any of
+        the image's tables. Afterwards each byte of the range reads as before or as zeros (like a
+        TRIM); the image file keeps its length. Returns the bytes of storage given back."""
+        self._check_write(offset, length)
+        return self._engine.release(offset, length, page)
+
+    def releasable(self, offset: int, length: int, page: int = 4096) -> int:
+        """The bytes of storage :meth:`release` would give back for the range (nothing changes)."""
+        self._check_range(offset, length)
+        return sum(e - s for s, e in self._engine.stored_pages(offset, length, page))
+
     def extents(self, offset: int = 0, length: Optional[int] = None) -> list[Extent]:
         """Runs of DATA / ZERO / UNALLOCATED, with the chain layer that holds each."""
         if length is None:

@@ -308,6 +308,31 @@ class Engine:
                 if not (whole and e >= 0 and len(self.layers) == 1 and not top.preallocated and top.deallocate(b)):
                     self.write_zeroes(pos, stop - pos)
 
+    def stored_pages(self, offset: int, length: int, page: int) -> list[tuple[int, int]]:
+        """The (start, end) ranges of the top file, whole *page*-aligned pages, that hold the
+        range's data and are stored (not holes): what :meth:`release` punches."""
+        file = self.top.file
+        out: list[tuple[int, int]] = []
+        for _voff, n, kind, level, foff in self.resolve(offset, length):
+            if kind == DATA and level == 0:
+                lo, hi = -(-foff // page) * page, (foff + n) // page * page
+                if hi > lo:
+                    out += file.data_runs(lo, hi)
+        return out
+
+    def release(self, offset: int, length: int, page: int) -> int:
+        """Punch :meth:`stored_pages` out of the top file, changing no table: those bytes read as
+        zeros afterwards, everything else (a parent's data, partial pages, metadata) as before.
+        Returns the bytes punched."""
+        file = self.top.file
+        released = 0
+        with self.lock:
+            for s, e in self.stored_pages(offset, length, page):
+                if not file.punch_hole(s, e - s):
+                    break                                  # this filesystem cannot punch holes
+                released += e - s
+        return released
+
     def flush(self) -> None:
         with self.lock:
             self.top.flush()

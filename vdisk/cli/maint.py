@@ -52,8 +52,9 @@ def cmd_compact(args) -> int:
     from vdisk.ops.compact import compact
     if args.filesystem_aware:
         return _compact_fs(args)
-    if args.force:
-        raise VDiskError(f"{args.image}: --force applies only with --filesystem-aware")
+    if args.force or args.punch:
+        flag = "--force" if args.force else "--punch"
+        raise VDiskError(f"{args.image}: {flag} applies only with --filesystem-aware")
     bar = progress_for(args, "compact")
     try:
         report = compact(args.image, dry_run=args.dry_run, to=args.to, verify=args.verify,
@@ -72,7 +73,7 @@ def _compact_fs(args) -> int:
     bar = progress_for(args, "compact")
     try:
         report = compact_fs(args.image, dry_run=args.dry_run, parent_search=tuple(args.search), progress=bar,
-                            force=args.force)
+                            force=args.force, punch=args.punch)
     finally:
         bar.finish()
     _out(args, report)
@@ -166,6 +167,10 @@ def register(subparsers) -> None:
                    help="also give up blocks the guest's filesystems (ext2/3/4, FAT, exFAT, NTFS, swap) do not use")
     p.add_argument("--force", action="store_true",
                    help="with --filesystem-aware: trust the bitmap of an NTFS volume marked dirty or hibernated")
+    p.add_argument("--punch", action="store_true",
+                   help="with --filesystem-aware: punch the free space out of the file instead of giving up and "
+                        "moving blocks (nothing is rewritten; the file keeps its length, its storage shrinks; "
+                        "raw and fixed images are always done this way)")
     p.add_argument("--verify", action="store_true", help="hash the content before and after; fail on any difference")
     _search_option(p)
     add_progress_option(p)

@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from vdisk.errors import VDiskError
+from vdisk.sidecars import SHADOWS
 
 from .base import Refusal
 from .detect import Volume, read_free, volumes
@@ -133,14 +134,16 @@ def free_blocks(dev, path: str, block_size: Optional[int] = None) -> np.ndarray:
 
 
 def compact_fs(path, *, dry_run: bool = False, parent_search: Sequence[str] = (), vbox_registry=None,
-               progress=None, force: bool = False) -> FsReport:
+               progress=None, force: bool = False, punch: bool = False) -> FsReport:
     """Give up the image blocks of *path* that its filesystems do not use, then compact.
 
-    Dynamic and differencing VHD/VDI: the blocks join the compaction's zero blocks (in a
+    Dynamic and differencing images: the blocks join the compaction's zero blocks (in a
     differencing image they read as zeros afterwards where the child can say so for free: unlinked
-    over a zero parent, a VDI ZERO entry; otherwise they are left). Raw and fixed images: the free
-    blocks are discarded (holes punched). ``dry_run`` writes nothing. *force* trusts the bitmap
-    of an NTFS volume marked dirty or hibernated (every other refusal stands)."""
+    over a zero parent, a ZERO entry; otherwise they are left), then blocks move and the file is
+    cut. *punch*, and always for raw and fixed images: nothing is given up or moved; the storage
+    behind the free space is punched out of the file instead (see :func:`_punch`). ``dry_run``
+    writes nothing. *force* trusts the bitmap of an NTFS volume marked dirty or hibernated (every
+    other refusal stands)."""
     import vdisk
     from vdisk.ops.compact import compact
     path = os.fspath(path)
@@ -155,8 +158,13 @@ def compact_fs(path, *, dry_run: bool = False, parent_search: Sequence[str] = ()
     # "do not change me" (a backing image other children rely on, typically).
     if not dry_run and (not os.stat(path).st_mode & 0o222 or not os.access(path, os.W_OK)):
         raise VDiskError(f"{path}: the image is read-only (file permissions); nothing was changed")
-    if flat:
+    if flat or punch:
         return _punch(path, dry_run, parent_search, vbox_registry, force)
+    if os.path.isdir(path + SHADOWS):
+        # Free space now may hold a file in a shadow's point in time; the compaction's own
+        # writes do not go through the shadows' copy-on-write, the punch does.
+        raise VDiskError(f"{path}: the image has shadow copies, which may still need what its filesystems "
+                         f"freed since; use --punch (it preserves them first) or delete the shadows")
 
     def find(disk) -> np.ndarray:
         vols, mask, _ = analyse(disk, path, force=force)
@@ -175,24 +183,46 @@ def compact_fs(path, *, dry_run: bool = False, parent_search: Sequence[str] = ()
 
 
 def _punch(path: str, dry_run: bool, parent_search, vbox_registry, force: bool) -> FsReport:
-    """Raw and fixed images: discard the free blocks in place (the file keeps its size but loses
-    the storage behind them, where the host filesystem can punch holes)."""
+    """Give the host back the storage behind the guest's free space, in place, without moving or
+    giving up a block: every free run is punched out of the top image file in whole host pages
+    (:meth:`vdisk.Disk.release`). No table changes, so a cut anywhere leaves each free byte as it
+    was or zero and every used byte as it was; the file keeps its length and loses storage. The
+    maps are read twice: once whole, so every refusal comes before the first hole, then again
+    to punch run by run (memory stays bounded by one chunk of a map)."""
     import vdisk
-    with vdisk.open(path, "r" if dry_run else "r+", parent_search=parent_search, vbox_registry=vbox_registry) as disk:
-        bs = 1 << 20
+    mode = "r" if dry_run else "r+"
+    with vdisk.open(path, mode, parent_search=parent_search, vbox_registry=vbox_registry) as disk:
+        bs = disk.block_size
         vols, mask, _ = analyse(disk, path, bs, force=force)
+        page = max(4096, os.statvfs(path).f_bsize)
         before = os.stat(path).st_blocks * 512
+        for v in vols:
+            if v.kind is None:
+                continue
+            punched = [0]
+            read_free(disk, path, v, sink=_releaser(disk, v, page, dry_run, punched), force=force)
+            v.reclaimable = punched[0]
         if not dry_run:
-            from .base import mask_runs
-            s, e = mask_runs(mask)
-            for a, b in zip(s.tolist(), e.tolist()):
-                lo, hi = a * bs, min(b * bs, disk.size)
-                disk.discard(lo, hi - lo)
-            disk.flush()
+            disk.layers[0].file.sync()
     after = os.stat(path).st_blocks * 512
     if dry_run:
         after = max(0, before - sum(v.reclaimable for v in vols))
     return FsReport(path, bs, dry_run, vols, int(mask.sum()), before, after, "punch")
+
+
+def _releaser(disk, vol: Volume, page: int, dry_run: bool, punched: list):
+    """A FreeMap sink releasing (in a dry run: counting) the stored pages of each free run."""
+    from .base import chunk_runs
+    lo, hi = vol.start, vol.start + vol.length
+    act = disk.releasable if dry_run else disk.release
+
+    def take(chunk) -> None:
+        s, e = chunk_runs(chunk)
+        s, e = np.clip(s + lo, lo, hi), np.clip(e + lo, lo, hi)
+        keep = e - s >= page                      # a run shorter than a page frees nothing
+        for a, z in zip(s[keep].tolist(), e[keep].tolist()):
+            punched[0] += act(a, z - a, page)
+    return take
 
 
 def sparsify(path: str):

@@ -87,6 +87,9 @@ class ShadowedDisk:
     def map_runs(self, offset: int, length: int):
         return self._disk.map_runs(offset, length)
 
+    def releasable(self, offset: int, length: int, page: int = 4096) -> int:
+        return self._disk.releasable(offset, length, page)
+
     def flush(self) -> None:
         self._disk.flush()
 
@@ -236,6 +239,15 @@ class ShadowedDisk:
             if length:
                 self._preserve(offset, length, zeroing=True)
             self._disk.discard(offset, length)
+
+    def release(self, offset: int, length: int, page: int = 4096) -> int:
+        """:meth:`vdisk.Disk.release`, after the blocks it may zero are preserved for the shadows
+        (free space of the live filesystem may be a file in an older point in time)."""
+        self._guard(offset, length)
+        with self.shadow_set.lock:
+            if length:
+                self._preserve(offset, length, zeroing=True)
+            return self._disk.release(offset, length, page)
 
     def _preserve(self, offset: int, length: int, zeroing: bool) -> None:
         """Copy every block of [offset, offset+length) the newest shadow lacks into its store."""
