@@ -8,7 +8,9 @@ deleted files' data left behind in free space (so zero detection alone finds not
 Compared, each on a fresh copy of that image (copies are not timed; `sync` before each run):
 
   vdisk     `vdisk compact IMG --filesystem-aware` (reads the bitmaps, gives up the free
-            blocks, compacts: one journaled, durable transaction)
+            blocks, compacts: one journaled, durable transaction; the moves rewrite data)
+  --punch   `vdisk compact IMG --filesystem-aware --punch` (reads the bitmaps, punches the free
+            space out of the file: nothing rewritten, the file keeps its length)
   ritual A  the host ritual the issue names: `vdisk mount --rw IMG MNT` (FUSE, no loop device),
             `zerofree MNT/p1`, unmount, `vdisk compact IMG`
   ritual B  the qemu-only ritual: `qemu-img dd` the partition out, `zerofree` it, reassemble a
@@ -16,7 +18,8 @@ Compared, each on a fresh copy of that image (copies are not timed; `sync` befor
             -O vpc` to a new image (drops the zeros)
   (`virt-sparsify` too, when it is installed)
 
-Prints wall time, resulting file size, bytes the processes wrote (rusage block output, 512-byte
+Prints wall time, resulting file size and storage (st_blocks; "reclaimed" is storage given back
+to the host), bytes the processes wrote (rusage block output, 512-byte
 units, from wait4) and the ratios vdisk/ritual; targets: reclaimed >= ritual A's, wall time
 <= 0.3x, bytes written <= 0.05x. Checks that all results read the same used data: e2fsck -fn on
 each result and kept files byte-identical (debugfs dump).
@@ -196,42 +199,49 @@ def main() -> int:
         t = time.perf_counter()
         base, start = build(work, size)
         print(f"  built in {time.perf_counter() - t:.1f} s: {base.stat().st_size / MiB:.0f} MiB", flush=True)
-        before = base.stat().st_size
+        def stored(p: Path) -> int:
+            return p.stat().st_blocks * 512
 
-        a = fresh(base, work / "vdisk.vhd")
-        t_v, w_v = measured(vdisk_cmd() + ["compact", str(a), "--filesystem-aware"])
-        s_v = a.stat().st_size
-        judge(a, "vpc", start, work)
-        a.unlink()
+        rows = []                                      # (method, wall, apparent size, stored, written)
+        for name, extra in (("vdisk compact --filesystem-aware", []),
+                            ("vdisk compact --filesystem-aware --punch", ["--punch"])):
+            a = fresh(base, work / "vdisk.vhd")
+            before = stored(a)
+            t, w = measured(vdisk_cmd() + ["compact", str(a), "--filesystem-aware", *extra])
+            rows.append((name, t, a.stat().st_size, stored(a), w))
+            judge(a, "vpc", start, work)
+            a.unlink()
 
         r = fresh(base, work / "ritualA.vhd")
         t_a, w_a = ritual_a(r, work)
-        s_a = r.stat().st_size
+        rows.append(("ritual A: mount + zerofree + vdisk compact", t_a, r.stat().st_size, stored(r), w_a))
         judge(r, "vpc", start, work)
         r.unlink()
 
         out_b = work / "ritualB.vhd"                   # qemu-img only reads its source: no copy
         run(["sync"])
         t_b, w_b = ritual_b(base, work, start, out_b)
-        s_b = out_b.stat().st_size
+        rows.append(("ritual B: qemu-img dd + zerofree + qemu-img convert", t_b, out_b.stat().st_size, stored(out_b),
+                     w_b))
         judge(out_b, "vpc", start, work)
         out_b.unlink()
 
-        rows = [("vdisk compact --filesystem-aware", t_v, s_v, w_v),
-                ("ritual A: mount + zerofree + vdisk compact", t_a, s_a, w_a),
-                ("ritual B: qemu-img dd + zerofree + qemu-img convert", t_b, s_b, w_b)]
         if shutil.which("virt-sparsify"):
             v = fresh(base, work / "vs-src.vhd")
             t_s, w_s = measured(["virt-sparsify", "--quiet", str(v), str(work / "vs.vhd")])
-            rows.append(("virt-sparsify", t_s, (work / "vs.vhd").stat().st_size, w_s))
-        print(f"\nimage before: {before / MiB:.0f} MiB")
-        print(f"{'method':<50} {'wall s':>8} {'size MiB':>9} {'reclaimed MiB':>14} {'written MiB':>12}")
-        for name, t, s, w in rows:
-            print(f"{name:<50} {t:8.2f} {s / MiB:9.0f} {(before - s) / MiB:14.0f} {w / MiB:12.1f}")
-        for name, t, s, w in rows[1:]:
-            print(f"vdisk / {name.split(':')[0]}: wall {t_v / t:.3f}x (target <= 0.3), written "
-                  f"{w_v / max(w, 1):.4f}x (target <= 0.05), reclaimed {(before - s_v) / max(before - s, 1):.3f}x "
-                  f"(target >= 1)")
+            rows.append(("virt-sparsify", t_s, (work / "vs.vhd").stat().st_size, stored(work / "vs.vhd"), w_s))
+        print(f"\nimage before: {base.stat().st_size / MiB:.0f} MiB, {before / MiB:.0f} MiB stored "
+              f"(reclaimed = storage given back to the host)")
+        print(f"{'method':<52} {'wall s':>8} {'file MiB':>9} {'stored MiB':>11} {'reclaimed MiB':>14} "
+              f"{'written MiB':>12}")
+        for name, t, size_, st, w in rows:
+            print(f"{name:<52} {t:8.2f} {size_ / MiB:9.0f} {st / MiB:11.0f} {(before - st) / MiB:14.0f} "
+                  f"{w / MiB:12.1f}")
+        for vname, t_v, _, st_v, w_v in rows[:2]:
+            for name, t, _, st, w in rows[2:]:
+                print(f"{vname[6:]} / {name.split(':')[0]}: wall {t_v / t:.3f}x (target <= 0.3), written "
+                      f"{w_v / max(w, 1):.4f}x (target <= 0.05), reclaimed {(before - st_v) / max(before - st, 1):.3f}x "
+                      f"(target >= 1)")
 
         print("all results: e2fsck -fn clean, kept files byte-identical (debugfs dump)")
     finally:
