@@ -12,10 +12,11 @@ figures are the best of 3 runs of each side.
   * random 4 KiB reads (seeded aligned offsets): vdisk ``Disk.pread`` vs ``os.pread`` on the raw
     twin. Target >= 0.5x raw.
   * ``vdisk convert`` VHD -> VHDX and VHDX -> raw vs ``qemu-img convert -t writeback`` (both
-    flush the output before returning: same durability), median wall time of --runs, outputs
-    checked equal with ``qemu-img compare``. Target <= 1.0x qemu's wall time.
+    flush the output before returning: same durability), median wall time of --runs (alternating,
+    `sync` before each, each output deleted when its run ends), outputs checked equal with
+    ``qemu-img compare``. Target <= 1.0x qemu's wall time.
 
-    .venv/bin/python bench/bench_vhdx.py [--size-mib 2048] [--runs 3] [--reads 20000]
+    .venv/bin/python bench/bench_vhdx.py [--size-mib 2048] [--runs 5] [--reads 20000]
 """
 from __future__ import annotations
 
@@ -122,20 +123,22 @@ def convert_case(src: Path, sfmt: str, dfmt: str, runs: int) -> tuple[float, flo
         run_child(cmds[k])
     same = subprocess.run(["qemu-img", "compare", "-f", QEMU_FMT[dfmt], "-F", QEMU_FMT[dfmt], str(outq), str(outv)],
                           capture_output=True).returncode == 0
-    times = {k: [] for k in cmds}
-    for i in range(runs):
-        for k in (list(cmds) if i % 2 == 0 else list(cmds)[::-1]):
-            outs[k].unlink()
-            times[k].append(run_child(cmds[k])[0])
     for p in outs.values():
         p.unlink()
+    # As bench_convert: `sync` before every run (run_child), each output deleted as soon as its
+    # run ends, so no run starts with another's write-back or its freed memory; order alternates.
+    times: dict[str, list[float]] = {k: [] for k in cmds}
+    for i in range(runs):
+        for k in (list(cmds) if i % 2 == 0 else list(cmds)[::-1]):
+            times[k].append(run_child(cmds[k])[0])
+            outs[k].unlink()
     return statistics.median(times["qemu"]), statistics.median(times["vdisk"]), same
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mib", type=int, default=2048)
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--reads", type=int, default=20000)
     ap.add_argument("--block-mib", type=int, default=2,
                     help="VHDX block size (default 2: the layout's unit, so its holes are unallocated blocks "
