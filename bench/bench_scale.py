@@ -27,7 +27,9 @@ fio     fio's nbd engine, 4 KiB at queue depth 32, one connection, 6 s per run: 
 
 Targets (issue 19): random 4K at depth 64 >= 0.5x depth 1 and better than QEMU's own ratio;
 sequential at depth 64 >= 0.8x depth 1; opening a 64-deep chain <= 100 ms; re-writes with 64
-shadows <= 1.5x none; NBD with 4 connections >= 1.5x one and >= qemu-nbd with 4; fio random
+shadows <= 1.5x none; NBD with 4 connections >= 1.5x one and >= qemu-nbd with 4 (the ceiling line:
+nbdkit's pattern plugin, which does no work per request, read the same way, shows what the
+machine's client and loopback allow); fio random
 4 KiB reads at QD32 >= qemu-nbd's IOPS, writes staying ahead.
 """
 from __future__ import annotations
@@ -239,6 +241,32 @@ def bench_shadows(writes: int, counts=(1, 8, 64), batch: int = 250) -> None:
 
 
 # -- NBD connections ------------------------------------------------------------------------------------
+def _nbd_ceiling(runs: int) -> None:
+    """What this machine's client and loopback allow at all: nbdkit's pattern plugin (its data is
+    computed, so the server does next to nothing) read by the same nbdcopy with 1 and 4 connections."""
+    if shutil.which("nbdkit") is None:
+        print("ceiling: nbdkit is not installed")
+        return
+    from bench_nbd import free_port, wait_port
+    port = free_port()
+    srv = subprocess.Popen(["nbdkit", "-r", "-f", "-i", "127.0.0.1", "-p", str(port), "pattern", "2G"])
+    try:
+        wait_port(port, srv)
+        rate = {}
+        for n in (1, 4):
+            ts = []
+            for _ in range(runs):
+                t = time.perf_counter()
+                subprocess.run(["nbdcopy", "-C", str(n), "-T", str(n), f"nbd://127.0.0.1:{port}", "null:"], check=True)
+                ts.append(time.perf_counter() - t)
+            rate[n] = (2 << 30) / statistics.median(ts)
+        print(f"ceiling, nbdkit pattern 2G (no server work): 1 connection {rate[1] / MiB:6.0f} MiB/s, "
+              f"4 connections {rate[4] / MiB:6.0f} MiB/s, 4 / 1 = {rate[4] / rate[1]:4.2f}x")
+    finally:
+        srv.terminate()
+        srv.wait(10)
+
+
 def bench_nbd(conns=(1, 4, 8), runs: int = 3) -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     from bench_nbd import free_port, wait_port
@@ -279,6 +307,7 @@ def bench_nbd(conns=(1, 4, 8), runs: int = 3) -> None:
             qs = res[("qemu-nbd", 4)] / res[("qemu-nbd", 1)]
             print(f"4 connections / 1: vdisk {sc:4.2f}x, qemu-nbd {qs:4.2f}x (target vdisk >= 1.5x and "
                   f">= qemu-nbd at 4)")
+            _nbd_ceiling(runs)
     finally:
         for p in servers.values():
             p.terminate()
