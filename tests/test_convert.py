@@ -331,3 +331,31 @@ def test_output_blocks_bigger_than_a_chunk_are_filled_by_several_chunks(tmp_path
     r = subprocess.run(["qemu-img", "compare", "-f", "vpc", "-F", "raw", dst, _raw_file(tmp_path, model)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout
+
+
+@pytest.mark.judges("qemu-img")
+@pytest.mark.parametrize("fmt,block", [("vhd", 32 * MiB), ("vhdx", 32 * MiB), ("vdi", 8 * MiB)])
+def test_zeros_inside_a_big_output_block_are_neither_written_nor_stored(tmp_path, fmt, block):
+    """A block gets storage at its first non-zero byte; its zero 4 KiB granules stay holes (the
+    unwritten parts of a new block read as zeros), however big the block is."""
+    src = str(tmp_path / "src.vhd")
+    rnd = random.Random(3)
+    with vdisk.create(src, 48 * MiB, format="vhd", subtype="dynamic") as d:
+        store_zeros(d, 0, 48 * MiB)                              # every source block stored
+        for off in range(0, 48 * MiB, 3 * MiB):                  # 64 KiB of data every 3 MiB
+            d.pwrite(rnd.randbytes(64 << 10), off + 4096)
+    dst = str(tmp_path / f"out.{fmt}")
+    with vdisk.open(src) as s:
+        convert(s, dst, fmt, "dynamic", block_size=block)
+    if fmt == "vdi":                     # qemu reads VDI of 1 MiB blocks only: vdisk reads it back
+        judged = str(tmp_path / "back.raw")
+        with vdisk.open(dst) as out:
+            convert(out, judged, "raw")
+        dst_fmt = "raw"
+    else:
+        judged, dst_fmt = dst, {"vhd": "vpc"}.get(fmt, fmt)
+    r = subprocess.run(["qemu-img", "compare", "-f", "vpc", "-F", dst_fmt, src, judged],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = 16 * (64 << 10)
+    assert os.stat(dst).st_blocks * 512 <= data + 8 * MiB        # the data, and the format's own tables

@@ -461,10 +461,13 @@ def _copy(src: Disk, sink, granule: int, zero_detect: bool, progress: Optional[P
         view = memoryview(buf)
         src.readinto(view[:n], pos)
         if zero_detect:
-            pad = -n % granule
+            # Zeros are skipped at the fine granule even inside an output block: a block gets
+            # storage at its first non-zero byte, and the parts of a new block never written
+            # read as zeros (Layer.allocate), so writing them would only cost time and space.
+            pad = -n % FLAT_GRANULE
             if pad:
                 view[n:n + pad] = bytes(pad)
-            runs = nonzero_runs(buf, n, granule)
+            runs = nonzero_runs(buf, n, FLAT_GRANULE)
         else:
             runs = [(0, n)]
         wrote = 0
