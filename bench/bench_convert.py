@@ -14,7 +14,8 @@ Two pairings per case, because the tools differ in what they promise when they r
 
 Each command runs `--runs` times after one untimed warm-up, all commands of a case alternating
 (order reversed every other round), with `sync` before every run so that one run's write-back
-does not land in the next, and each output deleted as soon as its run ends.
+does not land in the next (and then a wait until the disk is idle: deleted outputs are discarded
+after the sync), and each output deleted as soon as its run ends.
 Prints median wall times, the ratio vdisk/qemu (target <= 1.0) and peak RSS of each child
 (wait4; target for vdisk <= 100 MiB). The outputs are checked equal with `qemu-img compare`.
 Then a 64 GiB sparse VHD (16 MiB of data) is converted to raw, VHD and VDI by both tools: memory
@@ -47,9 +48,30 @@ def vdisk_cmd() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "vdisk.cli"]
 
 
+def wait_idle(path: Path = OUT, quiet: float = 0.2, limit: float = 15.0) -> None:
+    """Wait until the block device holding *path* has nothing in flight and completes no more
+    writes or discards for *quiet* seconds (at most *limit*). After `sync`, a deleted output's
+    blocks are still being discarded here (the root filesystem is mounted with `discard`), and a
+    run that starts then shares the device with them."""
+    st = os.stat(path)
+    stat = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/stat")
+    if not stat.exists():
+        return
+    deadline = time.monotonic() + limit
+    last = None
+    while time.monotonic() < deadline:
+        f = stat.read_text().split()
+        now = (f[4], f[11] if len(f) > 11 else "", f[8])      # writes done, discards done, in flight
+        if now == last and f[8] == "0":
+            return
+        last = now
+        time.sleep(quiet)
+
+
 def run_child(cmd: list[str]) -> tuple[float, int, float]:
     """(wall seconds, peak RSS in KiB, CPU seconds user+system) of one command."""
     os.sync()
+    wait_idle()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
