@@ -265,7 +265,7 @@ def test_convert_json_reports_what_was_made(capsys, small_vhd, tmp_path):
     assert status == 0 and err == ""
     made = json.loads(out)
     assert (made["format"], made["subtype"], made["virtual_size"]) == ("vdi", "dynamic", 3 * MiB + 512)
-    assert made["bytes_written"] == MiB                          # the one VDI block holding data
+    assert made["bytes_written"] == 18 * 4096                    # the 4 KiB granules holding the data
 
 
 def test_convert_progress_is_drawn_only_when_asked_or_on_a_terminal(capsys, small_vhd, tmp_path):
