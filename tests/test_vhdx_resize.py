@@ -1,5 +1,5 @@
-"""Resizing a VHDX in place: grow (dynamic and fixed) and shrink (dynamic, nothing allocated past
-the end), through the file's own log. qemu-img judges the result; a cut at every write (kill and
+"""Resizing a VHDX in place: grow (dynamic and fixed) and shrink (nothing allocated past the end;
+a fixed file is cut after its last kept block), through the file's own log. qemu-img judges the result; a cut at every write (kill and
 power cut) leaves the old size or the new, content kept, and qemu-img check clean."""
 from __future__ import annotations
 
@@ -72,6 +72,39 @@ def test_shrink_when_nothing_lies_past_the_end(tmp_path):
     qemu_reads(path, bytes(model[:8 * MiB]), tmp_path)
 
 
+def test_a_fixed_vhdx_shrinks_and_its_file_is_cut_after_the_last_kept_block(tmp_path):
+    path = tmp_path / "f.vhdx"
+    model = make(path, 64 * MiB, "fixed", block=MiB)
+    before = path.stat().st_size
+    res = vd("resize", path, "7M", "--shrink")                # 5 MiB + 4096 holds data: block 5 stays
+    assert res.returncode == 0, res.stderr
+    assert qemu_size(path) == 7 * MiB
+    qemu_clean(path)
+    qemu_reads(path, bytes(model[:7 * MiB]), tmp_path)
+    assert path.stat().st_size == before - 57 * MiB             # the 57 dropped blocks' storage is gone
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(path)], capture_output=True,
+                                     text=True, check=True).stdout)
+    assert info["format"] == "vhdx"
+    assert vd("check", path).returncode == 0
+    with vdisk.open(path, "r+") as d:                         # still fixed, still writable, and grows again
+        assert d.subtype == "fixed"
+        d.pwrite(b"q" * 4096, 7 * MiB - 4096)
+    assert vd("resize", path, "9M").returncode == 0
+    expect = bytearray(model[:7 * MiB]) + bytes(2 * MiB)
+    expect[7 * MiB - 4096:7 * MiB] = b"q" * 4096
+    qemu_reads(path, bytes(expect), tmp_path)
+    qemu_clean(path)
+
+
+def test_a_fixed_vhdx_does_not_shrink_over_non_zero_data(tmp_path):
+    path = tmp_path / "n.vhdx"
+    make(path, 16 * MiB, "fixed", block=MiB)
+    before = path.read_bytes()
+    res = vd("resize", path, "5M", "--shrink")               # data at 5 MiB + 4096
+    assert res.returncode == 1 and "virtual offset" in res.stderr, res.stderr
+    assert path.read_bytes() == before
+
+
 def test_shrink_over_data_and_growth_past_the_bat_are_refused_unchanged(tmp_path):
     path = tmp_path / "r.vhdx"
     make(path, 64 * MiB, block=MiB)
@@ -83,7 +116,8 @@ def test_shrink_over_data_and_growth_past_the_bat_are_refused_unchanged(tmp_path
     assert path.read_bytes() == before
 
 
-@pytest.mark.parametrize("subtype,new", [("dynamic", 40 * MiB), ("dynamic", 6 * MiB), ("fixed", 24 * MiB)])
+@pytest.mark.parametrize("subtype,new", [("dynamic", 40 * MiB), ("dynamic", 6 * MiB), ("fixed", 24 * MiB),
+                                         ("fixed", 7 * MiB)])
 def test_resize_cut_at_every_write_leaves_the_old_size_or_the_new(tmp_path, subtype, new):
     from vdisk.ops.resize import resize
     work = tmp_path / "w"

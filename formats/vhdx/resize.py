@@ -3,9 +3,10 @@
 The virtual size is one metadata item; the BAT region already holds entries for every block it
 has room for (the region is whole MiB), so growing within that room changes the size item and,
 for a fixed image, gives the new blocks storage at the end of the file (FULLY_PRESENT); shrinking,
-as Hyper-V allows when nothing allocated lies past the new end (the caller checks), drops the
-entries past it. The changed 4 KiB sectors go through the log, after the new blocks exist, so a
-cut at any write leaves the old size or the new for Hyper-V, QEMU and vdisk alike. Growing past
+as Hyper-V allows when nothing allocated lies past the new end (the caller checks; for a fixed
+image: nothing but zeros), drops the entries past it, and a fixed image's file is then cut after
+its last kept block. The changed 4 KiB sectors go through the log, after the new blocks exist,
+so a cut at any write leaves the old size or the new for Hyper-V, QEMU and vdisk alike. Growing past
 the BAT region's room would mean moving the BAT: refused.
 """
 from __future__ import annotations
@@ -15,8 +16,9 @@ import numpy as np
 from vdisk.errors import UnsupportedError
 from ..base import ABSENT
 from ..maintenance import ResizePlan
+from .compact import _cut, _data_start
 from .log import SectorEdits
-from .structs import MAX_VIRTUAL_SIZE, METADATA_GUID, OFFSET_MASK, PAYLOAD_FULLY_PRESENT
+from .structs import MAX_VIRTUAL_SIZE, METADATA_GUID, MiB, OFFSET_MASK, PAYLOAD_FULLY_PRESENT
 
 
 def resize(layer, new_size: int) -> ResizePlan:
@@ -29,8 +31,6 @@ def resize(layer, new_size: int) -> ResizePlan:
         raise UnsupportedError(f"{path}: a VHDX holds at most {MAX_VIRTUAL_SIZE} bytes")
     fixed = layer.subtype == "fixed"
     old_n, new_n = layer.nblocks, -(-new_size // bs)
-    if fixed and new_n < old_n:
-        raise UnsupportedError(f"{path}: vdisk cannot shrink a fixed VHDX yet (its blocks would stay in the file)")
     room = len(layer.bat) // (cr + 1) * cr                # payload entries the BAT region holds
     if new_n > room:
         raise UnsupportedError(f"{path}: the BAT region has entries for {room * bs} bytes; growing to "
@@ -48,7 +48,7 @@ def resize(layer, new_size: int) -> ResizePlan:
     lo, hi = min(old_n, new_n), max(old_n, new_n)
     for b in range(lo, hi):                               # dropped entries, and stale ones in the new range
         i = layer.payload_index(b)
-        if not fixed and int(layer.bat[i]):
+        if int(layer.bat[i]) and (new_n < old_n or not fixed):
             layer.bat[i] = 0
             changed.append(i)
     edits = SectorEdits(raw)
@@ -62,6 +62,12 @@ def resize(layer, new_size: int) -> ResizePlan:
     put(region.offset + item[1], int(new_size).to_bytes(8, "little"))
     layer._log_write(edits.writes())
     raw.sync()
+    if fixed and new_n < old_n:
+        # The dropped blocks' storage is unreferenced now; where it ends the file, it goes.
+        kept = layer.bat[[layer.payload_index(b) for b in range(new_n)]] & np.uint64(OFFSET_MASK)
+        end = max(_data_start(layer), int(kept.max()) + bs if len(kept) else 0)
+        _cut(layer, end)
+        layer._eof = -(-end // MiB) * MiB
     # The open layer follows (the caller closes it at once).
     layer.md.virtual_disk_size = new_size
     layer.size = new_size
