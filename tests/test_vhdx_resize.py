@@ -1,5 +1,6 @@
-"""Resizing a VHDX in place: grow (dynamic and fixed) and shrink (nothing allocated past the end;
-a fixed file is cut after its last kept block), through the file's own log. qemu-img judges the result; a cut at every write (kill and
+"""Resizing a VHDX in place: grow (dynamic and fixed; past the BAT region's room the BAT moves)
+and shrink (nothing allocated past the end; a fixed file is cut after its last kept block),
+through the file's own log. qemu-img judges the result; a cut at every write (kill and
 power cut) leaves the old size or the new, content kept, and qemu-img check clean."""
 from __future__ import annotations
 
@@ -105,11 +106,11 @@ def test_a_fixed_vhdx_does_not_shrink_over_non_zero_data(tmp_path):
     assert path.read_bytes() == before
 
 
-def test_shrink_over_data_and_growth_past_the_bat_are_refused_unchanged(tmp_path):
+def test_shrink_over_data_and_growth_past_the_format_limit_are_refused_unchanged(tmp_path):
     path = tmp_path / "r.vhdx"
     make(path, 64 * MiB, block=MiB)
     before = path.read_bytes()
-    for args in (("4M", "--shrink"), ("16T",)):
+    for args in (("4M", "--shrink"), ("65T",)):                 # data in the way; past VHDX's 64 TiB
         res = vd("resize", path, *args)
         assert res.returncode == 1 and res.stderr.startswith("vdisk: error: "), res.stderr
         assert len(res.stderr.strip().splitlines()) == 1
@@ -137,4 +138,86 @@ def test_resize_cut_at_every_write_leaves_the_old_size_or_the_new(tmp_path, subt
         outcomes.add(size)
 
     cut_everywhere(work, lambda: resize(str(path), new, shrink=new < 16 * MiB), judge)
+    assert outcomes == {16 * MiB, new}
+
+
+def qemu_io_reads(path, *checks) -> None:
+    """qemu-io reads each (offset, length, byte) and finds that byte throughout."""
+    cmds = []
+    for off, n, byte in checks:
+        cmds += ["-c", f"read -P {byte:#x} {off} {n}"]
+    res = subprocess.run(["qemu-io", "-f", "vhdx", *cmds, str(path)], capture_output=True, text=True)
+    assert res.returncode == 0 and "Pattern verification failed" not in res.stdout, res.stdout + res.stderr
+
+
+@pytest.mark.judges("qemu-img", "qemu-io", modules=("pyvhdi",))
+def test_growing_past_the_bat_region_moves_the_bat(tmp_path):
+    """A 1 MiB BAT region of 1 MiB blocks holds 128 GiB; growing to 200 GiB writes a larger
+    region at the end of the file and points both region tables at it."""
+    path = tmp_path / "big.vhdx"
+    make(path, 16 * MiB, block=MiB)
+    res = vd("resize", path, "200G")
+    assert res.returncode == 0, res.stderr
+    assert qemu_size(path) == 200 << 30
+    qemu_clean(path)
+    with vdisk.open(path, "r+") as d:                         # blocks past the old room are writable
+        d.pwrite(b"c" * 4096, 150 << 30)
+        d.pwrite(b"d" * 4096, (200 << 30) - 4096)
+    qemu_clean(path)
+    qemu_io_reads(path, (0, 8192, 0x61), (5 * MiB + 4096, 8192, 0x62), (150 << 30, 4096, 0x63),
+                  ((200 << 30) - 4096, 4096, 0x64), (16 * MiB, MiB, 0), ((129 << 30), MiB, 0))
+    import pyvhdi
+    f = pyvhdi.file()
+    f.open(str(path))
+    try:
+        assert f.get_media_size() == 200 << 30
+        for off, byte in ((0, b"a"), (150 << 30, b"c"), ((200 << 30) - 4096, b"d")):
+            f.seek(off)
+            assert f.read(4096) == byte * 4096
+    finally:
+        f.close()
+    assert vd("check", path).returncode == 0
+    info = json.loads(vd("info", "--json", path).stdout)
+    assert info["virtual_size"] == 200 << 30
+    assert vd("resize", path, "100G", "--shrink").returncode == 1       # data at 150 GiB is in the way
+
+
+@pytest.mark.judges("qemu-img", "qemu-io")
+def test_a_fixed_vhdx_grows_past_its_bat_region(tmp_path):
+    """128 GiB of 1 MiB blocks fill the region (a sparse file: the blocks are holes); 130 GiB
+    needs a new region, then 2048 new blocks after it."""
+    path = tmp_path / "fixed.vhdx"
+    with vdisk.create(path, 128 << 30, format="vhdx", subtype="fixed", block_size=MiB) as d:
+        d.pwrite(b"e" * 4096, (128 << 30) - 4096)
+    res = vd("resize", path, "130G")
+    assert res.returncode == 0, res.stderr
+    assert qemu_size(path) == 130 << 30
+    qemu_clean(path)
+    with vdisk.open(path, "r+") as d:
+        assert d.subtype == "fixed"
+        d.pwrite(b"f" * 4096, (130 << 30) - 4096)
+    qemu_clean(path)
+    qemu_io_reads(path, ((128 << 30) - 4096, 4096, 0x65), (128 << 30, MiB, 0), ((130 << 30) - 4096, 4096, 0x66))
+    assert vd("check", path).returncode == 0
+
+
+def test_moving_the_bat_cut_at_every_write_leaves_the_old_size_or_the_new(tmp_path):
+    from vdisk.ops.resize import resize
+    work = tmp_path / "w"
+    work.mkdir()
+    path = work / "m.vhdx"
+    model = make(path, 16 * MiB, block=MiB)
+    new = 129 << 30
+    outcomes = set()
+
+    def judge(cut, power_cut):
+        with vdisk.open(path) as d:
+            size = d.size
+            assert size in (16 * MiB, new), f"cut {cut} (power cut {power_cut}): size {size}"
+            assert d.pread(16 * MiB, 0) == bytes(model), f"cut {cut}: content changed"
+        assert qemu_size(path) == size
+        qemu_clean(path)
+        outcomes.add(size)
+
+    cut_everywhere(work, lambda: resize(str(path), new), judge)
     assert outcomes == {16 * MiB, new}

@@ -14,6 +14,7 @@ from vdisk.errors import UnsupportedError
 from vdisk.io import ImageFile
 from ..base import Layer, new_uuid
 from .crc32c import with_crc
+from .metadata import Region
 from .structs import (BAT_GUID, HAS_PARENT, HEADER_OFFSETS, HEADER_SIG, IS_REQUIRED, IS_VIRTUAL_DISK,
                       ITEM_FILE_PARAMETERS, ITEM_LOGICAL_SECTOR_SIZE, ITEM_PARENT_LOCATOR, ITEM_PHYSICAL_SECTOR_SIZE,
                       ITEM_VIRTUAL_DISK_ID, ITEM_VIRTUAL_DISK_SIZE, LEAVE_BLOCK_ALLOCATED, LOCATOR_TYPE_VHDX,
@@ -51,6 +52,17 @@ def new_file_size(size: int, subtype: str, block_size: Optional[int], blocks_sto
     npb, _entries, bat_len = bat_layout(size, bs, logical_sector_size, where)
     data = BAT_OFFSET + bat_len
     return data + (npb if subtype == "fixed" else blocks_stored) * bs
+
+
+def region_table(regions: list[Region]) -> bytes:
+    """A whole region table (64 KiB, checksummed) listing *regions*, as both copies hold it."""
+    table = bytearray(REGION_TABLE_SIZE)
+    table[:16] = RegionTableHeader.build(dict(signature=REGION_SIG, checksum=0, entry_count=len(regions),
+                                              reserved=0))
+    for i, r in enumerate(regions):
+        table[16 + 32 * i:48 + 32 * i] = RegionEntry.build(dict(guid=r.guid, file_offset=r.offset, length=r.length,
+                                                                required=int(r.required)))
+    return with_crc(bytes(table))
 
 
 def _metadata_region(items: list[tuple[bytes, int, bytes]]) -> bytes:
@@ -128,12 +140,8 @@ def create_vhdx(file: ImageFile, size: int, subtype: str = "dynamic", *, block_s
         items.append((ITEM_PARENT_LOCATOR, IS_REQUIRED, _locator(_parent_pairs(file.path, parent, parent_path))))
     creator = f"vdisk {VDISK_VERSION}".encode("utf-16-le")
     fti = SIGNATURE + creator + bytes(512 - len(creator))
-    region = bytearray(REGION_TABLE_SIZE)
-    region[:16] = RegionTableHeader.build(dict(signature=REGION_SIG, checksum=0, entry_count=2, reserved=0))
-    region[16:48] = RegionEntry.build(dict(guid=BAT_GUID, file_offset=BAT_OFFSET, length=bat_len, required=1))
-    region[48:80] = RegionEntry.build(dict(guid=METADATA_GUID, file_offset=METADATA_OFFSET, length=METADATA_LENGTH,
-                                           required=1))
-    region = with_crc(bytes(region))
+    region = region_table([Region(BAT_GUID, BAT_OFFSET, bat_len, True),
+                           Region(METADATA_GUID, METADATA_OFFSET, METADATA_LENGTH, True)])
     fwg, dwg = new_uuid().bytes_le, new_uuid().bytes_le
     end = data_start + (npb * bs if subtype == "fixed" else 0)
     file.truncate(end)

@@ -7,7 +7,9 @@ as Hyper-V allows when nothing allocated lies past the new end (the caller check
 image: nothing but zeros), drops the entries past it, and a fixed image's file is then cut after
 its last kept block. The changed 4 KiB sectors go through the log, after the new blocks exist,
 so a cut at any write leaves the old size or the new for Hyper-V, QEMU and vdisk alike. Growing past
-the BAT region's room would mean moving the BAT: refused.
+the BAT region's room moves the BAT: a larger region is written whole at the end of the file and
+flushed, then both region table copies (pointing at it) and the size item go through the log
+in one entry, so a cut leaves the old BAT and size or the new ones.
 """
 from __future__ import annotations
 
@@ -18,7 +20,10 @@ from ..base import ABSENT
 from ..maintenance import ResizePlan
 from .compact import _cut, _data_start
 from .log import SectorEdits
-from .structs import MAX_VIRTUAL_SIZE, METADATA_GUID, MiB, OFFSET_MASK, PAYLOAD_FULLY_PRESENT
+from .create import bat_layout, region_table
+from .metadata import Region
+from .structs import (BAT_GUID, MAX_VIRTUAL_SIZE, METADATA_GUID, MiB, OFFSET_MASK, PAYLOAD_FULLY_PRESENT,
+                      LOG_SECTOR, REGION_OFFSETS, REGION_TABLE_SIZE)
 
 
 def resize(layer, new_size: int) -> ResizePlan:
@@ -31,13 +36,23 @@ def resize(layer, new_size: int) -> ResizePlan:
         raise UnsupportedError(f"{path}: a VHDX holds at most {MAX_VIRTUAL_SIZE} bytes")
     fixed = layer.subtype == "fixed"
     old_n, new_n = layer.nblocks, -(-new_size // bs)
-    room = len(layer.bat) // (cr + 1) * cr                # payload entries the BAT region holds
-    if new_n > room:
-        raise UnsupportedError(f"{path}: the BAT region has entries for {room * bs} bytes; growing to "
-                               f"{new_size} would mean moving it, which vdisk does not do yet")
+    full, rest = divmod(layer.bat_region.length // 8, cr + 1)
+    room = full * cr + min(rest, cr)                      # payload entries the BAT region holds
+    relocate = new_n > room
+    if relocate and layer._log_capacity() < 2 * REGION_TABLE_SIZE // LOG_SECTOR + 1:
+        raise UnsupportedError(f"{path}: the log is too small to move the BAT region in one entry")
     changed: list[int] = []
     layer._begin_if_needed()                              # new FileWriteGuid and DataWriteGuid first
     raw = layer.raw
+    if relocate:
+        # A larger BAT region at the end of the file: entries keep their indexes (the chunk
+        # layout does not depend on the block count); new fixed blocks follow it.
+        _npb, entries, bat_len = bat_layout(new_size, bs, lss, path)
+        used = len(layer.bat)
+        bigger = np.zeros(max(entries, used), dtype="<u8")
+        bigger[:used] = layer.bat
+        layer.bat = bigger
+        bat_at = layer._append(bat_len)
     if new_n > old_n and fixed:
         starts = [layer._append(bs) for _ in range(new_n - old_n)]
         raw.truncate(layer._eof)                          # the new blocks exist (zeros) before any entry
@@ -53,15 +68,32 @@ def resize(layer, new_size: int) -> ResizePlan:
             changed.append(i)
     edits = SectorEdits(raw)
     put = edits.put
-
     table = layer.bat.view(np.uint8)
-    for i in changed:
-        put(layer.bat_region.offset + 8 * i, bytes(table[8 * i:8 * i + 8]))
+    if relocate:
+        # The new region, whole, before the region tables point at it (data before metadata).
+        # Only the entries in use are written: the rest of the region is a hole, reading zeros
+        # (it starts past the file's end at open, so nothing stale lies there).
+        upto = max(used, layer.payload_index(new_n - 1) + 1) if fixed else used
+        raw.pwrite(bytes(table[:8 * upto]), bat_at)
+        raw.truncate(max(raw.size(), layer._eof))
+        raw.sync()
+        new_region = Region(BAT_GUID, bat_at, bat_len, layer.bat_region.required)
+        regions = [new_region if r.guid == BAT_GUID else r for r in layer.regions]
+        rt = region_table(regions)
+        for at in REGION_OFFSETS:                         # only the sectors that change
+            for s0 in range(0, len(rt), LOG_SECTOR):
+                if raw.pread(LOG_SECTOR, at + s0) != rt[s0:s0 + LOG_SECTOR]:
+                    put(at + s0, rt[s0:s0 + LOG_SECTOR])
+    else:
+        for i in changed:
+            put(layer.bat_region.offset + 8 * i, bytes(table[8 * i:8 * i + 8]))
     region = next(r for r in layer.regions if r.guid == METADATA_GUID)
     item = next(e for e in layer.md.entries if e[0] == "virtual_disk_size")
     put(region.offset + item[1], int(new_size).to_bytes(8, "little"))
     layer._log_write(edits.writes())
     raw.sync()
+    if relocate:
+        layer.bat_region, layer.regions = new_region, regions
     if fixed and new_n < old_n:
         # The dropped blocks' storage is unreferenced now; where it ends the file, it goes.
         kept = layer.bat[[layer.payload_index(b) for b in range(new_n)]] & np.uint64(OFFSET_MASK)
