@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 import uuid as uuidlib
-from typing import TYPE_CHECKING, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence, TYPE_CHECKING
 
 from vdisk.errors import UnsupportedError, VDiskError
 
@@ -176,11 +176,12 @@ class Driver:
         raise UnsupportedError(f"{layer.path}: vdisk cannot rearrange the blocks of {layer.format} "
                                f"{layer.subtype} images in place yet")
 
-    def compact_own(self, layer: "Layer", *, dry_run: bool, free, progress=None
-                    ) -> Optional[tuple[int, int, int, int]]:
+    def compact_own(self, layer: "Layer", *, dry_run: bool, free, progress=None,
+                    below_zero: Optional[Callable[[int], bool]] = None) -> Optional[tuple[int, int, int, int]]:
         """A format that compacts by its own means (not through a SparseLayout and the journal)
         does it here: (blocks given up, blocks moved, file size before, after). None: the
-        generic way. *free*: blocks the guest's filesystems do not use, or None."""
+        generic way. *free*: blocks the guest's filesystems do not use, or None. *below_zero(b)*,
+        for a child: whether its parents read zeros under block *b*."""
         return None
 
     def empty_child(self, layer: "Layer", parent_path: Optional[str], parent: Optional["Layer"]) -> None:

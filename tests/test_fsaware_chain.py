@@ -1,8 +1,8 @@
 """Differencing images, raw/fixed images and interrupted runs.
 
 A child is compacted with what the child alone can say: its own free blocks are given up where
-the parent reads zeros there, a VDI child marks free blocks ZERO over parent data (free, costs no
-space), a VHD child leaves those. The parent never changes. Raw and fixed images get holes
+the parent reads zeros there, a VDI or VHDX child marks free blocks ZERO over parent data (free,
+costs no space), a VHD child leaves those. The parent never changes. Raw and fixed images get holes
 punched. A run cut at any write recovers to the image before or after."""
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def _write_child(child: str, raw_parent: str, raw2: str, granule: int = 64 * 102
 
 
 @pytest.mark.judges(*tools_for("ext4"))
-@pytest.mark.parametrize("fmt", ["vhd", "vdi"])
+@pytest.mark.parametrize("fmt", ["vhd", "vdi", "vhdx"])
 def test_a_differencing_child_gives_back_only_what_it_can_and_the_parent_stays(tmp_path, fmt):
     parts = [Part("ext4", 64 * MiB)]
     raw = str(tmp_path / "disk.raw")
@@ -108,7 +108,7 @@ def test_a_differencing_child_gives_back_only_what_it_can_and_the_parent_stays(t
             if x != y:
                 assert not any(y), f"block {b} changed and is not zeros"
                 zeroed_over_parent += 1
-    if fmt == "vdi":
+    if fmt in ("vdi", "vhdx"):
         assert zeroed_over_parent > 0          # ZERO entries hide the parent's stale data
         assert any(e.kind == vdisk.ExtentKind.ZERO for e in ext)
 

@@ -1,5 +1,6 @@
-"""Compacting a dynamic VHDX in place: zero (and filesystem-free) blocks given up, the last blocks
-moved into the holes, the file cut — through the file's own log. qemu-img judges the content and
+"""Compacting a dynamic or differencing VHDX in place: zero (and filesystem-free) blocks given up
+(in a child: ZERO over parent data), the last blocks moved into the holes, the file cut — through
+the file's own log. qemu-img judges the content and
 the structure; a cut at every write (kill and power cut) leaves the content unchanged, the file
 opening in vdisk and qemu-img check clean."""
 from __future__ import annotations
@@ -84,14 +85,77 @@ def test_compact_after_discards_does_not_reuse_storage_an_unmapped_entry_still_n
     qemu_reads(path, bytes(model), tmp_path / "ref.raw")
 
 
-def test_compact_refuses_a_differencing_vhdx_and_changes_nothing(tmp_path):
-    base, child = tmp_path / "b.vhdx", tmp_path / "c.avhdx"
-    vdisk.create(base, 8 * MiB, format="vhdx", block_size=MiB).close()
+def chain(folder, size=16 * MiB) -> tuple[bytearray, object, object]:
+    """A base VHDX (1 MiB blocks, data in blocks 0-7) and a child holding every kind of block:
+    full data (8, 9, 12), data zeroed over parent data (2: must stay zeros), data zeroed over a
+    zero parent (10: may go), partially present blocks (3: data; 11: zeros over a zero parent),
+    so sector bitmap blocks exist. The model is the bytearray of what the chain must read."""
+    base, child = folder / "b.vhdx", folder / "c.avhdx"
+    model = bytearray(size)
+    with vdisk.create(base, size, format="vhdx", block_size=MiB) as d:
+        for b in range(8):
+            d.pwrite(bytes([0x40 + b]) * MiB, b * MiB)
+            model[b * MiB:(b + 1) * MiB] = bytes([0x40 + b]) * MiB
     vdisk.create(child, format="vhdx", parent=base).close()
-    before = child.read_bytes()
-    res = vd("compact", child)
-    assert res.returncode == 1 and res.stderr.startswith("vdisk: error: ")
-    assert child.read_bytes() == before
+
+    def put(d, data, at):
+        d.pwrite(data, at)
+        model[at:at + len(data)] = data
+    with vdisk.open(child, "r+") as d:
+        for b in (2, 8, 9, 10, 12):
+            put(d, bytes([0x80 + b]) * MiB, b * MiB)
+        put(d, b"p" * 8192, 3 * MiB + 65536)
+        put(d, b"q" * 16384, 11 * MiB + 4096)
+        put(d, bytes(16384), 11 * MiB + 4096)           # stored zeros: the block stays partial
+        for b in (2, 10):
+            put(d, bytes(MiB), b * MiB)
+    return model, base, child
+
+
+def test_a_differencing_vhdx_gives_up_what_reads_zeros_and_keeps_the_chain_content(tmp_path):
+    model, base, child = chain(tmp_path)
+    parent = base.read_bytes()
+    size_before = os.path.getsize(child)
+    with vdisk.open(child) as d:
+        states = {b: d.layers[0].state(b) for b in (2, 3, 10, 11)}
+    assert states[3] == states[11] == 7 and states[2] == states[10] == 6     # PARTIALLY / FULLY present
+    res = vd("compact", child, "--json")
+    assert res.returncode == 0, res.stderr
+    rep = json.loads(res.stdout)
+    assert rep["unallocated"] == 3                        # 2 (now ZERO), 10 and 11 (NOT_PRESENT)
+    assert base.read_bytes() == parent
+    assert os.path.getsize(child) <= size_before - 3 * MiB
+    with vdisk.open(child) as d:
+        assert d.pread(d.size, 0) == bytes(model)
+        top = d.layers[0]
+        assert top.state(2) == 2 and top.state(10) == 0 and top.state(11) == 0 and top.state(3) == 7
+    assert vd("check", child).returncode == 0
+    again = json.loads(vd("compact", child, "--json").stdout)
+    assert again["reclaimed"] == 0
+
+
+def test_a_differencing_vhdx_compaction_cut_at_every_write_keeps_the_content(tmp_path):
+    from vdisk.ops.compact import compact
+    work = tmp_path / "w"
+    work.mkdir()
+    model, base, child = chain(work)
+    expected = bytes(model)
+
+    def judge(cut, power_cut):
+        with vdisk.open(child) as d:
+            assert d.pread(d.size, 0) == expected, f"cut {cut} (power cut {power_cut})"
+        assert vd("check", child).returncode in (0, 3), f"cut {cut} (power cut {power_cut})"
+
+    assert cut_everywhere(work, lambda: compact(str(child)), judge) > 3
+
+
+def test_a_fixed_vhdx_is_not_compacted_and_not_changed(tmp_path):
+    path = tmp_path / "f.vhdx"
+    vdisk.create(path, 8 * MiB, format="vhdx", subtype="fixed", block_size=MiB).close()
+    before = path.read_bytes()
+    res = vd("compact", path)
+    assert res.returncode == 1 and res.stderr.startswith("vdisk: error: ") and "fixed" in res.stderr
+    assert path.read_bytes() == before
 
 
 def test_compact_cut_at_every_write_keeps_the_content(tmp_path):

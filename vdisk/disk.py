@@ -186,8 +186,15 @@ class Disk:
                 self.flush()
             finally:
                 self._closed = True
+                # Every file is closed (and its lock dropped) even when one layer's close fails.
+                failed: Optional[BaseException] = None
                 for layer in self._layers:
-                    layer.close()
+                    try:
+                        layer.close()
+                    except BaseException as exc:  # noqa: BLE001 - re-raised below, after the rest
+                        failed = failed or exc
+                if failed is not None:
+                    raise failed
 
     @property
     def closed(self) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 import uuid as uuidlib
 
 from vdisk.errors import FormatError
@@ -87,11 +87,11 @@ class VhdxDriver(Driver):
                             self.cached_peek_identity(p) == child.parent_id:
                         yield p, f"DataWriteGuid scan of {d}"
 
-    def compact_own(self, layer: Layer, *, dry_run: bool, free, progress=None
-                    ) -> Optional[tuple[int, int, int, int]]:
+    def compact_own(self, layer: Layer, *, dry_run: bool, free, progress=None,
+                    below_zero: Optional[Callable[[int], bool]] = None) -> Optional[tuple[int, int, int, int]]:
         """Through the file's own log (formats/vhdx/compact.py)."""
         from .compact import compact
-        return compact(layer, dry_run=dry_run, free=free, progress=progress)
+        return compact(layer, dry_run=dry_run, free=free, progress=progress, below_zero=below_zero)
 
     def empty_child(self, layer: Layer, parent_path: Optional[str], parent: Optional[Layer]) -> None:
         """Through the file's own log (formats/vhdx/compact.py)."""

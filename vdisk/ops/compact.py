@@ -131,12 +131,7 @@ def _scan(sf: SparseFile, below: Optional[Engine], size: int, progress: Progress
     reader = _BlockReader(layer.file, unit)
     total = len(blocks)
 
-    def below_zero(b: int) -> bool:
-        if below is None:
-            return True
-        lo = b * bs
-        n = min(bs, size - lo)
-        return n <= 0 or all(r[2] != ExtentKind.DATA for r in below.resolve(lo, n))
+    below_zero = _below_zero(below, bs, size) or (lambda b: True)
 
     for i, b in enumerate(blocks.tolist()):
         start = int(starts[b])
@@ -169,6 +164,18 @@ def _scan(sf: SparseFile, below: Optional[Engine], size: int, progress: Progress
             if not below_zero(b):
                 new_map[b] = ZERO
     return _Scan(new_map, dropped)
+
+
+def _below_zero(below: Optional[Engine], bs: int, size: int) -> Optional[Callable[[int], bool]]:
+    """For a child: whether the chain under it stores no data under block *b* (None: no parent)."""
+    if below is None:
+        return None
+
+    def zero(b: int) -> bool:
+        lo = b * bs
+        n = min(bs, size - lo)
+        return n <= 0 or all(r[2] != ExtentKind.DATA for r in below.resolve(lo, n))
+    return zero
 
 
 def _present_zero(reader: _BlockReader, lo: int, bits: np.ndarray, spb: int) -> bool:
@@ -225,7 +232,9 @@ def compact(path: str, *, dry_run: bool = False, to: Optional[str] = None, verif
         before = content_digest(disk) if verify else None
         layer = disk.layers[0]
         free = free_space(disk) if free_space is not None else None
-        own = driver_for(layer).compact_own(layer, dry_run=dry_run, free=free, progress=progress)
+        below = Engine(disk.layers[1:]) if len(disk.layers) > 1 else None
+        own = driver_for(layer).compact_own(layer, dry_run=dry_run, free=free, progress=progress,
+                                            below_zero=_below_zero(below, layer.block_size, disk.size))
         if own is not None:
             report = CompactReport(path, layer.format, layer.subtype, dry_run=dry_run,
                                    allocated_before=int((layer.block_map >= 0).sum()))
@@ -235,7 +244,6 @@ def compact(path: str, *, dry_run: bool = False, to: Optional[str] = None, verif
             size_before = layer.file.size()
             report = CompactReport(path, layer.format, layer.subtype, dry_run=dry_run, size_before=size_before,
                                    allocated_before=int((layer.block_map >= 0).sum()))
-            below = Engine(disk.layers[1:]) if len(disk.layers) > 1 else None
             scan = _scan(sf, below, disk.size, progress, free)
             new_map = scan.new_map
             report.unallocated = int(((layer.block_map >= 0) & (new_map == ABSENT)).sum())
